@@ -1,0 +1,51 @@
+"""`phd data | train | generate | eval | bench | convert | export`: one entry point, one module per command.
+
+Each command module exposes `register(subparsers)` and imports its heavy dependencies only when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = {
+    "data": "phd.data.cli",
+    "train": "phd.train.cli",
+    "export": "phd.train.cli_export",
+    "generate": "phd.inference.cli",
+    "bench": "phd.bench.cli",
+    "eval": "phd.eval.cli",
+    "convert": "phd.hf.cli",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="phd", description="PHD-Transformer: pretrain, serve, evaluate")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module in COMMANDS.items():
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as err:
+            if not err.name or not err.name.startswith("phd"):
+                raise
+            continue
+        mod.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

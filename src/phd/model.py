@@ -1,0 +1,215 @@
+"""The PHD-Transformer: a plain Llama / OLMo2 decoder whose input is every token repeated K times.
+
+Training-time forward (spec section 5): the K copies of each token are laid out as [T originals | (K-1)*T
+hidden tokens, position-major]; every layer runs on all K*T tokens with the PHD attention rule; the LM head
+runs on copy K only. With K = 1 this is exactly the vanilla transformer. The naive repeat-K baseline uses the
+interleaved order and plain causal attention.
+
+Inference (prefill, decode_step, the cache) lives in `phd.inference` and reuses these modules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .attention import attention
+from .config import PHDConfig
+from .masks import AttentionLayout
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x32 * self.weight.float()).to(x.dtype)
+
+
+def rope_tables(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos, sin [N, head_dim] for integer positions (the half-rotation convention of Llama / HF)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    freqs = positions.float()[..., None] * inv_freq
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [B, H, N, D]; cos/sin [N, D] or [B, 1, N, D]."""
+    half = x.shape[-1] // 2
+    x32 = x.float()
+    rotated = torch.cat([-x32[..., half:], x32[..., :half]], dim=-1)
+    return (x32 * cos + rotated * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: PHDConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        kv_dim = cfg.n_kv_heads * cfg.head_dim
+        self.wq = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.wk = nn.Linear(cfg.d_model, kv_dim, bias=False)
+        self.wv = nn.Linear(cfg.d_model, kv_dim, bias=False)
+        self.wo = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        # OLMo2 QK-norm: RMSNorm over the whole query / key projection, before splitting into heads.
+        self.q_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(kv_dim, cfg.norm_eps) if cfg.qk_norm else None
+
+    def project(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x [B, N, d] -> q [B, H, N, D], k, v [B, Hkv, N, D], RoPE applied."""
+        b, n, _ = x.shape
+        q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(b, n, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, n, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, n, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def output(self, o: Tensor) -> Tensor:
+        """o [B, H, N, D] -> [B, N, d]."""
+        b, _, n, _ = o.shape
+        return self.wo(o.transpose(1, 2).reshape(b, n, -1))
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, layout: AttentionLayout, backend: str) -> Tensor:
+        q, k, v = self.project(x, cos, sin)
+        return self.output(attention(q, k, v, layout, backend))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: PHDConfig) -> None:
+        super().__init__()
+        self.w_gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.w_up = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.w_down = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+
+
+class Block(nn.Module):
+    """Pre-norm (Llama): x + f(norm(x)). Post-norm (OLMo2): x + norm(f(x))."""
+
+    def __init__(self, cfg: PHDConfig) -> None:
+        super().__init__()
+        self.post_norm = cfg.norm == "post"
+        self.attn = Attention(cfg)
+        self.mlp = SwiGLU(cfg)
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+
+    def attn_residual(self, x: Tensor, attn_out: Tensor) -> Tensor:
+        return x + (self.attn_norm(attn_out) if self.post_norm else attn_out)
+
+    def attn_input(self, x: Tensor) -> Tensor:
+        return x if self.post_norm else self.attn_norm(x)
+
+    def mlp_residual(self, h: Tensor) -> Tensor:
+        if self.post_norm:
+            return h + self.mlp_norm(self.mlp(h))
+        return h + self.mlp(self.mlp_norm(h))
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, layout: AttentionLayout, backend: str) -> Tensor:
+        h = self.attn_residual(x, self.attn(self.attn_input(x), cos, sin, layout, backend))
+        return self.mlp_residual(h)
+
+
+@dataclass
+class CausalLMOutput:
+    logits: Tensor
+    loss: Tensor | None = None
+
+
+class PHDTransformer(nn.Module):
+    def __init__(self, config: PHDConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) for matrices, output projections scaled by 1/sqrt(2 * layers); norms at 1."""
+        std = self.config.init_std
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                nn.init.ones_(p)
+            elif name.endswith(("wo.weight", "w_down.weight")):
+                nn.init.normal_(p, std=std / (2 * self.config.n_layers) ** 0.5)
+            else:
+                nn.init.normal_(p, std=std)
+
+    # ----- token layout -----
+    def layout(self, seq_len: int) -> AttentionLayout:
+        c = self.config
+        return AttentionLayout(seq_len, c.repeat_k, c.window, c.chunk, c.naive)
+
+    def token_positions(self, pos: Tensor, copy: Tensor) -> Tensor:
+        """RoPE position of token (n, s): K*n + s - 1 (expanded) or n (shared); spec section 4."""
+        if self.config.positions == "shared":
+            return pos
+        return pos * self.config.repeat_k + copy - 1
+
+    def rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        return rope_tables(positions, self.config.head_dim, self.config.rope_theta)
+
+    def expand_tokens(self, h: Tensor, layout: AttentionLayout) -> Tensor:
+        """Embeddings [B, T, d] -> [B, K*T, d] in the layout's order."""
+        k = layout.repeat_k
+        if k == 1:
+            return h
+        if layout.naive:
+            return h.repeat_interleave(k, dim=1)
+        return torch.cat([h, h.repeat_interleave(k - 1, dim=1)], dim=1)
+
+    def final_copies(self, h: Tensor, layout: AttentionLayout) -> Tensor:
+        """[B, K*T, d] -> [B, T, d]: copy K of every position, the one that predicts the next token."""
+        t, k = layout.seq_len, layout.repeat_k
+        if k == 1:
+            return h
+        if layout.naive:
+            return h[:, k - 1 :: k]
+        return h[:, t + k - 2 :: k - 1]
+
+    # ----- forward -----
+    def hidden_states(self, input_ids: Tensor, backend: str | None = None) -> Tensor:
+        """Final-layer hidden states of all K*T tokens (layout order), before the final norm."""
+        backend = backend or self.config.attn_backend
+        layout = self.layout(input_ids.shape[1])
+        pos, copy = layout.index(input_ids.device)
+        cos, sin = self.rope(self.token_positions(pos, copy))
+        h = self.expand_tokens(self.embed(input_ids), layout)
+        for block in self.layers:
+            h = block(h, cos, sin, layout, backend)
+        return h
+
+    def forward(
+        self, input_ids: Tensor, targets: Tensor | None = None, backend: str | None = None,
+        ignore_index: int = -100,
+    ) -> CausalLMOutput:
+        """Logits [B, T, vocab] of the final copies; the mean next-token loss when targets [B, T] are given."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
+        layout = self.layout(input_ids.shape[1])
+        h = self.final_copies(self.hidden_states(input_ids, backend), layout)
+        logits = self.lm_head(self.norm(h))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(
+                logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=ignore_index
+            )
+        return CausalLMOutput(logits=logits, loss=loss)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
