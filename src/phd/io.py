@@ -101,7 +101,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", verify: boo
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [m for m in missing if not (config.tie_embeddings and m == "lm_head.weight")]
     if missing or unexpected:
-        raise CheckpointError(f"{root / WEIGHTS} does not fit {config.name}: missing {missing}, unexpected {unexpected}")
+        raise CheckpointError(
+            f"{root / WEIGHTS} does not fit {config.name}: missing {missing}, unexpected {unexpected}"
+        )
     return model.eval()
 
 
