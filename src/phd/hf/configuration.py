@@ -1,0 +1,75 @@
+"""`PHDHFConfig`: the transformers config of a PHD model (`model_type = "phd"`).
+
+It carries every field of the native `PHDConfig` under the names transformers tools expect (hidden_size,
+num_hidden_layers, ...), so `config.json` written by `save_pretrained` rebuilds the native model exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import PreTrainedConfig
+
+from ..config import PHDConfig
+
+# transformers name -> native PHDConfig name, for the fields whose names differ.
+_RENAMED = {
+    "hidden_size": "d_model",
+    "num_hidden_layers": "n_layers",
+    "num_attention_heads": "n_heads",
+    "num_key_value_heads": "n_kv_heads",
+    "intermediate_size": "d_ff",
+    "tie_word_embeddings": "tie_embeddings",
+    "rms_norm_eps": "norm_eps",
+    "initializer_range": "init_std",
+    "max_position_embeddings": "max_seq_len",
+}
+# Native fields stored under their own names.
+_SAME = ("vocab_size", "repeat_k", "window", "chunk", "positions", "naive", "norm", "qk_norm", "rope_theta",
+         "attn_backend")
+
+
+class PHDHFConfig(PreTrainedConfig):
+    """transformers view of `phd.PHDConfig`; `to_phd()` / `from_phd()` convert without loss."""
+
+    model_type = "phd"
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    vocab_size: int = 32000
+    hidden_size: int = 768
+    intermediate_size: int = 2048
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    num_key_value_heads: int = 12
+    repeat_k: int = 1
+    window: int | None = None
+    chunk: int | None = None
+    positions: str = "expanded"
+    naive: bool = False
+    norm: str = "pre"
+    qk_norm: bool = False
+    tie_word_embeddings: bool = False
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    initializer_range: float = 0.02
+    max_position_embeddings: int = 2048
+    attn_backend: str = "auto"
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        super().__post_init__(**kwargs)
+        self.to_phd()  # validates every field with the native rules and their error messages
+
+    def to_phd(self) -> PHDConfig:
+        fields = {native: getattr(self, hf) for hf, native in _RENAMED.items()}
+        fields.update({name: getattr(self, name) for name in _SAME})
+        return PHDConfig(**fields)
+
+    @classmethod
+    def from_phd(cls, config: PHDConfig, **special_tokens: Any) -> PHDHFConfig:
+        """The transformers config of a native config; `special_tokens` sets bos/eos/pad_token_id."""
+        fields = {hf: getattr(config, native) for hf, native in _RENAMED.items()}
+        fields.update({name: getattr(config, name) for name in _SAME})
+        return cls(**fields, **special_tokens)
