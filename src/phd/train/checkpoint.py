@@ -1,0 +1,286 @@
+"""Training checkpoints: sharded with torch.distributed.checkpoint (DCP), committed atomically, checksummed.
+
+    RUN/checkpoints/step_00000200/   DCP files (.metadata, __<rank>_0.distcp): model, optimizer, RNG
+                                     meta.json: step, world, model config, trainer/loader/scheduler state,
+                                                sha256 of every DCP file
+                                     config.json, tokenizer.json: the model config and tokenizer, for export
+    RUN/checkpoints/latest           the name of the newest complete checkpoint
+
+A save writes into `.tmp-step_N/`, computes checksums, renames the folder to `step_N/` and only then rewrites
+`latest` (itself atomically). A process killed at any moment, or a full disk, leaves the previous checkpoint
+and marker untouched; stale `.tmp-*` folders are removed on the next start. Loading verifies the checksums
+and names the damaged file. DCP reshards on load, so a run saved by N processes resumes on M.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..config import SHAPE_FIELDS, PHDConfig
+from ..io import CONFIG, TOKENIZER, CheckpointError
+
+LATEST = "latest"
+META = "meta.json"
+PREFIX = "step_"
+TMP_PREFIX = ".tmp-"
+# Test hook: "STEP:SECONDS" sleeps in the middle of the save of that step (DCP files written, not committed),
+# so a test can SIGKILL the process there deterministically.
+SLEEP_ENV = "PHD_TEST_SAVE_SLEEP"
+
+
+def step_dir_name(step: int) -> str:
+    return f"{PREFIX}{step:08d}"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _any_rank_failed(failed: bool) -> bool:
+    if not dist.is_initialized():
+        return failed
+    flag = torch.tensor([1.0 if failed else 0.0])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def _no_dist() -> bool:
+    return not dist.is_initialized()
+
+
+def _dcp_save(state: dict[str, Any], path: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "assuming the intent is to save in a single process"
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(str(path)), no_dist=_no_dist())
+
+
+def _dcp_load(state: dict[str, Any], path: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, storage_reader=dcp.FileSystemReader(str(path)), no_dist=_no_dist())
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    if optimizer is None:
+        return {"model": get_model_state_dict(model)}
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    return {"model": model_sd, "optim": optim_sd, "rng": _rng_state()}
+
+
+class Checkpointer:
+    """Saves and restores the training state of one run directory (every rank calls every method)."""
+
+    def __init__(self, run_dir: str | Path, keep: int, rank: int = 0, tokenizer: Path | None = None) -> None:
+        self.root = Path(run_dir) / "checkpoints"
+        self.keep, self.rank, self.tokenizer = keep, rank, tokenizer
+        if rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for stale in self.root.glob(f"{TMP_PREFIX}*"):
+                shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+        _barrier()
+
+    # ----- discovery -----
+    def latest(self) -> Path | None:
+        return latest_checkpoint(self.root)
+
+    def committed(self) -> list[Path]:
+        return sorted(p for p in self.root.glob(f"{PREFIX}*") if (p / META).exists())
+
+    # ----- save -----
+    def save(
+        self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, model_config: PHDConfig,
+        trainer_state: dict[str, Any], world: int,
+    ) -> Path:
+        name = step_dir_name(step)
+        final, tmp = self.root / name, self.root / f"{TMP_PREFIX}{name}"
+        previous = self.latest()
+        error: BaseException | None = None
+        try:
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+            _barrier()
+            _dcp_save(_state(model, optimizer), tmp)  # collective: a failure on any rank raises on every rank
+            _test_sleep(step, tmp)
+            if self.rank == 0:
+                self._commit(tmp, final, step, world, model_config, trainer_state)
+        except Exception as err:  # noqa: BLE001 - reported below, on every rank
+            error = err
+        if _any_rank_failed(error is not None):
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            where = f"checkpoint {previous.name} is intact" if previous else "no earlier checkpoint exists"
+            if error is None:
+                reason = "another rank failed"
+            elif _is_enospc(error):
+                reason = "no space left on device"
+            else:
+                reason = f"{type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error) else ''}"
+            raise CheckpointError(
+                f"saving checkpoint {name} to {self.root} failed ({reason}); nothing was committed and {where}. "
+                "Free disk space (or lower checkpoint_keep) and resume."
+            ) from error
+        return final
+
+    def _commit(
+        self, tmp: Path, final: Path, step: int, world: int, model_config: PHDConfig, trainer_state: dict[str, Any]
+    ) -> None:
+        """Checksum the written files, add meta/config/tokenizer, rename into place, then move `latest`."""
+        files = sorted(p for p in tmp.iterdir() if p.is_file())
+        meta = {
+            "step": step, "world": world, "time": time.time(), "model": model_config.to_dict(),
+            "trainer": trainer_state, "checksums": {p.name: _sha256(p) for p in files},
+        }
+        model_config.save(tmp / CONFIG)
+        if self.tokenizer is not None and self.tokenizer.exists():
+            shutil.copyfile(self.tokenizer, tmp / TOKENIZER)
+        _write_atomic(tmp / META, json.dumps(meta, indent=2) + "\n")
+        if final.exists():  # the same step saved again after a resume: replace it whole
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(self.root)
+        _write_atomic(self.root / LATEST, final.name + "\n")
+        self._prune(keep=final)
+
+    def _prune(self, keep: Path) -> None:
+        done = [p for p in self.committed() if p != keep]
+        for old in done[: max(len(done) - (self.keep - 1), 0)]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The committed checkpoint the `latest` marker in `root` names, or None for a fresh run."""
+    marker = root / LATEST
+    if not marker.exists():
+        return None
+    path = root / marker.read_text().strip()
+    if not (path / META).exists():
+        raise CheckpointError(
+            f"{marker} names {path.name}, which is missing or incomplete; delete {marker} to start over or "
+            "write the name of another step_* folder into it"
+        )
+    return path
+
+
+def check_model_config(saved: PHDConfig, current: PHDConfig, where: Path | str) -> None:
+    """Refuse to load weights into a model of another shape or PHD variant, naming every differing field."""
+    diff = saved.differences(current, SHAPE_FIELDS)
+    if diff:
+        fields = ", ".join(f"{k}: {a!r} there vs {b!r} here" for k, (a, b) in diff.items())
+        raise CheckpointError(
+            f"{where} holds a {saved.name} model that does not match this run's {current.name} model ({fields}); "
+            "use the same model config, or start a new run directory"
+        )
+
+
+def verify(path: Path) -> dict[str, Any]:
+    """meta.json of a committed checkpoint, after checking every file against its sha256."""
+    meta_path = path / META
+    if not meta_path.exists():
+        raise CheckpointError(f"{path} has no {META}: the save never completed; use an earlier checkpoint")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{meta_path} is corrupted ({err})") from None
+    for name, expected in meta["checksums"].items():
+        file = path / name
+        if not file.exists():
+            raise CheckpointError(f"{file} is missing: checkpoint {path.name} is incomplete")
+        if _sha256(file) != expected:
+            raise CheckpointError(
+                f"{file} does not match its sha256 in {META}: checkpoint {path.name} is truncated or corrupted; "
+                "resume from an earlier step_* folder (write its name into checkpoints/latest)"
+            )
+    return meta
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+    """Verify and restore a checkpoint into `model` (and, given an optimizer, it and the RNG); returns meta.json.
+
+    Every rank calls it; `model` may be plain or FSDP-sharded, with any number of processes.
+    """
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
+
+    meta = verify(path)
+    check_model_config(PHDConfig.from_dict(meta["model"]), model.config, path)
+    state = _state(model, optimizer)
+    _dcp_load(state, path)
+    if optimizer is None:
+        set_model_state_dict(model, state["model"])
+        return meta
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if "cuda" in state["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["rng"]["cuda"])
+    return meta
+
+
+def _is_enospc(err: BaseException) -> bool:
+    while err is not None:
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC or "No space left" in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _test_sleep(step: int, tmp: Path) -> None:
+    spec = os.environ.get(SLEEP_ENV)
+    if not spec:
+        return
+    at, seconds = spec.split(":")
+    if int(at) == step:
+        print(f"[test hook] sleeping {seconds}s in the save of step {step} ({tmp})", file=sys.stderr, flush=True)
+        time.sleep(float(seconds))

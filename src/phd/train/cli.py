@@ -1,0 +1,83 @@
+"""`phd train [CONFIG.json|CONFIG.toml] [--preset P] [--variant NAME] [--key value | key=value ...]`.
+
+Runs in one process, or under torchrun for data-parallel FSDP2 (see docs/training.md). A run directory that
+already holds a checkpoint is resumed from its latest one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+USAGE = """usage: phd train [CONFIG.json|CONFIG.toml] [--preset P] [--variant NAME] [--key value | key=value ...]
+
+Train a PHD-Transformer. Every TrainConfig field can be set in the file or overridden here; nested model
+fields use dots. Examples:
+  phd train --preset cpu-1m --variant PHD-CSWA-3-16-32 data=data/default out=runs/cswa max_steps=500
+  phd train run.json --lr 1e-3 --model.repeat_k 3 --checkpoint_every 100
+  torchrun --nproc_per_node=2 -m phd.cli train run.json
+
+Fields: data, out, init_from, seq_len, batch_size (global, sequences per step), micro_batch (per process),
+max_steps, max_tokens, lr, min_lr, warmup_steps, betas, weight_decay, clip, eval_every, eval_iters,
+checkpoint_every, checkpoint_keep, log_every, seed, device (auto|cpu|cuda), dtype (auto|float32|bfloat16),
+nan_policy (skip|stop), max_skipped_steps, compile, activation_checkpointing, progress,
+model.preset, model.variant, model.<any PHDConfig field>.
+"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    # Overrides are free-form (`--model.repeat_k 3`), so this parser takes every argument as text.
+    parser = sub.add_parser("train", help="train a model (single process or torchrun/FSDP2)", prefix_chars="+",
+                            add_help=False)
+    parser.add_argument("args", nargs="*")
+    parser.set_defaults(func=run)
+
+
+def split_args(args: list[str]) -> tuple[str | None, dict]:
+    """(config file, overrides) from the raw arguments; --preset / --variant are model.preset / model.variant."""
+    from .config import TrainConfigError, parse_overrides
+
+    path = None
+    if args and not args[0].startswith("-") and "=" not in args[0]:
+        path, args = args[0], args[1:]
+    overrides = parse_overrides(args)
+    for short in ("preset", "variant"):
+        if short in overrides:
+            overrides[f"model.{short}"] = overrides.pop(short)
+    if path is None and "model.preset" not in overrides and not any(k.startswith("model.d_model") for k in overrides):
+        raise TrainConfigError("give a config file or --preset NAME (e.g. --preset cpu-1m); see `phd train --help`")
+    return path, overrides
+
+
+def run(args: argparse.Namespace) -> int:
+    if any(a in ("-h", "--help") for a in args.args):
+        print(USAGE)
+        return 0
+    from ..data.shards import DataError
+    from ..io import CheckpointError
+    from .config import TrainConfigError, build_config
+    from .parallelize import init_distributed, shutdown_distributed
+    from .trainer import TrainingError, train
+
+    try:
+        path, overrides = split_args(args.args)
+        cfg = build_config(path, overrides)
+        info = init_distributed(cfg.device)
+    except (TrainConfigError, DataError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        summary = train(cfg, info)
+    except (TrainConfigError, DataError, CheckpointError, TrainingError) as err:
+        print(f"error (rank {info.rank}): {err}", file=sys.stderr)
+        return 1
+    finally:
+        shutdown_distributed()
+    if info.is_main:
+        val = summary["val_loss"]
+        print(
+            f"done: {summary['variant']} step {summary['step']}, {summary['tokens']:,} tokens, "
+            f"train loss {summary['train_loss']:.4f}, val loss {val if val is None else round(val, 4)}, "
+            f"{summary['tok_per_s'] or 0:,.0f} tok/s; model exported to {cfg.out}/model"
+        )
+    return 0

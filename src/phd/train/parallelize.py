@@ -1,0 +1,107 @@
+"""Process groups and the one step that makes a plain PHDTransformer trainable at scale.
+
+`parallelize` applies, in torchtitan's order: activation checkpointing per block, then `torch.compile` per
+block, then FSDP2 (`fully_shard` on every block and on the root). The model file knows nothing of this.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda but no CUDA device is visible; use device=cpu")
+    return torch.device(name)
+
+
+def init_distributed(device_name: str) -> DistInfo:
+    """Join the process group started by torchrun (WORLD_SIZE > 1): NCCL on CUDA, gloo on CPU.
+
+    A single process (no WORLD_SIZE, or 1) creates no process group at all.
+    """
+    device = resolve_device(device_name)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", torch.cuda.current_device())
+        return DistInfo(device=device)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30), device_id=device
+                                if device.type == "cuda" else None)
+    return DistInfo(rank=rank, world=world, local_rank=local_rank, device=device)
+
+
+def shutdown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each block's activations in the backward pass (memory for compute)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    for i, block in enumerate(model.layers):
+        model.layers[i] = checkpoint_wrapper(block, preserve_rng_state=False)
+
+
+def apply_compile(model: nn.Module) -> None:
+    """Compile every block separately: identical blocks share one compiled graph, and FSDP hooks stay eager."""
+    for block in model.layers:
+        block.compile(fullgraph=False)
+
+
+def apply_fsdp(model: nn.Module, device: torch.device, bf16: bool) -> None:
+    """FSDP2: each block, then the root (embeddings, final norm, head). On CUDA with bf16: bf16 parameters for
+    compute, fp32 gradient reduction."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    kwargs: dict = {"mesh": mesh}
+    if bf16 and device.type == "cuda":
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    last = len(model.layers) - 1
+    for i, block in enumerate(model.layers):
+        # The last block's parameters are needed again at once by the backward: keep them gathered.
+        fully_shard(block, reshard_after_forward=i < last, **kwargs)
+    fully_shard(model, **kwargs)
+
+
+def parallelize(model: nn.Module, info: DistInfo, *, bf16: bool, compile: bool, activation_checkpointing: bool) -> None:
+    """The one place where a model becomes distributed / compiled / checkpointed, in place."""
+    if activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if compile:
+        apply_compile(model)
+    if info.distributed:
+        apply_fsdp(model, info.device, bf16)

@@ -1,0 +1,320 @@
+"""The training loop: one process or a torchrun job, the same code path.
+
+Setup checks everything that can be checked before the first step (data, tokenizer and model vocabularies,
+resume compatibility), then the loop runs gradient accumulation, clipping, the NaN/inf policy, periodic
+validation, metrics (JSONL + a progress bar on rank 0) and atomic checkpoints. At the end the consolidated
+model is exported to RUN/model/ (config.json + model.safetensors + tokenizer.json).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..config import PHDConfig
+from ..data.shards import DataError, TokenShards, open_shards
+from ..io import load_model, save_model
+from ..model import PHDTransformer
+from .checkpoint import Checkpointer, check_model_config, load_checkpoint
+from .config import TrainConfig
+from .loader import TokenLoader, eval_batches
+from .optim import build_optimizer, build_scheduler
+from .parallelize import DistInfo, parallelize
+
+METRICS = "metrics.jsonl"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot continue (non-finite loss under nan_policy=stop, too many skipped steps...)."""
+
+
+@dataclass
+class StepResult:
+    step: int
+    loss: float
+    grad_norm: float
+    lr: float
+    skipped: bool = False
+
+
+@dataclass
+class Progress:
+    step: int = 0
+    tokens: int = 0
+    skipped: int = 0
+    consecutive_skipped: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def check_vocab(shards: TokenShards, model_config: PHDConfig) -> None:
+    """The data's tokenizer, its meta.json and the model must agree on the vocabulary, before any work starts."""
+    tok_path = shards.tokenizer_path
+    if tok_path.exists():
+        from tokenizers import Tokenizer
+
+        tok_vocab = Tokenizer.from_file(str(tok_path)).get_vocab_size(with_added_tokens=True)
+        if tok_vocab != shards.vocab_size:
+            raise DataError(
+                f"{tok_path} has {tok_vocab} tokens but {shards.root / 'meta.json'} says vocab_size="
+                f"{shards.vocab_size}: the data was not made with this tokenizer; rebuild it with `phd data`"
+            )
+    if model_config.vocab_size != shards.vocab_size:
+        raise DataError(
+            f"model vocab_size={model_config.vocab_size} but the data in {shards.root} was tokenized with "
+            f"vocab_size={shards.vocab_size}; set model.vocab_size={shards.vocab_size} or use data made with a "
+            f"{model_config.vocab_size}-token tokenizer"
+        )
+
+
+def resolve_bf16(dtype: str, device: torch.device) -> bool:
+    if dtype == "auto":
+        return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return dtype == "bfloat16"
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, info: DistInfo | None = None) -> None:
+        self.cfg, self.info = cfg, info or DistInfo()
+        self.run_dir = Path(cfg.out)
+        self.model_config = cfg.model.build()
+        self.shards = open_shards(cfg.data)
+        check_vocab(self.shards, self.model_config)
+        self.accum = cfg.grad_accum(self.info.world)
+        self.loader = TokenLoader(
+            self.shards.train, cfg.seq_len, cfg.batch_size, cfg.micro_batch, self.info.rank, self.info.world, cfg.seed
+        )
+        self.bf16 = resolve_bf16(cfg.dtype, self.info.device)
+        # FSDP's mixed-precision policy casts parameters on CUDA; everywhere else autocast does.
+        self.autocast = self.bf16 and not (self.info.distributed and self.info.device.type == "cuda")
+        if self.info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.checkpointer = Checkpointer(
+            self.run_dir, cfg.checkpoint_keep, self.info.rank, self.shards.tokenizer_path
+        )
+        latest = self.checkpointer.latest()
+
+        torch.manual_seed(cfg.seed)
+        model = PHDTransformer(self.model_config)
+        if cfg.init_from and latest is None:
+            source = load_model(cfg.init_from)
+            check_model_config(source.config, self.model_config, cfg.init_from)
+            model.load_state_dict(source.state_dict())
+        model.to(self.info.device)
+        parallelize(
+            model, self.info, bf16=self.bf16, compile=cfg.compile,
+            activation_checkpointing=cfg.activation_checkpointing,
+        )
+        self.model = model
+        self.optimizer = build_optimizer(model, cfg)
+        self.scheduler = build_scheduler(self.optimizer, cfg)
+        self.progress = Progress()
+        self.resumed_from: Path | None = None
+        if latest is not None:
+            self._resume(latest)
+        if self.info.is_main:
+            cfg.save(self.run_dir / "config.json")
+            self._truncate_metrics()
+
+    # ----- state -----
+    def trainer_state(self) -> dict[str, Any]:
+        p = self.progress
+        return {
+            "step": p.step, "tokens": p.tokens, "skipped": p.skipped, "loader": self.loader.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+        }
+
+    def _resume(self, path: Path) -> None:
+        meta = load_checkpoint(path, self.model, self.optimizer)
+        state = meta["trainer"]
+        self.loader.load_state_dict(state["loader"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.progress = Progress(step=state["step"], tokens=state["tokens"], skipped=state["skipped"])
+        self.resumed_from = path
+        self._log(f"resumed from {path} (step {state['step']}, saved by {meta['world']} process(es))")
+
+    def save_checkpoint(self) -> Path:
+        return self.checkpointer.save(
+            self.progress.step, self.model, self.optimizer, self.model_config, self.trainer_state(), self.info.world
+        )
+
+    # ----- one step -----
+    def forward_loss(self, inputs: Tensor, targets: Tensor) -> Tensor:
+        """Mean next-token loss of one micro-batch (the seam tests use to inject faults)."""
+        ctx = torch.autocast(self.info.device.type, dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
+        with ctx:
+            return self.model(inputs, targets).loss
+
+    def _all_mean(self, value: Tensor) -> Tensor:
+        if self.info.distributed:
+            value = value.clone()
+            dist.all_reduce(value, op=dist.ReduceOp.SUM)
+            value /= self.info.world
+        return value
+
+    def train_step(self) -> StepResult:
+        cfg, device = self.cfg, self.info.device
+        self.model.train()
+        micro = self.loader.next_step()
+        total = torch.zeros((), device=device)
+        for i, (inputs, targets) in enumerate(micro):
+            if self.info.distributed:  # reduce-scatter gradients only after the last micro-batch
+                self.model.set_requires_gradient_sync(i == len(micro) - 1)
+            loss = self.forward_loss(inputs.to(device), targets.to(device)) / len(micro)
+            loss.backward()
+            total += loss.detach().float()
+        loss_value = self._all_mean(total)
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip or math.inf)
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        lr = self.scheduler.get_last_lr()[0]
+        loss_f, norm_f = float(loss_value), float(norm)
+        step = self.progress.step + 1
+        skipped = not (math.isfinite(loss_f) and math.isfinite(norm_f))
+        if skipped:
+            self._non_finite(step, loss_f, norm_f)
+        else:
+            self.optimizer.step()
+            self.progress.consecutive_skipped = 0
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.progress.step = step
+        self.progress.tokens += cfg.tokens_per_step
+        return StepResult(step, loss_f, norm_f, lr, skipped)
+
+    def _non_finite(self, step: int, loss: float, norm: float) -> None:
+        what = f"loss={loss} grad_norm={norm} at step {step}"
+        latest = self.checkpointer.latest()
+        good = f"the last good checkpoint is {latest}" if latest else "no checkpoint was written yet"
+        if self.cfg.nan_policy == "stop":
+            raise TrainingError(f"non-finite {what}; stopping (nan_policy=stop); {good}")
+        self.progress.skipped += 1
+        self.progress.consecutive_skipped += 1
+        if self.progress.consecutive_skipped > self.cfg.max_skipped_steps:
+            raise TrainingError(
+                f"non-finite {what}: {self.progress.consecutive_skipped} steps in a row skipped, more than "
+                f"max_skipped_steps={self.cfg.max_skipped_steps}; stopping; {good}. Lower lr or check the data"
+            )
+        self._log(f"non-finite {what}: step skipped (nan_policy=skip), parameters unchanged")
+
+    # ----- validation -----
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean next-token loss over the first eval_iters * batch_size validation sequences (any process count)."""
+        cfg, device = self.cfg, self.info.device
+        self.model.eval()
+        batches = eval_batches(
+            self.shards.val, cfg.seq_len, cfg.eval_iters * cfg.batch_size, cfg.micro_batch, self.info.rank,
+            self.info.world,
+        )
+        sums = torch.zeros(2, dtype=torch.float64, device=device)
+        for inputs, targets, weight in batches:
+            ctx = torch.autocast(device.type, dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
+            with ctx:
+                logits = self.model(inputs.to(device)).logits
+            per_token = F.cross_entropy(
+                logits.float().transpose(1, 2), targets.to(device), reduction="none"
+            )  # [B, T]
+            w = weight.to(device, torch.float64)
+            sums[0] += (per_token.double().mean(1) * w).sum()
+            sums[1] += w.sum()
+        if self.info.distributed:
+            dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+        self.model.train()
+        return float(sums[0] / sums[1])
+
+    # ----- the loop -----
+    def fit(self) -> dict[str, Any]:
+        cfg, p = self.cfg, self.progress
+        total = cfg.total_steps
+        bar = self._bar(total)
+        val_loss: float | None = None
+        train_time, trained_tokens = 0.0, 0
+        window_time, window_tokens = 0.0, 0
+        last: StepResult | None = None
+        while p.step < total:
+            t0 = time.perf_counter()
+            last = self.train_step()
+            dt = time.perf_counter() - t0
+            train_time, trained_tokens = train_time + dt, trained_tokens + cfg.tokens_per_step
+            window_time, window_tokens = window_time + dt, window_tokens + cfg.tokens_per_step
+            record: dict[str, Any] = {
+                "step": last.step, "loss": last.loss if not last.skipped else None, "lr": last.lr,
+                "grad_norm": last.grad_norm if math.isfinite(last.grad_norm) else None, "tokens": p.tokens,
+            }
+            if last.skipped:
+                record["skipped"] = True
+            p.history.append(record)
+            if last.step % cfg.log_every == 0 or last.step == total:
+                record["tok_per_s"] = window_tokens / window_time if window_time else None
+                self._write_metrics(record)
+                window_time, window_tokens = 0.0, 0
+            if cfg.eval_every and (last.step % cfg.eval_every == 0 or last.step == total):
+                val_loss = self.evaluate()
+                self._write_metrics({"step": last.step, "val_loss": val_loss, "tokens": p.tokens})
+                self._log(f"step {last.step}: val loss {val_loss:.4f}")
+            if cfg.checkpoint_every and (last.step % cfg.checkpoint_every == 0 or last.step == total):
+                self.save_checkpoint()
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{last.loss:.4f}", tok_s=f"{trained_tokens / train_time:,.0f}")
+        if bar is not None:
+            bar.close()
+        self.export(self.run_dir / "model")
+        return {
+            "step": p.step, "tokens": p.tokens, "train_loss": last.loss if last else None, "val_loss": val_loss,
+            "tok_per_s": trained_tokens / train_time if train_time else None, "train_time": train_time,
+            "params": self.model_config.num_params(), "skipped": p.skipped, "variant": self.model_config.name,
+        }
+
+    def export(self, out: Path) -> Path | None:
+        """The consolidated model in io.save_model's format (collective; rank 0 writes)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.info.is_main:
+            return None
+        model = PHDTransformer(self.model_config)
+        model.load_state_dict(state)
+        tokenizer = self.shards.tokenizer_path
+        return save_model(model, out, tokenizer if tokenizer.exists() else None)
+
+    # ----- output -----
+    def _bar(self, total: int):
+        if not (self.info.is_main and self.cfg.progress):
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=total, initial=self.progress.step, desc=self.model_config.name, dynamic_ncols=True)
+
+    def _log(self, message: str) -> None:
+        if self.info.is_main:
+            print(f"[phd train] {message}", file=sys.stderr, flush=True)
+
+    def _write_metrics(self, record: dict[str, Any]) -> None:
+        if self.info.is_main:
+            with open(self.run_dir / METRICS, "a") as f:
+                f.write(json.dumps({**record, "time": time.time()}) + "\n")
+
+    def _truncate_metrics(self) -> None:
+        """On resume, drop records of steps after the checkpoint (a killed run logged them; they are redone)."""
+        path = self.run_dir / METRICS
+        if not path.exists():
+            return
+        lines = path.read_text().splitlines()
+        keep = [line for line in lines if line and json.loads(line)["step"] <= self.progress.step]
+        path.write_text("".join(line + "\n" for line in keep))
+
+
+def train(cfg: TrainConfig, info: DistInfo | None = None) -> dict[str, Any]:
+    return Trainer(cfg, info).fit()
