@@ -27,7 +27,12 @@ class DataError(ValueError):
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+    """The smallest unsigned dtype that holds every id of a `vocab_size` vocabulary."""
+    if vocab_size <= 2**16:
+        return np.dtype(np.uint16)
+    if vocab_size <= 2**32:
+        return np.dtype(np.uint32)
+    raise DataError(f"a vocabulary of {vocab_size} ids does not fit uint32 token shards; use a smaller tokenizer")
 
 
 @dataclass
@@ -61,6 +66,44 @@ def write_split(root: Path, split: str, tokens: np.ndarray) -> None:
     tmp = path.with_suffix(".bin.tmp")
     tokens.tofile(tmp)
     os.replace(tmp, path)
+
+
+class ShardWriter:
+    """Append token ids to one split on disk, so a corpus larger than memory streams through.
+
+    Ids go to `<split>.bin.tmp`; `close()` renames it to `<split>.bin`, so a crashed run leaves no file that
+    looks complete. Every id is checked against the vocabulary: a uint16 file would wrap larger ids silently.
+    """
+
+    def __init__(self, root: Path, split: str, vocab_size: int):
+        if split not in SPLITS:
+            raise DataError(f"split {split!r} is unknown: allowed {SPLITS}")
+        self.path = Path(root) / f"{split}.bin"
+        self.vocab_size = vocab_size
+        self.dtype = token_dtype(vocab_size)
+        self.tokens = 0
+        self._tmp = self.path.with_suffix(".bin.tmp")
+        self._file = open(self._tmp, "wb")
+
+    def write(self, ids: np.ndarray) -> None:
+        ids = np.asarray(ids)
+        if ids.size == 0:
+            return
+        if int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size:
+            raise DataError(
+                f"{self.path}: token id {int(ids.max())} is outside the vocabulary of {self.vocab_size}; "
+                "the tokenizer and its reported vocab_size disagree"
+            )
+        self._file.write(ids.astype(self.dtype, copy=False).tobytes())
+        self.tokens += int(ids.size)
+
+    def close(self) -> None:
+        self._file.close()
+        os.replace(self._tmp, self.path)
+
+    def abort(self) -> None:
+        self._file.close()
+        self._tmp.unlink(missing_ok=True)
 
 
 def write_meta(root: Path, meta: dict[str, Any]) -> None:

