@@ -64,14 +64,25 @@ class Attention(nn.Module):
 
     def project(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x [B, N, d] -> q [B, H, N, D], k, v [B, Hkv, N, D], RoPE applied."""
+        return (self.project_q(x, cos, sin), *self.project_kv(x, cos, sin))
+
+    def project_q(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """x [B, N, d] -> q [B, H, N, D] (inference computes queries only for the tokens whose output is used)."""
         b, n, _ = x.shape
-        q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q = self.wq(x)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = q.view(b, n, self.n_heads, self.head_dim).transpose(1, 2)
+            q = self.q_norm(q)
+        return apply_rope(q.view(b, n, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)
+
+    def project_kv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        """x [B, N, d] -> k, v [B, Hkv, N, D] (what the KV cache keeps)."""
+        b, n, _ = x.shape
+        k, v = self.wk(x), self.wv(x)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
         k = k.view(b, n, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(b, n, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        return apply_rope(k, cos, sin), v
 
     def output(self, o: Tensor) -> Tensor:
         """o [B, H, N, D] -> [B, N, d]."""
@@ -213,3 +224,23 @@ class PHDTransformer(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    # ----- inference (phd.inference; the cache is passed in explicitly) -----
+    def new_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None):
+        """An empty PHDCache for `batch_size` rows of up to `max_len` tokens (default: config.max_seq_len)."""
+        from .inference import PHDCache
+
+        return PHDCache.for_model(self, batch_size, max_len, dtype)
+
+    def prefill(self, input_ids: Tensor, cache, lengths: Tensor | None = None,
+                attention_mask: Tensor | None = None, mode: str = "bounded") -> Tensor:
+        """Fill `cache` with the prompts; logits [B, vocab] for the token after each prompt."""
+        from .inference import prefill
+
+        return prefill(self, input_ids, cache, lengths=lengths, attention_mask=attention_mask, mode=mode)
+
+    def decode_step(self, token_ids: Tensor, cache) -> Tensor:
+        """Append one token per row ([B] ids) to `cache`; logits [B, vocab] for the token after it."""
+        from .inference import decode_step
+
+        return decode_step(self, token_ids, cache)

@@ -1,0 +1,10 @@
+"""Inference for PHD: the KV cache, bounded prefill, parallel hidden decoding, sampling and generation."""
+
+from .cache import PHDCache
+from .engine import PREFILL_MODES, decode_step, prefill
+from .generate import generate, generate_stream
+from .sampling import SamplingConfig, sample
+
+__all__ = [
+    "PHDCache", "PREFILL_MODES", "prefill", "decode_step", "generate", "generate_stream", "SamplingConfig", "sample",
+]

@@ -1,0 +1,141 @@
+"""The PHD KV cache (spec section 6): the originals' K/V, exactly a vanilla cache, plus a small hidden window.
+
+Physical layout, per layer, one key and one value buffer [B, Hkv, R + S, D]:
+
+    slots [0, R)        the hidden ring: R = (W + 1) * (K - 1) slots for PHD-SWA/CSWA, K - 1 for PHD, 0 for
+                        vanilla and naive repetition. Hidden token (m, i) lives in slot (m % (W + 1)) * (K - 1) + i - 2.
+                        W positions are state (the window of the next token); the one extra position is where
+                        the current step's hidden K/V are written, so that attention reads one contiguous view.
+    slots [R, R + S)    the originals, written by position: (n, 1) at slot R + n (S = max_len).
+                        Naive repetition keeps all K copies: (n, s) at slot n * K + s - 1 (S = K * max_len).
+
+Each slot carries logical metadata (position, copy); `slot_pos` = -1 marks an empty ring slot. Attention
+masks are `masks.allowed` applied to that metadata (attention-gym's logical-to-physical translation), so the
+rule stays in one place. Slots of future positions are excluded by the rule itself (they are never earlier),
+which is also what keeps the padding of shorter rows out of every softmax.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..config import PHDConfig
+from ..masks import allowed
+
+
+@dataclass
+class PHDCache:
+    """Per-layer K/V buffers, slot metadata and each row's length. Built by `PHDTransformer.new_cache`."""
+
+    config: PHDConfig
+    keys: list[Tensor]
+    values: list[Tensor]
+    slot_pos: Tensor  # [B, R + S] position held by each slot; -1: empty
+    slot_copy: Tensor  # [R + S] copy index of each slot
+    ring_slots: int  # R
+    max_len: int  # positions each row can hold
+    lengths: Tensor  # [B] tokens held per row = the position the next token gets
+    max_length: int = 0  # host copy of lengths.max(): sizes the attended view without a device sync
+
+    @classmethod
+    @torch.inference_mode()
+    def for_model(cls, model, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None):
+        cfg: PHDConfig = model.config
+        max_len = cfg.max_seq_len if max_len is None else max_len
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r} is invalid: it must be an integer >= 1")
+        if not isinstance(max_len, int) or max_len < 1:
+            raise ValueError(f"max_len={max_len!r} is invalid: it must be an integer >= 1 (tokens per row)")
+        device = model.embed.weight.device
+        dtype = dtype or model.embed.weight.dtype
+        k = cfg.repeat_k
+        if cfg.naive or k == 1:
+            ring = 0
+            orig = max_len * k
+            slot = torch.arange(orig, device=device)
+            slot_pos, slot_copy = slot // k, slot % k + 1
+        else:
+            ring = ((cfg.window or 0) + 1) * (k - 1)
+            orig = max_len
+            ring_copy = torch.arange(ring, device=device) % (k - 1) + 2
+            slot_pos = torch.cat([torch.full((ring,), -1, device=device), torch.arange(orig, device=device)])
+            slot_copy = torch.cat([ring_copy, torch.ones(orig, dtype=torch.long, device=device)])
+        shape = (batch_size, cfg.n_kv_heads, ring + orig, cfg.head_dim)
+        return cls(
+            config=cfg,
+            keys=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)],
+            values=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)],
+            slot_pos=slot_pos.expand(batch_size, -1).clone(),
+            slot_copy=slot_copy,
+            ring_slots=ring,
+            max_len=max_len,
+            lengths=torch.zeros(batch_size, dtype=torch.long, device=device),
+        )
+
+    # ----- sizes -----
+    @property
+    def batch_size(self) -> int:
+        return self.slot_pos.shape[0]
+
+    @property
+    def window_positions(self) -> int:
+        """Hidden positions kept as state between steps: W for SWA/CSWA, 0 otherwise."""
+        cfg = self.config
+        return 0 if cfg.naive or cfg.repeat_k == 1 or cfg.window is None else cfg.window
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of state: the originals (a vanilla cache; K-fold for naive repetition) + (K-1)*W hidden entries.
+
+        Equals the spec's formula: vanilla + L * 2 * (K-1) * W * kv_heads * head_dim elements per row.
+        """
+        cfg = self.config
+        per_entry = 2 * cfg.n_kv_heads * cfg.head_dim * self.keys[0].element_size() * cfg.n_layers * self.batch_size
+        hidden = (cfg.repeat_k - 1) * self.window_positions
+        return per_entry * (self.keys[0].shape[2] - self.ring_slots + hidden)
+
+    @property
+    def allocated_nbytes(self) -> int:
+        """Bytes allocated: `nbytes` plus the K-1 slots per layer the current step's hidden K/V are written to."""
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+    # ----- bookkeeping -----
+    def reset(self) -> None:
+        """Forget every row (buffers are overwritten, not cleared: empty slots are excluded by metadata)."""
+        self.slot_pos[:, : self.ring_slots] = -1
+        self.lengths.zero_()
+        self.max_length = 0
+
+    def orig_slot(self, pos: Tensor, copy: Tensor | int = 1) -> Tensor:
+        """Physical slot of original (pos, 1), or of (pos, copy) for naive repetition."""
+        if self.config.naive:
+            return pos * self.config.repeat_k + copy - 1
+        return self.ring_slots + pos
+
+    def ring_slot(self, pos: Tensor, copy: Tensor) -> Tensor:
+        """Physical slot of hidden token (pos, copy >= 2); any integer pos maps into the ring."""
+        k1 = self.config.repeat_k - 1
+        return torch.remainder(pos, (self.config.window or 0) + 1) * k1 + copy - 2
+
+    def used_slots(self, length: int) -> int:
+        """Slots an attention over rows of at most `length` tokens must read (a contiguous prefix)."""
+        return self.ring_slots + length * (self.config.repeat_k if self.config.naive else 1)
+
+    def write(self, layer: int, slots: Tensor, k: Tensor, v: Tensor) -> None:
+        """Write k, v [B, Hkv, N, D] into slots [B, N] of `layer` (each row its own slots)."""
+        rows = torch.arange(self.batch_size, device=slots.device)[:, None]
+        self.keys[layer][rows, :, slots] = k.transpose(1, 2)
+        self.values[layer][rows, :, slots] = v.transpose(1, 2)
+
+    def mask(self, q_pos: Tensor, q_copy: Tensor, n_slots: int) -> Tensor:
+        """Bool [B, 1, Q, n_slots]: may query (q_pos [B, Q], q_copy [Q]) attend each of the first n_slots slots."""
+        cfg = self.config
+        kp = self.slot_pos[:, None, None, :n_slots]
+        kc = self.slot_copy[:n_slots]
+        qp, qc = q_pos[:, None, :, None], q_copy[:, None]
+        if cfg.naive:  # plain causal attention over the interleaved sequence
+            return kp * cfg.repeat_k + kc <= qp * cfg.repeat_k + qc
+        return allowed(qp, qc, kp, kc, cfg.window, cfg.chunk) & (kp >= 0)

@@ -1,0 +1,353 @@
+"""Prefill and decode with the PHD cache (spec section 6), built from the model's own modules.
+
+Every layer runs the model's Block pieces (attn_input, Attention.project_q / project_kv / output,
+attn_residual, mlp_residual) and every mask comes from `masks.allowed`, so inference cannot drift from the
+training-time forward; the tests hold every logit to it.
+
+Prefill (`mode="bounded"`, the default) computes only what the future reads:
+- the originals of every position: one causal pass, exactly vanilla;
+- hidden tokens (copies 2..K) only at the positions the last token and the cache depend on. Hidden queries
+  see the hidden copies of the W preceding positions, so the hidden state of position m after layer l depends
+  on hidden tokens back to m - l*W. Layer l (0-based) therefore needs hidden keys from the last (L-l)*W + 1
+  positions and hidden outputs only for the last (L-l-1)*W + 1; the set shrinks by W per layer (at most the
+  spec's L*W + 1 positions). PHD (no window) needs one position; CSWA never more than its chunk.
+- In the last layer only copy K of the last position is a query: every other token's output is unused (the
+  originals' attention output and FFN there are skipped; their K/V are all the cache needs).
+`mode="full"` is the paper's prefill: the training-time forward over all K*T tokens; naive repetition always
+uses it (its cache holds all K*T entries).
+
+Decode: the K copies of each row's next token are K query rows of one forward pass against the cache.
+
+Batches: rows are right-padded; `lengths[b]` tokens of row b are real. Each row has its own positions and
+chunk phase; padding sits at future positions, which the rule never lets a real token see. An
+`attention_mask` (1 = real token, left or right padded, as in Hugging Face) is accepted and converted.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..attention import attention
+from ..masks import allowed
+from .cache import PHDCache
+
+PREFILL_MODES = ("bounded", "full")
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, causal: bool = False) -> Tensor:
+    gqa = q.shape[1] != k.shape[1]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+
+
+def _rope(model, pos: Tensor, copy: Tensor) -> tuple[Tensor, Tensor]:
+    """cos, sin for tokens (pos, copy): [N, D] for 1-D positions, [B, 1, N, D] for per-row [B, N]."""
+    cos, sin = model.rope(model.token_positions(pos, copy))
+    if pos.dim() == 2:
+        cos, sin = cos[:, None], sin[:, None]
+    return cos, sin
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Input checks
+# ----------------------------------------------------------------------------------------------------------
+
+
+def check_token_ids(token_ids: Tensor, vocab_size: int, what: str) -> None:
+    if token_ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{what} must hold integer token ids (int64), got dtype {token_ids.dtype}")
+    if token_ids.numel():
+        low, high = int(token_ids.min()), int(token_ids.max())
+        if low < 0 or high >= vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(
+                f"{what} holds token id {bad}, outside the vocabulary [0, {vocab_size}); "
+                "encode with the model's own tokenizer"
+            )
+
+
+def _right_pad(input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Rows with one contiguous run of real tokens (left or right padded) -> right-padded rows, lengths."""
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids {tuple(input_ids.shape)}: "
+            "they must match"
+        )
+    real = attention_mask.bool()
+    lengths = real.sum(1)
+    first = torch.where(real.any(1), real.int().argmax(1), torch.zeros_like(lengths))
+    col = torch.arange(input_ids.shape[1], device=input_ids.device)
+    contiguous = (real == ((col >= first[:, None]) & (col < (first + lengths)[:, None]))).all()
+    if not bool(contiguous):
+        raise ValueError("attention_mask must mark one contiguous run of real tokens per row (left or right padding)")
+    index = (first[:, None] + col).clamp(max=input_ids.shape[1] - 1)
+    return input_ids.gather(1, index), lengths
+
+
+def _prompt_lengths(model, input_ids: Tensor, cache: PHDCache, lengths: Tensor | None,
+                    attention_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
+    b, t = input_ids.shape
+    if b != cache.batch_size:
+        raise ValueError(f"input_ids has {b} rows but the cache was made for batch_size={cache.batch_size}")
+    if t == 0:
+        raise ValueError("the prompt is empty: prefill needs at least one token per row (e.g. a BOS token)")
+    if attention_mask is not None:
+        if lengths is not None:
+            raise ValueError("pass either lengths or attention_mask, not both")
+        input_ids, lengths = _right_pad(input_ids, attention_mask.to(input_ids.device))
+    if lengths is None:
+        lengths = torch.full((b,), t, dtype=torch.long, device=input_ids.device)
+    lengths = torch.as_tensor(lengths, device=input_ids.device).long()
+    if lengths.shape != (b,):
+        raise ValueError(f"lengths must have shape [{b}] (one prompt length per row), got {tuple(lengths.shape)}")
+    low, high = int(lengths.min()), int(lengths.max())
+    if low < 1:
+        raise ValueError("a prompt is empty (length 0): every row needs at least one token (e.g. a BOS token)")
+    if high > t:
+        raise ValueError(f"lengths has {high} but input_ids has only {t} columns")
+    if high > cache.max_len:
+        raise ValueError(
+            f"the prompt has {high} tokens but the cache holds at most max_len={cache.max_len}; "
+            "truncate the prompt or make a larger cache (model.new_cache(batch, max_len))"
+        )
+    check_token_ids(torch.where(torch.arange(t, device=input_ids.device) < lengths[:, None], input_ids, 0),
+                    model.config.vocab_size, "input_ids")
+    return input_ids, lengths
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Prefill
+# ----------------------------------------------------------------------------------------------------------
+
+
+def hidden_widths(config, seq_len: int) -> list[tuple[int, int]]:
+    """Per layer: (positions whose hidden K/V are needed, positions whose hidden outputs are needed)."""
+    n = config.n_layers
+    widths = []
+    for layer in range(n):
+        if config.window is None:
+            keys, outs = 1, 1
+        else:
+            keys, outs = (n - layer) * config.window + 1, (n - layer - 1) * config.window + 1
+            if config.chunk is not None:
+                keys, outs = min(keys, config.chunk), min(outs, config.chunk)
+        widths.append((min(keys, seq_len), min(outs, seq_len)))
+    return widths
+
+
+def _first_needed(config, last: Tensor) -> Tensor:
+    """Earliest position whose hidden tokens a row's future reads: its chunk start (CSWA), else 0."""
+    if config.chunk is None:
+        return torch.zeros_like(last)
+    return last // config.chunk * config.chunk
+
+
+def _ring_positions(config, last: Tensor, computed: int) -> tuple[Tensor, Tensor]:
+    """The last W positions of each row (those the next token's window reads) and whether each is state."""
+    w = min(config.window or 0, computed)
+    pos = last[:, None] + torch.arange(1 - w, 1, device=last.device)
+    return pos, pos >= _first_needed(config, last)[:, None]
+
+
+def _set_ring_meta(cache: PHDCache, ring_pos: Tensor, ring_valid: Tensor, k1: int) -> Tensor:
+    """Record the ring's positions in the cache metadata; returns the slots [B, w*(K-1)] to write."""
+    copies = torch.arange(2, k1 + 2, device=ring_pos.device)
+    pos = ring_pos.repeat_interleave(k1, dim=1)
+    copy = copies.repeat(ring_pos.shape[1])
+    slots = cache.ring_slot(pos, copy)
+    cache.slot_pos.scatter_(1, slots, torch.where(ring_valid.repeat_interleave(k1, dim=1), pos, -1))
+    return slots
+
+
+def _prefill_bounded(model, ids: Tensor, lengths: Tensor, cache: PHDCache) -> Tensor:
+    cfg = model.config
+    b, t = ids.shape
+    k1 = cfg.repeat_k - 1
+    n_layers = len(model.layers)
+    last = lengths - 1
+    device = ids.device
+
+    x = model.embed(ids)
+    pos_o = torch.arange(t, device=device)
+    copy_o = torch.ones_like(pos_o)
+    cos_o, sin_o = _rope(model, pos_o, copy_o)
+    orig_slots = cache.orig_slot(pos_o).expand(b, -1)
+
+    if k1:
+        widths = hidden_widths(cfg, t)
+        width = widths[0][0]
+        hid_pos = last[:, None] + torch.arange(1 - width, 1, device=device)  # [B, P]: ends at each row's last
+        hid_valid = hid_pos >= _first_needed(cfg, last)[:, None]
+        copies = torch.arange(2, k1 + 2, device=device)
+        tok_pos = hid_pos.repeat_interleave(k1, dim=1)  # position-major: (m, 2), ..., (m, K), (m+1, 2), ...
+        tok_copy = copies.repeat(width)
+        tok_valid = hid_valid.repeat_interleave(k1, dim=1)
+        xh = model.embed(ids.gather(1, hid_pos.clamp(min=0))).repeat_interleave(k1, dim=1)
+        cos_h, sin_h = _rope(model, tok_pos, tok_copy)
+        ring_pos, ring_valid = _ring_positions(cfg, last, widths[-1][0])
+        ring_slots = _set_ring_meta(cache, ring_pos, ring_valid, k1)
+        n_ring = ring_slots.shape[1]
+
+    for i, block in enumerate(model.layers):
+        final = i == n_layers - 1
+        a = block.attn_input(x)
+        k_o, v_o = block.attn.project_kv(a, cos_o, sin_o)
+        cache.write(i, orig_slots, k_o, v_o)
+        if not final:
+            o = _sdpa(block.attn.project_q(a, cos_o, sin_o), k_o, v_o, causal=True)
+            x_next = block.mlp_residual(block.attn_residual(x, block.attn.output(o)))
+        elif not k1:  # vanilla: only the last position of each row is a query in the last layer
+            x_last = x.gather(1, last[:, None, None].expand(-1, 1, x.shape[-1]))
+            cos_l, sin_l = _rope(model, last[:, None], copy_o[:1])
+            q = block.attn.project_q(block.attn_input(x_last), cos_l, sin_l)
+            mask = allowed(last[:, None, None, None], 1, pos_o, 1, None, None)
+            o = _sdpa(q, k_o, v_o, mask)
+            h_final = block.mlp_residual(block.attn_residual(x_last, block.attn.output(o)))[:, 0]
+        if k1:
+            keys, outs = widths[i]
+            n_keys, n_outs = keys * k1, (1 if final else outs * k1)
+            tp, tc, tv = tok_pos[:, -n_keys:], tok_copy[-n_keys:], tok_valid[:, -n_keys:]
+            a_h = block.attn_input(xh)
+            k_h, v_h = block.attn.project_kv(a_h, cos_h[..., -n_keys:, :], sin_h[..., -n_keys:, :])
+            if n_ring:
+                cache.write(i, ring_slots, k_h[:, :, -n_ring:], v_h[:, :, -n_ring:])
+            q_h = block.attn.project_q(a_h[:, -n_outs:], cos_h[..., -n_outs:, :], sin_h[..., -n_outs:, :])
+            qp, qc, qv = tp[:, -n_outs:, None], tc[-n_outs:, None], tv[:, -n_outs:, None]
+            kp = torch.cat([pos_o.expand(b, -1), tp], dim=1)[:, None]
+            kc = torch.cat([copy_o, tc])
+            kv = torch.cat([torch.ones_like(orig_slots, dtype=torch.bool), tv], dim=1)[:, None]
+            # Padding queries (positions before what the row needs) may see anything the rule allows, so no
+            # softmax row is empty; real queries see only real keys.
+            mask = allowed(qp, qc, kp, kc, cfg.window, cfg.chunk) & (kv | ~qv)
+            o = _sdpa(q_h, torch.cat([k_o, k_h], 2), torch.cat([v_o, v_h], 2), mask[:, None])
+            xh = block.mlp_residual(block.attn_residual(xh[:, -n_outs:], block.attn.output(o)))
+            if i + 1 < n_layers:
+                nxt = widths[i + 1][0] * k1
+                xh, tok_pos, tok_copy, tok_valid = xh[:, -nxt:], tok_pos[:, -nxt:], tok_copy[-nxt:], tok_valid[:, -nxt:]
+                cos_h, sin_h = cos_h[..., -nxt:, :], sin_h[..., -nxt:, :]
+            else:
+                h_final = xh[:, -1]
+        if not final:
+            x = x_next
+    return model.lm_head(model.norm(h_final))
+
+
+def _prefill_full(model, ids: Tensor, lengths: Tensor, cache: PHDCache) -> Tensor:
+    """The training-time forward over all K*T tokens (the paper's prefill), filling the cache on the way."""
+    cfg = model.config
+    b, t = ids.shape
+    k = cfg.repeat_k
+    last = lengths - 1
+    layout = model.layout(t)
+    pos, copy = layout.index(ids.device)
+    cos, sin = model.rope(model.token_positions(pos, copy))
+    h = model.expand_tokens(model.embed(ids), layout)
+    if layout.naive or k == 1:
+        orig_index = torch.arange(t * k, device=ids.device)
+        final_index = last * k + k - 1
+    else:
+        orig_index = torch.arange(t, device=ids.device)
+        final_index = t + last * (k - 1) + k - 2
+        ring_pos, ring_valid = _ring_positions(cfg, last, t)
+        ring_slots = _set_ring_meta(cache, ring_pos, ring_valid, k - 1)
+        copies = torch.arange(k - 1, device=ids.device)
+        ring_index = t + (ring_pos.clamp(min=0)[:, :, None] * (k - 1) + copies).flatten(1)  # [B, w*(K-1)]
+    slots = cache.orig_slot(orig_index // k if layout.naive else orig_index, orig_index % k + 1).expand(b, -1)
+    backend = model.config.attn_backend
+    for i, block in enumerate(model.layers):
+        a = block.attn_input(h)
+        q, k_all, v_all = block.attn.project(a, cos, sin)
+        cache.write(i, slots, k_all[:, :, : slots.shape[1]], v_all[:, :, : slots.shape[1]])
+        if not (layout.naive or k == 1) and ring_slots.shape[1]:
+            gather = ring_index[:, None, :, None].expand(-1, k_all.shape[1], -1, k_all.shape[-1])
+            cache.write(i, ring_slots, k_all.gather(2, gather), v_all.gather(2, gather))
+        h = block.mlp_residual(block.attn_residual(h, block.attn.output(attention(q, k_all, v_all, layout, backend))))
+    h_final = h.gather(1, final_index[:, None, None].expand(-1, 1, h.shape[-1]))[:, 0]
+    return model.lm_head(model.norm(h_final))
+
+
+@torch.inference_mode()
+def prefill(model, input_ids: Tensor, cache: PHDCache, lengths: Tensor | None = None,
+            attention_mask: Tensor | None = None, mode: str = "bounded") -> Tensor:
+    """Fill an (emptied) cache with the prompts; logits [B, vocab] for the token after each prompt.
+
+    input_ids [B, T], right-padded when `lengths` [B] is given; or any padding side with `attention_mask`.
+    mode: "bounded" (hidden tokens only where the future needs them) or "full" (the paper's K-fold prefill).
+    """
+    if mode not in PREFILL_MODES:
+        raise ValueError(f"mode={mode!r} is unknown: use 'bounded' (default) or 'full' (the paper's prefill)")
+    if cache.config != model.config:
+        raise ValueError("the cache was made for another model config; make it with model.new_cache(...)")
+    ids, lengths = _prompt_lengths(model, input_ids, cache, lengths, attention_mask)
+    cache.reset()
+    if mode == "full" or (model.config.naive and model.config.repeat_k > 1):
+        logits = _prefill_full(model, ids, lengths, cache)
+    else:
+        logits = _prefill_bounded(model, ids, lengths, cache)
+    cache.lengths.copy_(lengths)
+    cache.max_length = int(lengths.max())
+    return logits
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Decode
+# ----------------------------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def decode_step(model, token_ids: Tensor, cache: PHDCache, check: bool = True) -> Tensor:
+    """Append token_ids [B] at each row's next position; logits [B, vocab] for the token after it.
+
+    The K copies of each token are K query rows of one pass. (n, 1)'s K/V go to the originals (for naive
+    repetition all K copies do), (n, 2..K)'s to the ring slot of position n; in the last layer only copy K
+    is a query. `check=False` skips the token-id range check (a host sync) for callers that sampled the ids.
+    """
+    cfg = model.config
+    if token_ids.dim() != 1 or token_ids.shape[0] != cache.batch_size:
+        raise ValueError(
+            f"token_ids must be [batch_size={cache.batch_size}] (one new token per row), got {tuple(token_ids.shape)}"
+        )
+    if cache.max_length == 0:
+        raise ValueError("the cache is empty: call prefill(input_ids, cache) before decode_step")
+    if cache.max_length >= cache.max_len:
+        raise ValueError(
+            f"the cache is full (max_len={cache.max_len} tokens per row): make a larger cache with "
+            "model.new_cache(batch_size, max_len)"
+        )
+    if check:
+        check_token_ids(token_ids, cfg.vocab_size, "token_ids")
+    k = cfg.repeat_k
+    b = token_ids.shape[0]
+    device = token_ids.device
+    pos = cache.lengths
+    copies = torch.arange(1, k + 1, device=device)
+    q_pos = pos[:, None].expand(-1, k)
+    if cfg.naive or k == 1:
+        slots = cache.orig_slot(q_pos, copies)
+    else:
+        ring = cache.ring_slot(q_pos[:, 1:], copies[1:])
+        if cfg.chunk is not None:  # CSWA: a row entering a new chunk starts with an empty window
+            starts = (pos % cfg.chunk == 0)[:, None]
+            cache.slot_pos[:, : cache.ring_slots].masked_fill_(starts, -1)
+        cache.slot_pos.scatter_(1, ring, q_pos[:, 1:])
+        slots = torch.cat([cache.orig_slot(pos)[:, None], ring], dim=1)
+    n_slots = cache.used_slots(cache.max_length + 1)
+    mask = cache.mask(q_pos, copies, n_slots)
+    cos, sin = _rope(model, q_pos, copies)
+    x = model.embed(token_ids)[:, None].expand(b, k, -1)
+    n_layers = len(model.layers)
+    for i, block in enumerate(model.layers):
+        a = block.attn_input(x)
+        k_new, v_new = block.attn.project_kv(a, cos, sin)
+        cache.write(i, slots, k_new, v_new)
+        if i == n_layers - 1:  # only copy K predicts; the other copies' outputs here are never read
+            x, a, cos, sin, mask = x[:, -1:], a[:, -1:], cos[..., -1:, :], sin[..., -1:, :], mask[:, :, -1:]
+        q = block.attn.project_q(a, cos, sin)
+        o = _sdpa(q, cache.keys[i][:, :, :n_slots], cache.values[i][:, :, :n_slots], mask)
+        x = block.mlp_residual(block.attn_residual(x, block.attn.output(o)))
+    cache.lengths += 1
+    cache.max_length += 1
+    return model.lm_head(model.norm(x[:, -1]))
