@@ -1,0 +1,119 @@
+"""`phd convert SRC OUT`: transformers / GGUF checkpoints to PHD models and back.
+
+    phd convert ./llama-dir  out/       --variant PHD-CSWA-2-16-32   # native export (config + safetensors + tokenizer)
+    phd convert model.gguf   out/       --check                      # K = 1, compare logits with the original
+    phd convert out/         llama-dir/ --to hf                      # a K = 1 export back to Llama / OLMo2
+    phd convert out/         phd-hf/    --to phd-hf                  # any export as PHDForCausalLM (model_type phd)
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+TARGETS = ("phd", "hf", "phd-hf")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "convert",
+        help="convert transformers Llama/OLMo2 (directory or GGUF) to a PHD model, and back",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("source", type=Path, help="transformers directory, .gguf file, or phd export directory")
+    p.add_argument("out", type=Path, help="output directory")
+    p.add_argument("--to", choices=TARGETS, default=None,
+                   help="phd: native export (default from transformers/GGUF); hf: LlamaForCausalLM / "
+                        "Olmo2ForCausalLM (K = 1; default from a phd export); phd-hf: PHDForCausalLM save_pretrained")
+    p.add_argument("--variant", default="vanilla",
+                   help="PHD variant of the converted model, e.g. PHD-CSWA-2-16-32 (default: vanilla, K = 1)")
+    p.add_argument("--positions", choices=("shared", "expanded"), default="shared",
+                   help="RoPE positions of the copies (spec section 4); 'shared' keeps the checkpoint's positions")
+    p.add_argument("--check", action="store_true",
+                   help="compare the logits of the converted model with the source on a sample (K = 1 only)")
+    p.set_defaults(func=run)
+
+
+def _is_phd_export(path: Path) -> bool:
+    import json
+
+    config = path / "config.json"
+    return config.is_file() and "repeat_k" in json.loads(config.read_text()) and (path / "model.safetensors").exists()
+
+
+def _special_tokens(tokenizer) -> dict[str, int | None]:
+    if tokenizer is None:
+        return {}
+    return {name: getattr(tokenizer, name, None) for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
+
+
+def _max_diff(a, b) -> float:
+    return float((a.float() - b.float()).abs().max())
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..config import PHDConfig
+    from ..io import load_model, save_model
+    from . import PHDForCausalLM
+    from .convert import from_transformers, load_transformers, to_transformers
+
+    source: Path = args.source
+    from_phd = source.is_dir() and _is_phd_export(source)
+    target = args.to or ("hf" if from_phd else "phd")
+    sample = torch.arange(64).remainder(97)[None] + 3
+
+    if from_phd:
+        if target == "phd":
+            raise SystemExit(f"{source} is already a phd export; choose --to hf or --to phd-hf")
+        model = load_model(source)
+        tokenizer = _load_tokenizer(source)
+        if target == "hf":
+            hf_model = to_transformers(model, **_special_tokens(tokenizer))
+        else:
+            hf_model = PHDForCausalLM.from_native(model, **_special_tokens(tokenizer))
+        hf_model.save_pretrained(args.out)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(args.out)
+        print(f"wrote {args.out} ({type(hf_model).__name__}, {model.config.name})")
+        if args.check:
+            with torch.no_grad():
+                ids = sample.remainder(model.config.vocab_size)
+                print(f"max |logit difference| = {_max_diff(model(ids).logits, hf_model(ids).logits):.3g}")
+        return 0
+
+    if target == "hf":
+        raise SystemExit(f"{source} is a transformers checkpoint already; choose --to phd or --to phd-hf")
+    variant = PHDConfig.parse_name(args.variant)
+    hf_model, tokenizer = load_transformers(source)
+    model = from_transformers(hf_model, positions=args.positions, **variant)
+    if target == "phd":
+        save_model(model, args.out)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(args.out)
+    else:
+        PHDForCausalLM.from_native(model, **_special_tokens(tokenizer)).save_pretrained(args.out)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(args.out)
+    print(f"wrote {args.out} ({target}, {model.config.name}, {model.num_params() / 1e6:.1f}M parameters)")
+    if args.check:
+        if model.config.repeat_k != 1:
+            raise SystemExit("--check compares logits with the source, which only a K = 1 conversion reproduces")
+        ids = sample.remainder(model.config.vocab_size)
+        with torch.no_grad():
+            diff = _max_diff(hf_model(ids).logits, model(ids).logits)
+        print(f"max |logit difference| vs the source on {ids.shape[1]} tokens = {diff:.3g}")
+    return 0
+
+
+def _load_tokenizer(path: Path):
+    """The transformers tokenizer saved beside an export, or None when there is none."""
+    if not (path / "tokenizer.json").exists():
+        return None
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    if (path / "tokenizer_config.json").exists():
+        return AutoTokenizer.from_pretrained(path)
+    return PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"))
