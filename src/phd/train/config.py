@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -209,6 +210,9 @@ def load_file(path: str | Path) -> dict[str, Any]:
         raise TrainConfigError(f"{path} cannot be parsed ({err})") from None
 
 
+_KEY_VALUE = re.compile(r"^[A-Za-z_][\w.]*=")
+
+
 def parse_value(text: str) -> Any:
     """`3` -> 3, `1e-3` -> 0.001, `true` -> True, `null` -> None, `[0.9, 0.95]` -> list, anything else a string."""
     try:
@@ -230,7 +234,7 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
             key = arg[2:]
             if "=" in key:
                 key, text = key.split("=", 1)
-            elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+            elif i + 1 < len(args) and not args[i + 1].startswith("--") and not _KEY_VALUE.match(args[i + 1]):
                 text, i = args[i + 1], i + 1
             else:
                 text = "true"

@@ -234,15 +234,17 @@ class Trainer:
         return float(sums[0] / sums[1])
 
     # ----- the loop -----
-    def fit(self) -> dict[str, Any]:
+    def fit(self, stop_after: int | None = None) -> dict[str, Any]:
+        """Train to cfg.total_steps (or stop after step `stop_after`, as an interruption would), then export."""
         cfg, p = self.cfg, self.progress
         total = cfg.total_steps
+        end = min(total, stop_after) if stop_after else total
         bar = self._bar(total)
         val_loss: float | None = None
         train_time, trained_tokens = 0.0, 0
         window_time, window_tokens = 0.0, 0
         last: StepResult | None = None
-        while p.step < total:
+        while p.step < end:
             t0 = time.perf_counter()
             last = self.train_step()
             dt = time.perf_counter() - t0
@@ -270,7 +272,8 @@ class Trainer:
                 bar.set_postfix(loss=f"{last.loss:.4f}", tok_s=f"{trained_tokens / train_time:,.0f}")
         if bar is not None:
             bar.close()
-        self.export(self.run_dir / "model")
+        if p.step == total:
+            self.export(self.run_dir / "model")
         return {
             "step": p.step, "tokens": p.tokens, "train_loss": last.loss if last else None, "val_loss": val_loss,
             "tok_per_s": trained_tokens / train_time if train_time else None, "train_time": train_time,

@@ -1,0 +1,195 @@
+"""Training: config parsing, the sharded loader, loss going down, bitwise resume, export and init_from."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from train_utils import make_data, tiny_config
+
+from phd.cli import main
+from phd.io import load_model, resolve_export, save_model
+from phd.train import TrainConfigError, Trainer, build_config
+from phd.train.checkpoint import verify
+from phd.train.config import TrainConfig, parse_overrides
+from phd.train.loader import TokenLoader, eval_batches
+from phd.train.optim import lr_at
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_data(tmp_path_factory.mktemp("train") / "data")
+
+
+def losses(trainer: Trainer) -> list[float]:
+    return [h["loss"] for h in trainer.progress.history]
+
+
+# ----- config -----
+
+
+def test_overrides_file_and_dotted_keys(tmp_path, data):
+    path = tmp_path / "run.toml"
+    path.write_text(
+        f'data = "{data}"\nmax_steps = 10\nbatch_size = 8\nmicro_batch = 4\n'
+        '[model]\npreset = "cpu-1m"\nvariant = "PHD-CSWA-3-16-32"\n'
+    )
+    overrides = parse_overrides(["--lr", "1e-3", "--model.repeat_k=2", "nan_policy=stop", "--compile", "clip=null"])
+    assert overrides == {"lr": 1e-3, "model.repeat_k": 2, "nan_policy": "stop", "compile": True, "clip": None}
+    cfg = build_config(path, overrides)
+    model = cfg.model.build()
+    assert (model.repeat_k, model.window, model.chunk, model.d_model) == (2, 16, 32, 128)
+    assert cfg.lr == 1e-3 and cfg.compile and cfg.clip is None
+    cfg.save(tmp_path / "saved.json")
+    assert TrainConfig.from_dict(json.loads((tmp_path / "saved.json").read_text())) == cfg
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [({"micro_batch": 3}, "micro_batch"), ({"nan_policy": "ignore"}, "nan_policy"), ({"min_lr": 1.0}, "min_lr"),
+     ({"lrr": 1.0}, "lrr"), ({"model.windoww": 3}, "windoww"), ({"model.n_heads": 5}, "n_heads")],
+)
+def test_bad_config_names_the_field(data, override, field):
+    base = {"data": str(data), "max_steps": 1, "batch_size": 8, "micro_batch": 4, "model.preset": "cpu-1m"}
+    with pytest.raises(TrainConfigError, match=field):
+        build_config(None, {**base, **override})
+
+
+def test_schedule_warmup_then_cosine(data, tmp_path):
+    cfg = tiny_config(data, tmp_path, max_steps=12, warmup_steps=2, lr=1.0, min_lr=0.1)
+    assert [lr_at(s, cfg) for s in (0, 1)] == [0.5, 1.0]
+    assert lr_at(2, cfg) == 1.0 and lr_at(11, cfg) == pytest.approx(0.1)
+    assert lr_at(6, cfg) + lr_at(7, cfg) == pytest.approx(1.1)  # cosine: symmetric around the midpoint
+    assert all(lr_at(s, cfg) >= lr_at(s + 1, cfg) for s in range(1, 11))
+
+
+# ----- loader -----
+
+
+def _step_windows(loader: TokenLoader) -> list[tuple[int, ...]]:
+    """The first token of every window this rank reads in the next step (identifies the window)."""
+    return [tuple(x[:, 0].tolist()) + tuple(x[:, 1].tolist()) for x, _ in loader.next_step()]
+
+
+def test_loader_ranks_partition_the_global_batch():
+    tokens = np.arange(10_000, dtype=np.int64)  # window i starts with token i * seq_len: ids are recoverable
+    seq_len, batch = 16, 8
+    single = TokenLoader(tokens, seq_len, batch, micro_batch=4, seed=3)
+    ranks = [TokenLoader(tokens, seq_len, batch, micro_batch=2, rank=r, world=2, seed=3) for r in range(2)]
+    for _ in range(200):  # crosses epoch boundaries (624 windows / 8 per step)
+        (x1, y1), (x2, y2) = single.next_step()
+        reference = sorted(torch.cat([x1, x2])[:, 0].tolist())
+        parts = [torch.cat([x for x, _ in r.next_step()])[:, 0].tolist() for r in ranks]
+        assert not set(parts[0]) & set(parts[1])
+        assert sorted(parts[0] + parts[1]) == reference
+        assert torch.equal(y1[:, :-1], x1[:, 1:])
+    assert single.state.epoch == 2
+
+
+def test_loader_state_restores_the_exact_batches():
+    tokens = np.random.default_rng(0).integers(0, 300, 5_000)
+    a = TokenLoader(tokens, 32, 8, 4, seed=1)
+    for _ in range(25):
+        a.next_step()
+    b = TokenLoader(tokens, 32, 8, 4, seed=1)
+    b.load_state_dict(json.loads(json.dumps(a.state_dict())))
+    for _ in range(30):
+        for (xa, ya), (xb, yb) in zip(a.next_step(), b.next_step(), strict=True):
+            assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_eval_batches_cover_the_same_windows_at_any_world_size():
+    tokens = np.arange(2_000, dtype=np.int64)
+    one = eval_batches(tokens, 16, 11, 4, rank=0, world=1)
+    two = [eval_batches(tokens, 16, 11, 4, rank=r, world=2) for r in range(2)]
+    assert len(two[0]) == len(two[1])  # every rank runs the same number of forwards (FSDP collectives)
+
+    def weighted(batches):
+        return sorted(int(x[0]) for b in batches for x, w in zip(b[0], b[2], strict=True) if w > 0)
+
+    assert weighted(one) == weighted(two[0] + two[1]) == [16 * i for i in range(11)]
+
+
+# ----- the loop -----
+
+
+def test_loss_decreases_and_run_dir_is_complete(data, tmp_path):
+    cfg = tiny_config(data, tmp_path / "run", max_steps=30, eval_every=15, eval_iters=2, checkpoint_every=15)
+    trainer = Trainer(cfg)
+    summary = trainer.fit()
+    curve = losses(trainer)
+    assert np.mean(curve[-5:]) < np.mean(curve[:5]) - 1.0
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    val = [r["val_loss"] for r in records if "val_loss" in r]
+    assert len(val) == 2 and val[1] < val[0] and summary["val_loss"] == val[1]
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 31))
+    latest = tmp_path / "run" / "checkpoints" / "step_00000030"
+    assert verify(latest)["trainer"]["step"] == 30
+    model = load_model(tmp_path / "run")  # RUN/model/, the export inference reads
+    assert model.config == cfg.model.build()
+    torch.testing.assert_close(model.state_dict()["embed.weight"], trainer.model.state_dict()["embed.weight"])
+
+
+@pytest.mark.parametrize("variant", ["vanilla", "PHD-CSWA-2-4-8"])
+def test_resume_is_bitwise_equal_to_an_uninterrupted_run(data, tmp_path, variant):
+    kwargs = dict(variant=variant, max_steps=6, checkpoint_every=3, batch_size=8, micro_batch=2)
+    straight = Trainer(tiny_config(data, tmp_path / "a", **kwargs))
+    straight.fit()
+    first = Trainer(tiny_config(data, tmp_path / "b", **kwargs))
+    first.fit(stop_after=4)  # steps 1-4 run, checkpoint at 3; step 4 is lost as in a crash
+    resumed = Trainer(tiny_config(data, tmp_path / "b", **kwargs))
+    assert resumed.progress.step == 3 and resumed.resumed_from.name == "step_00000003"
+    resumed.fit()
+    assert losses(resumed) == losses(straight)[3:]  # bitwise
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    records = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 7))  # the lost step 4 is logged once
+
+
+def test_keep_last_n_checkpoints(data, tmp_path):
+    Trainer(tiny_config(data, tmp_path, max_steps=5, checkpoint_every=1, checkpoint_keep=2)).fit()
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["latest", "step_00000004", "step_00000005"]
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_00000005"
+
+
+def test_export_command_and_init_from(data, tmp_path):
+    cfg = tiny_config(data, tmp_path / "run", max_steps=3, checkpoint_every=3)
+    trained = Trainer(cfg)
+    trained.fit()
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "export")]) == 0
+    exported = load_model(tmp_path / "export")
+    assert (tmp_path / "export" / "tokenizer.json").exists()
+    for (name, a), b in zip(trained.model.state_dict().items(), exported.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+    start = Trainer(tiny_config(data, tmp_path / "warm", max_steps=3, init_from=str(tmp_path / "export")))
+    for (name, a), b in zip(exported.state_dict().items(), start.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+    other = tiny_config(data, tmp_path / "bad", variant="PHD-CSWA-3-4-8", init_from=str(tmp_path / "export"))
+    with pytest.raises(Exception, match="repeat_k: 2 there vs 3 here"):
+        Trainer(other)
+
+
+def test_cli_trains_from_file_with_overrides(data, tmp_path, capsys):
+    cfg = tiny_config(data, tmp_path / "run", max_steps=2)
+    cfg.save(tmp_path / "run.json")
+    assert main(["train", str(tmp_path / "run.json"), "--max_steps", "3", "model.variant=PHD-SWA-2-4-inf"]) == 0
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["max_steps"] == 3 and saved["model"]["variant"] == "PHD-SWA-2-4-inf"
+    assert resolve_export(tmp_path / "run").name == "model"
+    assert "done: PHD-SWA-2-4-inf step 3" in capsys.readouterr().out
+    assert main(["train", "--preset", "cpu-1m", f"data={data}", "max_steps=1", "micro_batch=3"]) == 2
+    assert "micro_batch=3 is invalid" in capsys.readouterr().err
+
+
+def test_save_model_roundtrip_is_what_train_writes(data, tmp_path):
+    trainer = Trainer(tiny_config(data, tmp_path / "run", max_steps=1))
+    trainer.fit()
+    save_model(load_model(tmp_path / "run"), tmp_path / "copy")
+    assert load_model(tmp_path / "copy").config.name == "PHD-CSWA-2-4-8"
