@@ -10,10 +10,12 @@ moved to the right, run without any mask, and moved back: every row sees positio
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..model import PHDTransformer
@@ -62,6 +64,11 @@ class PHDPreTrainedModel(PreTrainedModel):
 
 class PHDForCausalLM(PHDPreTrainedModel, GenerationMixin):
     """Causal LM with the transformers interface; `generate()` runs the native PHD cache (see `generate`)."""
+
+    # GenerationConfig fields generate() honours; anything else set to a non-default value is refused.
+    _GENERATION_FIELDS = ("max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p",
+                          "repetition_penalty", "eos_token_id", "pad_token_id", "num_beams", "num_return_sequences",
+                          "bos_token_id", "use_cache")
 
     _tied_weights_keys = {"model.lm_head.weight": "model.embed.weight"}
 
@@ -133,3 +140,64 @@ class PHDForCausalLM(PHDPreTrainedModel, GenerationMixin):
         if logits_to_keep:
             logits = logits[:, -logits_to_keep:]
         return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        generation_config: GenerationConfig | None = None,
+        seed: int | None = None,
+        **kwargs: object,
+    ) -> Tensor:
+        """Greedy or sampled decoding with the PHD KV cache (`phd.generate`): prefill once, then one step per token.
+
+        Memory is a vanilla KV cache plus the hidden window (spec section 6), not K times the cache. Takes
+        transformers' usual arguments (max_new_tokens / max_length, do_sample, temperature, top_k, top_p,
+        repetition_penalty, eos_token_id, pad_token_id) and a left- or right-padded batch with its
+        attention_mask; returns [B, T + new] like transformers: each row's input, then its new tokens, then
+        pad_token_id after its end-of-sequence token. Beam search and logits processors are not supported.
+        """
+        from ..inference import generate as phd_generate
+
+        if input_ids is None:
+            raise ValueError("generate() needs input_ids (the prompt token ids, [batch, seq_len])")
+        config = copy.deepcopy(generation_config or self.generation_config)
+        unknown = config.update(**kwargs)
+        if unknown:
+            raise ValueError(
+                f"generate() does not support {sorted(unknown)}: PHDForCausalLM.generate takes input_ids, "
+                f"attention_mask, seed and the GenerationConfig fields {list(self._GENERATION_FIELDS)}"
+            )
+        if (config.num_beams or 1) != 1 or (config.num_return_sequences or 1) != 1:
+            raise ValueError("beam search / several sequences per prompt are not supported: use num_beams=1")
+        b, t = input_ids.shape
+        if config.max_new_tokens is not None:
+            max_new = config.max_new_tokens
+        else:
+            max_new = max((config.max_length or 20) - t, 0)
+        eos = config.eos_token_id if config.eos_token_id is not None else self.config.eos_token_id
+        stops = [] if eos is None else ([int(eos)] if isinstance(eos, int) else [int(e) for e in eos])
+        pad = config.pad_token_id if config.pad_token_id is not None else (stops[0] if stops else 0)
+        if attention_mask is None:
+            starts = torch.zeros(b, dtype=torch.long, device=input_ids.device)
+            lengths = torch.full((b,), t, dtype=torch.long, device=input_ids.device)
+        else:
+            starts, lengths = padding_offsets(attention_mask)
+        sampled = bool(config.do_sample)
+        out = phd_generate(
+            self.model,
+            shift_rows(input_ids, starts, fill=pad),
+            max_new,
+            temperature=float(config.temperature or 1.0) if sampled else 0.0,
+            top_k=(config.top_k or None) if sampled else None,
+            top_p=(config.top_p if config.top_p is not None and config.top_p < 1 else None) if sampled else None,
+            repetition_penalty=float(config.repetition_penalty or 1.0),
+            stop_tokens=stops,
+            seed=seed,
+            lengths=lengths,
+            pad_id=pad,
+        )
+        steps = out.shape[1] - t
+        new = torch.gather(out, 1, lengths[:, None] + torch.arange(steps, device=out.device))
+        return torch.cat([input_ids, new], dim=1)
