@@ -1,0 +1,162 @@
+"""Faults and bad input: NaN/inf losses, SIGKILL during a save, full disk, corrupted checkpoints, mismatches."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from train_utils import make_data, tiny_config
+
+from phd.data.shards import DataError
+from phd.io import CheckpointError
+from phd.model import PHDTransformer
+from phd.train import Trainer, TrainingError
+from phd.train import checkpoint as ckpt
+from phd.train.checkpoint import load_checkpoint, verify
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_data(tmp_path_factory.mktemp("faults") / "data")
+
+
+def poison(trainer: Trainer, at_steps: set[int], value: float = float("nan")) -> None:
+    """Make the loss of the given steps non-finite (through the trainer's forward seam)."""
+    forward = trainer.forward_loss
+
+    def faulty(inputs, targets):
+        loss = forward(inputs, targets)
+        return loss * value if trainer.progress.step + 1 in at_steps else loss
+
+    trainer.forward_loss = faulty
+
+
+def params(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in trainer.model.state_dict().items()}
+
+
+def test_nan_skip_leaves_parameters_and_continues(data, tmp_path, capsys):
+    trainer = Trainer(tiny_config(data, tmp_path, max_steps=5, nan_policy="skip"))
+    poison(trainer, {3}, float("inf"))
+    trainer.fit(stop_after=2)
+    before = params(trainer)
+    trainer.fit(stop_after=3)
+    for name, value in params(trainer).items():
+        assert torch.equal(value, before[name]), name
+    trainer.fit()
+    history = trainer.progress.history
+    assert [h.get("skipped", False) for h in history] == [False, False, True, False, False]
+    assert trainer.progress.skipped == 1 and all(h["loss"] is not None for i, h in enumerate(history) if i != 2)
+    assert "step skipped (nan_policy=skip)" in capsys.readouterr().err
+
+
+def test_nan_stop_names_the_last_good_checkpoint(data, tmp_path):
+    trainer = Trainer(tiny_config(data, tmp_path, max_steps=6, nan_policy="stop", checkpoint_every=2))
+    poison(trainer, {4})
+    with pytest.raises(TrainingError, match=r"non-finite loss=nan .*step 4.*step_00000002"):
+        trainer.fit()
+    assert verify(tmp_path / "checkpoints" / "step_00000002")["step"] == 2
+
+
+def test_too_many_consecutive_skips_stop(data, tmp_path):
+    trainer = Trainer(tiny_config(data, tmp_path, max_steps=8, max_skipped_steps=2))
+    poison(trainer, {2, 3, 4, 5})
+    with pytest.raises(TrainingError, match="3 steps in a row skipped, more than max_skipped_steps=2"):
+        trainer.fit()
+
+
+def test_resume_with_another_variant_names_the_fields(data, tmp_path):
+    Trainer(tiny_config(data, tmp_path, variant="PHD-CSWA-2-4-8", max_steps=2, checkpoint_every=2)).fit()
+    with pytest.raises(CheckpointError, match=r"repeat_k: 2 there vs 3 here.*window: 4 there vs 2 here"):
+        Trainer(tiny_config(data, tmp_path, variant="PHD-CSWA-3-2-8", max_steps=4))
+
+
+def test_vocab_mismatches_fail_before_training(tmp_path):
+    data = make_data(tmp_path / "data", train_tokens=2_000, val_tokens=500)
+    with pytest.raises(DataError, match="model vocab_size=256 .* vocab_size=300; set model.vocab_size=300"):
+        Trainer(tiny_config(data, tmp_path / "run", model={"preset": "cpu-1m", "vocab_size": 256}))
+    bad = make_data(tmp_path / "bad", train_tokens=2_000, val_tokens=500, tokenizer_vocab=310)
+    with pytest.raises(DataError, match="tokenizer.json has 310 tokens but .* vocab_size=300"):
+        Trainer(tiny_config(bad, tmp_path / "run2"))
+    assert not (tmp_path / "run").exists() and not (tmp_path / "run2").exists()
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
+def test_corrupted_checkpoint_is_detected_and_named(data, tmp_path, damage):
+    Trainer(tiny_config(data, tmp_path, max_steps=2, checkpoint_every=2)).fit()
+    shard = tmp_path / "checkpoints" / "step_00000002" / "__0_0.distcp"
+    raw = bytearray(shard.read_bytes())
+    if damage == "flip":
+        raw[len(raw) // 2] ^= 0xFF
+        shard.write_bytes(bytes(raw))
+    elif damage == "truncate":
+        shard.write_bytes(bytes(raw[: len(raw) // 3]))
+    else:
+        shard.unlink()
+    message = "is missing" if damage == "delete" else "does not match its sha256"
+    with pytest.raises(CheckpointError, match=rf"__0_0.distcp {message}"):
+        Trainer(tiny_config(data, tmp_path, max_steps=4))
+
+
+def test_full_disk_during_save_keeps_the_previous_checkpoint(data, tmp_path, monkeypatch):
+    trainer = Trainer(tiny_config(data, tmp_path, max_steps=6, checkpoint_every=2))
+    real_save = ckpt._dcp_save
+
+    def full_disk(state, path):
+        if trainer.progress.step == 4:
+            (path / "__0_0.distcp").write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(state, path)
+
+    monkeypatch.setattr(ckpt, "_dcp_save", full_disk)
+    with pytest.raises(CheckpointError, match="no space left on device.*checkpoint step_00000002 is intact"):
+        trainer.fit()
+    root = tmp_path / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000002"]
+    monkeypatch.setattr(ckpt, "_dcp_save", real_save)
+    resumed = Trainer(tiny_config(data, tmp_path, max_steps=6, checkpoint_every=2))
+    assert resumed.progress.step == 2
+    resumed.fit()
+    assert resumed.progress.step == 6
+
+
+def test_sigkill_during_save_leaves_the_previous_checkpoint(data, tmp_path):
+    """A real process killed with SIGKILL while its step-4 save is half done (DCP files written, not committed)."""
+    config = tiny_config(data, tmp_path / "run", max_steps=6, checkpoint_every=2)
+    config.save(tmp_path / "run.json")
+    env = {**os.environ, ckpt.SLEEP_ENV: "4:120"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "phd.cli", "train", str(tmp_path / "run.json")], env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        for line in proc.stderr:
+            if "[test hook] sleeping" in line:
+                break
+        else:
+            pytest.fail(f"training exited with {proc.wait()} before the save of step 4")
+        assert (tmp_path / "run" / "checkpoints" / ".tmp-step_00000004" / ".metadata").exists()
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    root = tmp_path / "run" / "checkpoints"
+    assert (root / "latest").read_text().strip() == "step_00000002"
+    model = PHDTransformer(config.model.build())
+    assert load_checkpoint(root / "step_00000002", model)["step"] == 2
+
+    straight = Trainer(tiny_config(data, tmp_path / "straight", max_steps=6))
+    straight.fit()
+    resumed = Trainer(config)
+    assert resumed.progress.step == 2 and not (root / ".tmp-step_00000004").exists()
+    resumed.fit()
+    expected = [h["loss"] for h in straight.progress.history][2:]
+    torch.testing.assert_close([h["loss"] for h in resumed.progress.history], expected, rtol=1e-6, atol=0)
+
+
