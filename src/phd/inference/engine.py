@@ -113,8 +113,9 @@ def _prompt_lengths(model, input_ids: Tensor, cache: PHDCache, lengths: Tensor |
             f"the prompt has {high} tokens but the cache holds at most max_len={cache.max_len}; "
             "truncate the prompt or make a larger cache (model.new_cache(batch, max_len))"
         )
-    check_token_ids(torch.where(torch.arange(t, device=input_ids.device) < lengths[:, None], input_ids, 0),
-                    model.config.vocab_size, "input_ids")
+    # Padding may hold anything (-100, a pad id): it is replaced by a valid id, and never attended.
+    input_ids = torch.where(torch.arange(t, device=input_ids.device) < lengths[:, None], input_ids, 0)
+    check_token_ids(input_ids, model.config.vocab_size, "input_ids")
     return input_ids, lengths
 
 
