@@ -34,8 +34,7 @@ def dense_attention(q: Tensor, k: Tensor, v: Tensor, layout: AttentionLayout) ->
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    n_rep = q.shape[1] // k.shape[1]
-    return F.scaled_dot_product_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), is_causal=True)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -53,20 +52,23 @@ def _additive(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
 
 
 class MathKernel:
-    """Portable explicit-matmul kernel (any device; materialises the score matrix)."""
+    """Portable explicit-matmul kernel (any device; materialises the score matrix). GQA by head repetition."""
 
     @staticmethod
     def _scores(q, k, causal, mask, scale):
         s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
         if causal:
             lq, lk = s.shape[-2:]
-            s = s.masked_fill(torch.ones(lq, lk, dtype=torch.bool, device=s.device).tril().logical_not(), -math.inf)
+            future = torch.ones(lq, lk, dtype=torch.bool, device=s.device).tril().logical_not()
+            s = s.masked_fill(future, -math.inf)
         if mask is not None:
             s = s.masked_fill(~mask, -math.inf)
         return s
 
     @classmethod
     def fwd(cls, q, k, v, causal, mask, scale):
+        n_rep = q.shape[1] // k.shape[1]
+        k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
         s = cls._scores(q, k, causal, mask, scale)
         lse = torch.logsumexp(s, dim=-1)
         out = torch.matmul(torch.exp(s - lse[..., None]), v.float()).to(q.dtype)
@@ -74,15 +76,20 @@ class MathKernel:
 
     @classmethod
     def bwd(cls, dout, q, k, v, out, lse, causal, mask, scale):
-        s = cls._scores(q, k, causal, mask, scale)
+        b, hkv, n, d = k.shape
+        n_rep = q.shape[1] // hkv
+        kr, vr = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+        s = cls._scores(q, kr, causal, mask, scale)
         p = torch.exp(s - lse[..., None])
         dout32 = dout.float()
         dv = torch.matmul(p.transpose(-1, -2), dout32)
-        dp = torch.matmul(dout32, v.float().transpose(-1, -2))
+        dp = torch.matmul(dout32, vr.float().transpose(-1, -2))
         row = (dout32 * out.float()).sum(-1, keepdim=True)
         ds = p * (dp - row) * scale
-        dq = torch.matmul(ds, k.float())
+        dq = torch.matmul(ds, kr.float())
         dk = torch.matmul(ds.transpose(-1, -2), q.float())
+        dk = dk.reshape(b, hkv, n_rep, n, d).sum(2)
+        dv = dv.reshape(b, hkv, n_rep, n, d).sum(2)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
@@ -99,7 +106,7 @@ class CpuFlashKernel:
     @staticmethod
     def bwd(dout, q, k, v, out, lse, causal, mask, scale):
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dout.contiguous(), q, k, v, out.contiguous(), lse.contiguous(), 0.0, causal,
+            dout, q, k, v, out, lse, 0.0, causal,
             attn_mask=_additive(mask, q.dtype), scale=scale,
         )
 
@@ -143,124 +150,142 @@ def _band_plan(layout: AttentionLayout, device: torch.device):
     return gather, mask, pad, nb, width
 
 
-def _to_heads(x: Tensor, k1: int) -> Tensor:
-    """Hidden rows [B, H, T*(K-1), ...] (position-major) -> [B, H*(K-1), T, ...] (copies as extra heads)."""
+def _copies_as_heads(x: Tensor, k1: int) -> Tensor:
+    """Hidden rows [B, H, T*(K-1), ...] (position-major) -> [B, (K-1)*H, T, ...], head c*H + h = copy c + 2 of
+    head h. A view (no copy) when x is laid out [B, N, H, D] in memory, as the model's projections are."""
     b, h, rows = x.shape[:3]
-    t = rows // k1
-    x = x.reshape(b, h, t, k1, *x.shape[3:]).transpose(2, 3)
-    return x.reshape(b, h * k1, t, *x.shape[4:])
+    return x.unflatten(2, (rows // k1, k1)).movedim(3, 1).flatten(1, 2)
 
 
-def _from_heads(x: Tensor, k1: int) -> Tensor:
-    b, hk, t = x.shape[:3]
-    h = hk // k1
-    x = x.reshape(b, h, k1, t, *x.shape[3:]).transpose(2, 3)
-    return x.reshape(b, h, t * k1, *x.shape[4:])
+def _heads_as_copies(x: Tensor, k1: int) -> Tensor:
+    """Inverse of _copies_as_heads, as a [B, H, T, K-1, ...] view."""
+    return x.unflatten(1, (k1, x.shape[1] // k1)).movedim(1, 3)
+
+
+def _tile_kv(x: Tensor, k1: int) -> Tensor:
+    """kv heads [B, Hkv, T, D] -> [B, (K-1)*Hkv, T, D] so that query head c*H + h reads kv head h // group."""
+    return x.unsqueeze(1).expand(x.shape[0], k1, *x.shape[1:]).flatten(1, 2)
 
 
 def _to_band(x: Tensor, nb: int) -> Tensor:
-    """Hidden rows [B, H, R, ...] -> [B, H*nb, BAND_BLOCK, ...], zero-padded to nb blocks."""
-    b, h, rows = x.shape[:3]
-    extra = nb * BAND_BLOCK - rows
+    """Hidden rows [B, H, R, ...] -> [B*nb, H, BAND_BLOCK, ...] (blocks as batch), zero-padded to nb blocks."""
+    extra = nb * BAND_BLOCK - x.shape[2]
     if extra:
-        x = torch.cat([x, x.new_zeros(b, h, extra, *x.shape[3:])], dim=2)
-    return x.reshape(b, h * nb, BAND_BLOCK, *x.shape[3:])
+        x = torch.cat([x, x.new_zeros(*x.shape[:2], extra, *x.shape[3:])], dim=2)
+    return x.unflatten(2, (nb, BAND_BLOCK)).transpose(1, 2).flatten(0, 1)
 
 
-def _from_band(x: Tensor, rows: int, heads: int) -> Tensor:
-    b = x.shape[0]
-    return x.reshape(b, heads, -1, *x.shape[3:])[:, :, :rows]
+def _from_band(x: Tensor, rows: int, batch: int) -> Tensor:
+    """[B*nb, H, BAND_BLOCK, ...] -> [B, H, rows, ...]."""
+    return x.unflatten(0, (batch, -1)).transpose(1, 2).flatten(2, 3)[:, :, :rows]
 
 
 def _band_keys(x: Tensor, gather: Tensor, pad: int, nb: int, width: int) -> Tensor:
+    """Hidden keys [B, Hkv, R, D] -> the keys of every band block [B*nb, Hkv, width, D]."""
     b, h, rows, d = x.shape
     padded = F.pad(x, (0, 0, pad, nb * BAND_BLOCK - rows))
-    return padded[:, :, gather.reshape(-1)].reshape(b, h * nb, width, d)
+    return padded[:, :, gather.reshape(-1)].reshape(b, h, nb, width, d).transpose(1, 2).flatten(0, 1)
 
 
-class _HiddenAttention(torch.autograd.Function):
-    """Hidden queries against (causal originals) + (hidden band), merged exactly by log-sum-exp."""
+def _band_grad(grad: Tensor, gather: Tensor, pad: int, nb: int, rows: int) -> Tensor:
+    """Adjoint of _band_keys: scatter-add block key gradients back to [B, Hkv, R, D]."""
+    bnb, h, width, d = grad.shape
+    b = bnb // nb
+    grad = grad.reshape(b, nb, h, width, d).transpose(1, 2).reshape(b, h, nb * width, d)
+    full = grad.new_zeros(b, h, pad + nb * BAND_BLOCK, d).index_add_(2, gather.reshape(-1), grad)
+    return full[:, :, pad : pad + rows]
+
+
+def _empty_like_bnhd(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """An empty [B, H, N, D] tensor stored as [B, N, H, D], the layout the fused kernels read and write."""
+    b, h, n, d = x.shape
+    return torch.empty(b, n, h, d, dtype=dtype or x.dtype, device=x.device).transpose(1, 2)
+
+
+class _SplitAttention(torch.autograd.Function):
+    """PHD attention over [T originals | (K-1)*T hidden] in three fused-kernel calls and one exact merge.
+
+    1. originals: causal attention over the originals (exactly vanilla).
+    2. hidden queries vs originals: originals 0..n are visible to every copy of position n, so this is causal
+       attention again, with the K-1 copies as extra query heads.
+    3. hidden queries vs hidden keys: a band (own group, window, chunk) computed in blocks with the rule's mask.
+    2 and 3 are merged by their log-sum-exp. The backward calls each kernel's backward with the MERGED output and
+    log-sum-exp, which gives every part exactly its share of the merged attention's gradient.
+    """
 
     @staticmethod
-    def forward(ctx, qh, ko, vo, kh, vh, layout: AttentionLayout, kernel, scale: float):
-        b, h, rows, d = qh.shape
-        k1 = layout.repeat_k - 1
-        gather, mask, pad, nb, width = _band_plan(layout, qh.device)
-        band_mask = mask.repeat(h, 1, 1).unsqueeze(0)
+    def forward(ctx, q, k, v, layout: AttentionLayout, kernel, scale: float):
+        t, k1 = layout.seq_len, layout.repeat_k - 1
+        b = q.shape[0]
+        rows = t * k1
+        gather, mask, pad, nb, width = _band_plan(layout, q.device)
+        out = _empty_like_bnhd(q)
 
-        qa = _to_heads(qh, k1)
-        ka = ko.repeat_interleave(k1, dim=1)
-        va = vo.repeat_interleave(k1, dim=1)
-        out_a, lse_a = kernel.fwd(qa, ka, va, True, None, scale)
-        qb = _to_band(qh, nb)
-        kb = _band_keys(kh, gather, pad, nb, width)
-        vb = _band_keys(vh, gather, pad, nb, width)
-        out_b, lse_b = kernel.fwd(qb, kb, vb, False, band_mask, scale)
+        out_o, lse_o = kernel.fwd(q[:, :, :t], k[:, :, :t], v[:, :, :t], True, None, scale)
+        out[:, :, :t] = out_o
 
-        lse_a = _from_heads(lse_a, k1)
-        out_a = _from_heads(out_a, k1)
-        lse_b_all = lse_b.reshape(b, h, -1)
-        lse_b, out_b = lse_b_all[:, :, :rows], _from_band(out_b, rows, h)
+        qh, kh, vh = q[:, :, t:], k[:, :, t:], v[:, :, t:]
+        out_a, lse_a = kernel.fwd(
+            _copies_as_heads(qh, k1), _tile_kv(k[:, :, :t], k1), _tile_kv(v[:, :, :t], k1), True, None, scale
+        )
+        out_b, lse_b = kernel.fwd(
+            _to_band(qh, nb), _band_keys(kh, gather, pad, nb, width), _band_keys(vh, gather, pad, nb, width),
+            False, mask.repeat(b, 1, 1).unsqueeze(1), scale,
+        )
+        lse_a = _heads_as_copies(lse_a, k1)  # [B, H, T, K-1]
+        lse_b_all = _from_band(lse_b, nb * BAND_BLOCK, b)
+        lse_b = lse_b_all[:, :, :rows].unflatten(2, (t, k1))
         lse = torch.logaddexp(lse_a, lse_b)
-        out = (torch.exp(lse_a - lse)[..., None] * out_a.float() + torch.exp(lse_b - lse)[..., None] * out_b.float())
-        out = out.to(qh.dtype)
-        # Band rows past the end keep their own statistics (they are dropped, their gradient is zero).
-        lse_band = torch.cat([lse, lse_b_all[:, :, rows:]], dim=2).reshape(b, h * nb, BAND_BLOCK)
-        ctx.save_for_backward(qh, ko, vo, kh, vh, out, lse, lse_band)
+        merged = torch.exp(lse_a - lse)[..., None] * _heads_as_copies(out_a, k1).float()
+        merged += torch.exp(lse_b - lse)[..., None] * _from_band(out_b, rows, b).unflatten(2, (t, k1)).float()
+        out[:, :, t:] = merged.flatten(2, 3)
+
+        lse_h = lse.flatten(2, 3)
+        # Band rows past the end keep their own statistics (they are dropped; their gradient is zero).
+        lse_band = _to_band(torch.cat([lse_h, lse_b_all[:, :, rows:]], dim=2)[..., None], nb)[..., 0].contiguous()
+        lse_a_final = lse.movedim(3, 1).flatten(1, 2).contiguous()
+        ctx.save_for_backward(q, k, v, out, lse_o, lse_a_final, lse_band)
         ctx.layout, ctx.kernel, ctx.scale = layout, kernel, scale
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        qh, ko, vo, kh, vh, out, lse, lse_band = ctx.saved_tensors
+        q, k, v, out, lse_o, lse_a, lse_band = ctx.saved_tensors
         layout, kernel, scale = ctx.layout, ctx.kernel, ctx.scale
-        b, h, rows, d = qh.shape
-        k1 = layout.repeat_k - 1
-        gather, mask, pad, nb, width = _band_plan(layout, qh.device)
-        band_mask = mask.repeat(h, 1, 1).unsqueeze(0)
-        dout = dout.to(qh.dtype)
+        t, k1 = layout.seq_len, layout.repeat_k - 1
+        b, hkv = k.shape[:2]
+        rows = t * k1
+        gather, mask, pad, nb, width = _band_plan(layout, q.device)
+        dout = dout.to(q.dtype)
+        dq, dk, dv = _empty_like_bnhd(q), _empty_like_bnhd(k), _empty_like_bnhd(v)
 
-        qa = _to_heads(qh, k1)
-        ka = ko.repeat_interleave(k1, dim=1)
-        va = vo.repeat_interleave(k1, dim=1)
+        ko, vo = k[:, :, :t], v[:, :, :t]
+        dqo, dko, dvo = kernel.bwd(dout[:, :, :t], q[:, :, :t], ko, vo, out[:, :, :t], lse_o, True, None, scale)
+
+        qh, kh, vh, douth, outh = q[:, :, t:], k[:, :, t:], v[:, :, t:], dout[:, :, t:], out[:, :, t:]
         dqa, dka, dva = kernel.bwd(
-            _to_heads(dout, k1), qa, ka, va, _to_heads(out, k1), _to_heads(lse, k1), True, None, scale
+            _copies_as_heads(douth, k1), _copies_as_heads(qh, k1), _tile_kv(ko, k1), _tile_kv(vo, k1),
+            _copies_as_heads(outh, k1), lse_a, True, None, scale,
         )
-        dko = dka.reshape(b, h, k1, -1, d).sum(2)
-        dvo = dva.reshape(b, h, k1, -1, d).sum(2)
-
-        qb = _to_band(qh, nb)
-        kb = _band_keys(kh, gather, pad, nb, width)
-        vb = _band_keys(vh, gather, pad, nb, width)
-        out_band = _to_band(out, nb)
-        dqb, dkb, dvb = kernel.bwd(_to_band(dout, nb), qb, kb, vb, out_band, lse_band, False, band_mask, scale)
-        index = gather.reshape(-1)
-        padded_rows = pad + nb * BAND_BLOCK
-        dkh = dkb.new_zeros(b, h, padded_rows, d).index_add_(2, index, dkb.reshape(b, h, nb * width, d))
-        dvh = dvb.new_zeros(b, h, padded_rows, d).index_add_(2, index, dvb.reshape(b, h, nb * width, d))
-        dqh = _from_heads(dqa, k1) + _from_band(dqb, rows, h)
-        return dqh, dko, dvo, dkh[:, :, pad : pad + rows], dvh[:, :, pad : pad + rows], None, None, None
+        dqb, dkb, dvb = kernel.bwd(
+            _to_band(douth, nb), _to_band(qh, nb), _band_keys(kh, gather, pad, nb, width),
+            _band_keys(vh, gather, pad, nb, width), _to_band(outh, nb), lse_band, False,
+            mask.repeat(b, 1, 1).unsqueeze(1), scale,
+        )
+        dq[:, :, :t] = dqo
+        dq[:, :, t:] = _heads_as_copies(dqa, k1).flatten(2, 3) + _from_band(dqb, rows, b)
+        dk[:, :, :t] = dko + dka.unflatten(1, (k1, hkv)).sum(1)
+        dv[:, :, :t] = dvo + dva.unflatten(1, (k1, hkv)).sum(1)
+        dk[:, :, t:] = _band_grad(dkb, gather, pad, nb, rows)
+        dv[:, :, t:] = _band_grad(dvb, gather, pad, nb, rows)
+        return dq, dk, dv, None, None, None
 
 
 def split_attention(q: Tensor, k: Tensor, v: Tensor, layout: AttentionLayout, kernel=None) -> Tensor:
     if layout.is_causal:
         return causal_attention(q, k, v)
-    t = layout.seq_len
-    n_rep = q.shape[1] // k.shape[1]
     kernel = kernel or pick_kernel(q.device)
-    out_orig = causal_attention(q[:, :, :t], k[:, :, :t], v[:, :, :t])
-    k_full, v_full = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
-    out_hidden = _HiddenAttention.apply(
-        q[:, :, t:].contiguous(),
-        k_full[:, :, :t].contiguous(),
-        v_full[:, :, :t].contiguous(),
-        k_full[:, :, t:].contiguous(),
-        v_full[:, :, t:].contiguous(),
-        layout,
-        kernel,
-        1.0 / math.sqrt(q.shape[-1]),
-    )
-    return torch.cat([out_orig, out_hidden], dim=2)
+    return _SplitAttention.apply(q, k, v, layout, kernel, 1.0 / math.sqrt(q.shape[-1]))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,0 +1,61 @@
+"""Small timing helpers shared by the benchmarks: warm-up, then the median of repeats."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+
+def median_seconds(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int = 5, warmup: int = 1) -> dict[str, float]:
+    """Median seconds of each function, timed round-robin so that load changes hit every entry alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(median_seconds(fn, repeats=1, warmup=0))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def markdown_table(header: list[str], rows: list[list[object]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_report(out_dir: str | Path, stem: str, markdown: str, data: dict) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.md").write_text(markdown + "\n")
+    (out / f"{stem}.json").write_text(json.dumps(data, indent=2) + "\n")
+    return out / f"{stem}.md"
+
+
+def machine_line() -> str:
+    import os
+    import platform
+
+    threads = torch.get_num_threads()
+    cpu = platform.processor() or platform.machine()
+    return f"torch {torch.__version__}, {cpu}, {os.cpu_count()} cores, {threads} threads"
