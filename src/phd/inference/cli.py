@@ -90,8 +90,14 @@ def run(args: argparse.Namespace) -> int:
         if not ids:
             raise ValueError("the prompt is empty (it encodes to no tokens); give some text")
         sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
+        room = model.config.max_seq_len - len(ids)
+        max_new = args.max_new_tokens
+        if 0 <= room < max_new:
+            print(f"[--max-new-tokens {max_new} clipped to {room}: the model's maximum length is "
+                  f"{model.config.max_seq_len}]", file=sys.stderr)
+            max_new = room
         stream = generate_stream(
-            model, torch.tensor([ids]), args.max_new_tokens, sampling, _stop_ids(tokenizer, args.stop),
+            model, torch.tensor([ids]), max_new, sampling, _stop_ids(tokenizer, args.stop),
             seed=args.seed, prefill_mode=args.prefill,
         )
         out = _TextStream(tokenizer)

@@ -77,16 +77,16 @@ def generate_stream(
     stops = torch.as_tensor(list(stop_tokens), dtype=torch.long, device=ids.device)
     done = torch.zeros(b, dtype=torch.bool, device=ids.device)
     for step in range(max_new_tokens):
-        token = sample(logits, sampling, generator, seen)
-        token = torch.where(done, pad_id, token)
+        sampled = sample(logits, sampling, generator, seen)
+        token = torch.where(done, pad_id, sampled)
         yield token
         if stops.numel():
             done |= torch.isin(token, stops)
             if bool(done.all()):
                 return
-        if step + 1 < max_new_tokens:
-            seen.scatter_(1, token[:, None], True)
-            logits = decode_step(model, token, cache, check=False)
+        if step + 1 < max_new_tokens:  # finished rows keep decoding their own samples (discarded): no branch
+            seen.scatter_(1, sampled[:, None], True)
+            logits = decode_step(model, sampled, cache, check=False)
 
 
 def generate(
