@@ -13,6 +13,7 @@ COMMANDS = {
     "data": "phd.data.cli",
     "train": "phd.train.cli",
     "export": "phd.train.cli_export",
+    "compare": "phd.train.compare",
     "generate": "phd.inference.cli",
     "bench": "phd.bench.cli",
     "eval": "phd.eval.cli",
