@@ -61,6 +61,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"phd data: error: {err}", file=sys.stderr)
         return 1
     print(summary(meta, args.out, time.perf_counter() - start))
+    if tokenizer is None and meta["vocab_size"] < args.vocab_size:
+        print(f"note: the text supports only {meta['vocab_size']} tokens (asked {args.vocab_size}); "
+              f"set the model's vocab_size to {meta['vocab_size']}")
     return 0
 
 

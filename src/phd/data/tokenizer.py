@@ -33,8 +33,9 @@ class DocTokenizer:
 
     @property
     def vocab_size(self) -> int:
-        """One more than the largest id the tokenizer can produce (the model's vocab must be at least this)."""
-        return max(self.tokenizer.get_vocab(with_added_tokens=True).values()) + 1
+        """The model's vocab_size: the tokenizer's size, or one more than its largest id if ids have gaps."""
+        largest = max(self.tokenizer.get_vocab(with_added_tokens=True).values())
+        return max(self.tokenizer.get_vocab_size(with_added_tokens=True), largest + 1)
 
     def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
         """Ids of each text, uses every core; special-token strings inside the text are encoded as plain text,
