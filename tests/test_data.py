@@ -385,12 +385,13 @@ def test_cli_end_to_end(tmp_path, capsys):
     write(folder / ".hidden" / "skip.txt", "never read")
     out = tmp_path / "data"
     assert main(["data", str(folder), "--out", str(out), "--vocab-size", "300", "--val-fraction", "0.2",
-                 "--quiet"]) == 0
+                 "--special-token", "<|pad|>", "--quiet"]) == 0
     printed = capsys.readouterr().out
     shards = open_shards(out)
     assert f"vocab {shards.vocab_size}" in printed and "bytes/token" in printed
     assert f"{shards.meta['splits']['train']['tokens']:,}" in printed
     tokenizer = load_tokenizer(out)
+    assert (tokenizer.eos_id, tokenizer.tokenizer.token_to_id("<|pad|>")) == (0, 1)
     texts = [(folder / f"part{i}.md").read_text() for i in range(3)]
     train, val = documents(shards.train, tokenizer), documents(shards.val, tokenizer)
     assert train[:2] == texts[:2] and train[2] + val[0] == texts[2], "a folder is one source, files its documents"

@@ -21,6 +21,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, help="data directory to write (replaced if it holds phd data)")
     parser.add_argument("--default-corpus", action="store_true", help="add the default English corpus to the inputs")
     parser.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary to train (default 8192)")
+    parser.add_argument(
+        "--special-token", action="append", default=[], metavar="TOKEN",
+        help="extra special token for the trained tokenizer (repeatable); <|endoftext|> is always id 0",
+    )
     parser.add_argument("--tokenizer", help="use this tokenizer.json or tokenizer directory instead of training")
     parser.add_argument("--eos-token", help="document separator of --tokenizer (default: the one it declares)")
     parser.add_argument("--val-fraction", type=float, default=0.05, help="held-out tail of every input (0.05)")
@@ -37,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from .corpus import default_corpus
     from .shards import DataError
     from .sources import TextFile, resolve_input
-    from .tokenizer import load_tokenizer
+    from .tokenizer import EOS, load_tokenizer
 
     try:
         sources = [
@@ -55,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
             vocab_size=args.vocab_size,
             val_fraction=args.val_fraction,
             max_chars=args.max_chars,
+            special_tokens=(EOS, *args.special_token),
             progress=not args.quiet,
         )
     except DataError as err:
