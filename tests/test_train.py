@@ -193,3 +193,18 @@ def test_save_model_roundtrip_is_what_train_writes(data, tmp_path):
     trainer.fit()
     save_model(load_model(tmp_path / "run"), tmp_path / "copy")
     assert load_model(tmp_path / "copy").config.name == "PHD-CSWA-2-4-8"
+
+
+def test_compare_prints_the_variants_side_by_side(tmp_path, capsys):
+    data = make_data(tmp_path / "data", train_tokens=6_000, val_tokens=1_000, vocab=2048)  # cpu-1m's vocabulary
+    out = tmp_path / "compare"
+    argv = ["compare", "--data", str(data), "--variants", "vanilla", "PHD-CSWA-2-4-8", "--seq-len", "32",
+            "--batch-size", "4", "--steps", "2", "--eval-iters", "1", "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    assert "| vanilla | 1,049,728 | 256 |" in table and "| PHD-CSWA-2-4-8 | 1,049,728 | 256 |" in table
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["vanilla", "PHD-CSWA-2-4-8"]
+    assert rows[0]["val_loss"] != rows[1]["val_loss"] and all(np.isfinite(r["val_loss"]) for r in rows)
+    assert main(argv[:4] + ["PHD-CSWA-x"]) == 2
+    assert "variant name 'PHD-CSWA-x' is unknown" in capsys.readouterr().err
