@@ -82,7 +82,7 @@ def test_resume_one_process_on_two(runs):
     root, data, kwargs = runs
     run = rewind(root / "single", root / "one_to_fsdp", 2)
     tiny_config(data, run, **kwargs).save(root / "one_to_fsdp.json")
-    torchrun(2, root / "one_to_fsdp.json")
+    torchrun(2, root / "one_to_fsdp.json", "activation_checkpointing=true")  # recomputation changes no number
     losses = metric(run, "loss")
     assert list(losses) == list(range(1, STEPS + 1))
     expected = metric(root / "single", "loss")

@@ -150,6 +150,18 @@ def test_resume_is_bitwise_equal_to_an_uninterrupted_run(data, tmp_path, variant
     assert [r["step"] for r in records] == list(range(1, 7))  # the lost step 4 is logged once
 
 
+def test_activation_checkpointing_changes_nothing_but_memory(data, tmp_path):
+    plain = Trainer(tiny_config(data, tmp_path / "plain", max_steps=3))
+    plain.fit()
+    config = tiny_config(data, tmp_path / "ac", max_steps=3, checkpoint_every=2, activation_checkpointing=True)
+    recomputed = Trainer(config)
+    recomputed.fit(stop_after=2)
+    assert list(recomputed.model.state_dict()) == list(plain.model.state_dict())  # checkpoint names unchanged
+    resumed = Trainer(tiny_config(data, tmp_path / "ac", max_steps=3))  # resumes without recomputation
+    resumed.fit()
+    assert losses(recomputed) + losses(resumed) == losses(plain)
+
+
 def test_keep_last_n_checkpoints(data, tmp_path):
     Trainer(tiny_config(data, tmp_path, max_steps=5, checkpoint_every=1, checkpoint_keep=2)).fit()
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())

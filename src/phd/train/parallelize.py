@@ -77,7 +77,7 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
 def apply_compile(model: nn.Module) -> None:
     """Compile every block separately: identical blocks share one compiled graph, and FSDP hooks stay eager."""
     for block in model.layers:
-        block.compile(fullgraph=False)
+        block.compile(fullgraph=False, dynamic=False)
 
 
 def apply_fsdp(model: nn.Module, device: torch.device, bf16: bool) -> None:
