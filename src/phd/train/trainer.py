@@ -91,6 +91,11 @@ class Trainer:
         self.shards = open_shards(cfg.data)
         check_vocab(self.shards, self.model_config)
         self.accum = cfg.grad_accum(self.info.world)
+        if cfg.eval_every and len(self.shards.val) <= cfg.seq_len:
+            raise DataError(
+                f"the val split of {cfg.data} holds {len(self.shards.val)} tokens, not one sequence of seq_len+1="
+                f"{cfg.seq_len + 1}; rebuild the data with a held-out split or set eval_every=0"
+            )
         self.loader = TokenLoader(
             self.shards.train, cfg.seq_len, cfg.batch_size, cfg.micro_batch, self.info.rank, self.info.world, cfg.seed
         )
