@@ -4,10 +4,10 @@ Every source is checked first (so a bad file fails before minutes of work), the 
 train split only (or loaded), then all sources stream through the fast tokenizer in batches (every core) to
 `train.bin` / `val.bin`, each document followed by the end-of-text id. Memory stays bounded by one batch.
 
-Held-out split: the last `val_fraction` of the characters of every source (every command-line input), starting at
-the first chunk boundary at or after that point: a document boundary for JSON Lines, datasets and folders of
-small files, a paragraph break inside one long text file. A document cut in two ends with end-of-text on the train
-side and starts the val side as its own document, so no token of the val split is ever trained on.
+Held-out split: the last `val_fraction` of the characters of every source (every command-line input). The cut moves
+forward to a clean point: the next document boundary when the document holding it is small (JSON Lines records,
+dataset rows, small files of a folder), else the next paragraph break inside it. A document cut in two ends with
+end-of-text on the train side and starts the val side as its own document; no val token is ever trained on.
 """
 
 from __future__ import annotations
