@@ -185,6 +185,18 @@ def test_trained_tokenizer_and_max_chars(tmp_path):
     assert [t + v for t, v in zip(train, val, strict=True)] == heads
 
 
+def test_tokenizer_never_sees_the_held_out_split(tmp_path):
+    tail = "zqxv " * 2000
+    text = prose(60, paragraphs=200) + "\n\n" + tail
+    book = write(tmp_path / "book.txt", text)
+    fraction = (len(tail) + 3) / len(text)  # the cut moves to the paragraph break before the tail
+    meta = build_shards([TextFile(book)], tmp_path / "d", vocab_size=512, val_fraction=fraction, progress=False)
+    assert documents(open_shards(tmp_path / "d").val, load_tokenizer(tmp_path / "d"))[0].strip() == tail.strip()
+    vocab = Tokenizer.from_file(str(tmp_path / "d" / "tokenizer.json")).get_vocab()
+    # The vocabulary is not full, so every pair seen twice in training was merged: "zqxv" never was.
+    assert meta["vocab_size"] < 512 and not [t for t in vocab if "zq" in t or "xv" in t]
+
+
 def test_vocab_beyond_uint16_is_stored_as_uint32(tmp_path):
     vocab = {EOS: 0, **{f"w{i}": i for i in range(1, 70_000)}}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=EOS))
@@ -212,7 +224,11 @@ def test_rebuild_replaces_data_but_never_a_foreign_directory(tmp_path, tok):
     build_shards(source, tmp_path / "d", tok, progress=False)
     build_shards(source, tmp_path / "d", tok, val_fraction=0.2, progress=False)
     assert open_shards(tmp_path / "d").meta["val_fraction"] == 0.2
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "d"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "d"], "no temporary or .old directory is left"
+    before = (tmp_path / "d" / "train.bin").read_bytes()
+    with pytest.raises(DataError, match="held-out split is empty"):
+        build_shards([TextFile(write(tmp_path / "w.txt", "oneword"))], tmp_path / "d", tok, progress=False)
+    assert (tmp_path / "d" / "train.bin").read_bytes() == before, "a failed rebuild keeps the old data"
     write(tmp_path / "mine" / "notes.txt", "keep me")
     with pytest.raises(DataError, match="not empty and not a phd data directory"):
         build_shards(source, tmp_path / "mine", tok, progress=False)
