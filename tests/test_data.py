@@ -276,6 +276,15 @@ def test_load_tokenizer_file_directory_and_gpt2_files(tmp_path, tok):
     assert from_bpe.decode(expected) == sample and from_bpe.eos_id == tok.eos_id
 
 
+def test_load_tokenizer_through_transformers(tmp_path):
+    pytest.importorskip("transformers")
+    write(tmp_path / "vocab.txt", "\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "the", "cat", "sat", "##s", "."]))
+    write(tmp_path / "tokenizer_config.json", json.dumps({"tokenizer_class": "BertTokenizer", "do_lower_case": True}))
+    bert = load_tokenizer(tmp_path)  # no tokenizer.json: transformers converts the WordPiece files
+    assert (bert.eos_token, bert.eos_id, bert.vocab_size) == ("[SEP]", 3, 9)
+    assert bert.encode_batch(["The cats sat."])[0].tolist() == [4, 5, 7, 6, 8]
+
+
 # --- bad input ------------------------------------------------------------------------------------------------------
 
 
