@@ -12,7 +12,7 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from phd.cli import main
-from phd.data.build import build_shards, split_source
+from phd.data.build import build_shards, default_data_dir, split_source
 from phd.data.corpus import clean_gutenberg, default_corpus, extract_corpus, shared_corpus_dir
 from phd.data.shards import DataError, ShardWriter, open_shards
 from phd.data.sources import Folder, JsonlFile, TextFile, resolve_input, split_chunks
@@ -401,6 +401,19 @@ def test_corpus_dir_from_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("PHD_CORPUS_DIR", str(tmp_path / "gone"))
     with pytest.raises(DataError, match="PHD_CORPUS_DIR=.*gone is not a directory"):
         shared_corpus_dir()
+
+
+def test_default_data_dir_is_built_once_per_corpus(tmp_path, monkeypatch):
+    corpus = tmp_path / "corpus"
+    write(corpus / "a.txt", prose(42))
+    monkeypatch.setenv("PHD_CORPUS_DIR", str(corpus))
+    monkeypatch.setenv("PHD_CACHE_DIR", str(tmp_path / "cache"))
+    logs: list[str] = []
+    first = default_data_dir(300, log=logs.append, progress=False)
+    assert first.parent == tmp_path / "cache" / "data" and open_shards(first).vocab_size <= 300
+    assert default_data_dir(300, log=logs.append, progress=False) == first and logs[-1].endswith("(cached)")
+    write(corpus / "b.txt", prose(43))
+    assert default_data_dir(300, log=logs.append, progress=False) != first, "another corpus, another directory"
 
 
 # --- the command line -----------------------------------------------------------------------------------------------

@@ -12,18 +12,21 @@ end-of-text on the train side and starts the val side as its own document; no va
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .shards import SPLITS, DataError, ShardWriter, token_dtype, write_meta
-from .sources import Source, split_point
+from .corpus import cache_dir, default_corpus
+from .shards import SPLITS, DataError, ShardWriter, open_shards, token_dtype, write_meta
+from .sources import Source, TextFile, split_point
 from .tokenizer import EOS, DocTokenizer, train_tokenizer
 
 BATCH_CHARS = 1 << 21
@@ -242,3 +245,24 @@ def _total(reports: list[SourceReport], split: str) -> SplitCounts:
         total.chars += counts.chars
         total.bytes += counts.bytes
     return total
+
+
+def default_data_dir(
+    vocab_size: int = 8192, max_chars: int | None = None, log: Callable[[str], None] = print, progress: bool = True
+) -> Path:
+    """The default corpus as shards with a `vocab_size` BPE, built on first use and cached beside the corpus cache.
+
+    The cache key holds the corpus files' names and sizes, so a different default corpus gets its own directory.
+    """
+    corpus = default_corpus(log=log)
+    key = json.dumps([[str(f), f.stat().st_size] for f in corpus.files])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:10]
+    out = cache_dir().parent / "data" / f"default-bpe{vocab_size}-{max_chars or 'all'}-{digest}"
+    if (out / "meta.json").exists():
+        open_shards(out)  # a truncated or foreign directory fails here with a clear message
+        log(f"default data: {out} (cached)")
+        return out
+    log(f"default data: building {out} (BPE {vocab_size}); once")
+    build_shards([TextFile(f) for f in corpus.files], out, vocab_size=vocab_size, max_chars=max_chars,
+                 progress=progress)
+    return out
