@@ -41,16 +41,21 @@ class PHDCache:
     max_length: int = 0  # host copy of lengths.max(): sizes the attended view without a device sync
 
     @classmethod
-    @torch.inference_mode()
+    @torch.no_grad()  # plain tensors (not inference tensors): callers may edit or reorder a cache freely
     def for_model(cls, model, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None):
-        cfg: PHDConfig = model.config
+        weight = model.embed.weight
+        return cls.for_config(model.config, batch_size, max_len, dtype or weight.dtype, weight.device)
+
+    @classmethod
+    @torch.no_grad()
+    def for_config(cls, cfg: PHDConfig, batch_size: int, max_len: int | None = None,
+                   dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> PHDCache:
+        """An empty cache for any model of this config (device="meta" sizes one without allocating)."""
         max_len = cfg.max_seq_len if max_len is None else max_len
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r} is invalid: it must be an integer >= 1")
         if not isinstance(max_len, int) or max_len < 1:
             raise ValueError(f"max_len={max_len!r} is invalid: it must be an integer >= 1 (tokens per row)")
-        device = model.embed.weight.device
-        dtype = dtype or model.embed.weight.dtype
         k = cfg.repeat_k
         if cfg.naive or k == 1:
             ring = 0

@@ -124,8 +124,12 @@ def _prompt_lengths(model, input_ids: Tensor, cache: PHDCache, lengths: Tensor |
 # ----------------------------------------------------------------------------------------------------------
 
 
-def hidden_widths(config, seq_len: int) -> list[tuple[int, int]]:
-    """Per layer: (positions whose hidden K/V are needed, positions whose hidden outputs are needed)."""
+def hidden_widths(config, seq_len: int, span: int | None = None) -> list[tuple[int, int]]:
+    """Per layer: (positions whose hidden K/V are needed, positions whose hidden outputs are needed).
+
+    `span` bounds both by the positions a row can need at all (CSWA: last - chunk start + 1, at most C).
+    """
+    seq_len = min(seq_len, span or seq_len)
     n = config.n_layers
     widths = []
     for layer in range(n):
@@ -178,7 +182,10 @@ def _prefill_bounded(model, ids: Tensor, lengths: Tensor, cache: PHDCache) -> Te
     orig_slots = cache.orig_slot(pos_o).expand(b, -1)
 
     if k1:
-        widths = hidden_widths(cfg, t)
+        span = None
+        if cfg.chunk is not None:  # the chunk holding each row's last token (one host sync; prefill syncs anyway)
+            span = int((last - _first_needed(cfg, last)).max()) + 1
+        widths = hidden_widths(cfg, t, span)
         width = widths[0][0]
         hid_pos = last[:, None] + torch.arange(1 - width, 1, device=device)  # [B, P]: ends at each row's last
         hid_valid = hid_pos >= _first_needed(cfg, last)[:, None]
@@ -341,9 +348,10 @@ def decode_step(model, token_ids: Tensor, cache: PHDCache, check: bool = True) -
     x = model.embed(token_ids)[:, None].expand(b, k, -1)
     n_layers = len(model.layers)
     for i, block in enumerate(model.layers):
-        a = block.attn_input(x)
+        # Layer 0: the K copies share one input, so project it once; RoPE then broadcasts it to the K positions.
+        a = block.attn_input(x[:, :1] if i == 0 else x)
         k_new, v_new = block.attn.project_kv(a, cos, sin)
-        cache.write(i, slots, k_new, v_new)
+        cache.write(i, slots, k_new, v_new.expand(-1, -1, k, -1))
         if i == n_layers - 1:  # only copy K predicts; the other copies' outputs here are never read
             x, a, cos, sin, mask = x[:, -1:], a[:, -1:], cos[..., -1:, :], sin[..., -1:, :], mask[:, :, -1:]
         q = block.attn.project_q(a, cos, sin)
