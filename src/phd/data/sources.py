@@ -21,7 +21,7 @@ import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from .shards import DataError
 
@@ -234,9 +234,10 @@ class HFDataset:
         self.config = config
         self.chunk_chars = chunk_chars
         self.name = f"{spec} [{split}]"
-        self._dataset = None
+        self._dataset: Any = None
 
-    def _load(self):
+    def _load(self) -> Any:
+        """The dataset, loaded once (`datasets.Dataset`, only the text column)."""
         if self._dataset is not None:
             return self._dataset
         try:
@@ -246,16 +247,15 @@ class HFDataset:
                 f"{self.spec}: reading Hugging Face datasets needs the `datasets` package; "
                 "pip install datasets (or phd[eval])"
             ) from None
-        local = Path(self.spec.removeprefix("hf:"))
         try:
-            if not self.spec.startswith("hf:"):
-                data = datasets.load_from_disk(str(local))
+            if self.spec.startswith("hf:"):
+                data = datasets.load_dataset(self.spec.removeprefix("hf:"), self.config, split=self.split)
+            else:
+                data = datasets.load_from_disk(self.spec)
                 if isinstance(data, datasets.DatasetDict):
                     if self.split not in data:
                         raise DataError(f"{self.spec} has splits {list(data)}, not {self.split!r}; pass --hf-split")
                     data = data[self.split]
-            else:
-                data = datasets.load_dataset(self.spec[3:], self.config, split=self.split)
         except DataError:
             raise
         except Exception as err:  # datasets raises many types (hub offline, missing split, bad files)
