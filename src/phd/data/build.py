@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from .corpus import cache_dir, default_corpus
-from .shards import SPLITS, DataError, ShardWriter, open_shards, token_dtype, write_meta
+from .shards import FORMAT, SPLITS, DataError, ShardWriter, open_shards, token_dtype, write_meta
 from .sources import Source, TextFile, split_point
 from .tokenizer import EOS, DocTokenizer, train_tokenizer
 
@@ -101,15 +101,13 @@ class _Progress:
             self.bar.close()
 
 
-def _prepare_out(out: Path) -> Path:
-    """A fresh temporary sibling of `out`; refuses to replace a directory that is not phd data."""
+def _check_out(out: Path) -> None:
+    """Refuse, before any work, to replace a file or a directory that is not phd data."""
     if out.exists():
         if not out.is_dir():
             raise DataError(f"--out {out} is a file; pass a directory")
         if any(out.iterdir()) and not (out / "meta.json").exists():
             raise DataError(f"--out {out} is not empty and not a phd data directory; pass a new or empty directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
 
 
 def _swap_in(tmp: Path, out: Path) -> None:
@@ -144,6 +142,7 @@ def build_shards(
     if max_chars is not None and max_chars <= 0:
         raise DataError(f"--max-chars {max_chars} must be positive")
     out = Path(out)
+    _check_out(out)
     reports, limits, cuts = [], [], []
     for source in sources:
         chars = source.scan()
@@ -166,7 +165,8 @@ def build_shards(
         texts = (text for _, split, text, _ in stream("training tokenizer") if split == "train" and text)
         tokenizer = train_tokenizer(texts, vocab_size, special_tokens)
 
-    tmp = _prepare_out(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     writers: dict[str, ShardWriter] = {}
     try:
         writers = {split: ShardWriter(tmp, split, tokenizer.vocab_size) for split in SPLITS}
@@ -206,7 +206,7 @@ def build_shards(
             writer.abort()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {"format": "phd-tokens-v1", **meta}
+    return {"format": FORMAT, **meta}
 
 
 def _encode(
