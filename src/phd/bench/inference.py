@@ -1,0 +1,420 @@
+"""`phd bench inference`: prefill time, decode latency and cache bytes of every variant, as ratios to vanilla.
+
+All variants share one set of weights and are measured side by side in one run, round-robin (every repeat
+visits every variant), so slow drifts of the machine hit them alike; figures are medians. Writes
+OUT/inference.md (table, goals, environment), OUT/inference.json and, with matplotlib, PNG plots in the manner
+of the paper's Figures 1c/1d (prefill and decode cost against K) and 9 (SWA vs CSWA).
+
+Decode timing starts from a cache filled to --decode-context tokens with random K/V: latency does not depend
+on the values, and a K-fold prefill of naive repetition just to set up would dominate the run.
+Measured reasons for missed goals are recorded with the figures: the extra hidden tokens each bounded
+prefill computes (share of vanilla's token-layers) and how a matmul's time grows from B to K*B rows here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+GOALS = {  # ratio to vanilla; prefill at the longest prompt, decode at K = 4
+    "PHD prefill": 1.05, "PHD-CSWA prefill": 1.10, "PHD-SWA bounded prefill": 1.15, "decode K=4": 1.25,
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
+    parser.add_argument("--preset", default="bench-100m", help="model sizes (default bench-100m: 12 layers, d 768)")
+    parser.add_argument("--quick", action="store_true", help="a small smoke run (cpu-1m, short prompts)")
+    parser.add_argument("--ks", type=ints, default=[1, 2, 3, 4, 8, 16], help="repetition factors")
+    parser.add_argument("--prompt-lens", type=ints, default=[512, 2048])
+    parser.add_argument("--batches", type=ints, default=[1, 8], help="decode batch sizes")
+    parser.add_argument("--window", type=int, default=16)
+    parser.add_argument("--chunk", type=int, default=32)
+    parser.add_argument("--decode-context", type=int, default=512, help="tokens in the cache while decoding")
+    parser.add_argument("--decode-steps", type=int, default=16, help="timed decode steps per repeat")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--max-prefill-tokens", type=int, default=8192,
+                        help="skip K-fold prefills (naive, full SWA) of more than K*T tokens (cost)")
+    parser.add_argument("--max-cache-gb", type=float, default=2.0, help="skip decode runs whose cache is larger")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--out", default="docs/bench", help="directory for inference.md / .json / *.png")
+
+
+@dataclass
+class Variant:
+    label: str  # row name in the table
+    name: str  # PHDConfig variant name
+    k: int
+    mode: str = "bounded"  # prefill mode
+    family: str = ""  # vanilla | repeat | PHD | PHD-SWA | PHD-SWA full | PHD-CSWA
+    prefill: dict = field(default_factory=dict)  # T -> seconds (median)
+    decode: dict = field(default_factory=dict)  # batch -> seconds per token (median)
+    cache_bytes: int = 0
+    hidden_share: float = 0.0  # hidden token-layers computed by prefill at the longest prompt / (T * L)
+
+
+def _variants(ks: list[int], window: int, chunk: int) -> list[Variant]:
+    out = [Variant("vanilla", "vanilla", 1, family="vanilla")]
+    for k in (k for k in ks if k > 1):
+        out += [
+            Variant(f"repeat-{k}", f"repeat-{k}", k, "full", "repeat"),
+            Variant(f"PHD-{k}", f"PHD-{k}", k, family="PHD"),
+            Variant(f"PHD-SWA-{k}-{window}-inf", f"PHD-SWA-{k}-{window}-inf", k, family="PHD-SWA"),
+            Variant(f"PHD-SWA-{k}-{window}-inf (full prefill)", f"PHD-SWA-{k}-{window}-inf", k, "full",
+                    "PHD-SWA full"),
+            Variant(f"PHD-CSWA-{k}-{window}-{chunk}", f"PHD-CSWA-{k}-{window}-{chunk}", k, family="PHD-CSWA"),
+        ]
+    return out
+
+
+def _is_kfold(v: Variant) -> bool:
+    return v.mode == "full" and v.k > 1
+
+
+def _with_variant(model, name: str):
+    """The same weights under another variant: only the config (the attention rule, K) differs."""
+    view = copy.copy(model)
+    view.config = model.config.with_variant(name)
+    return view
+
+
+def _hidden_share(cfg, t: int) -> float:
+    from ..inference.engine import hidden_widths
+
+    if cfg.repeat_k == 1 or cfg.naive:
+        return 0.0
+    span = min(cfg.chunk, t) if cfg.chunk else None
+    return sum(outs for _, outs in hidden_widths(cfg, t, span)) * (cfg.repeat_k - 1) / (t * cfg.n_layers)
+
+
+def _matmul_scaling(d_in: int, d_out: int, rows: list[int], repeats: int = 20) -> dict[int, float]:
+    """Seconds of one [rows, d_in] x [d_in, d_out] linear: how this CPU's cost grows with the row count."""
+    import torch
+    import torch.nn.functional as F
+
+    w = torch.randn(d_out, d_in)
+    out = {}
+    for m in rows:
+        x = torch.randn(m, d_in)
+        for _ in range(3):
+            F.linear(x, w)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            F.linear(x, w)
+            times.append(time.perf_counter() - start)
+        out[m] = statistics.median(times)
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..config import PHDConfig
+    from ..inference import PHDCache
+    from ..model import PHDTransformer
+
+    if args.quick:
+        args.preset, args.prompt_lens, args.batches = "cpu-1m", [64, 128], [1, 2]
+        args.ks, args.decode_context, args.decode_steps, args.repeats = [1, 2, 4], 64, 4, 2
+        args.window, args.chunk = 4, 8
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    t_max = max(args.prompt_lens)
+    cfg = PHDConfig.preset(args.preset, max_seq_len=max(t_max, args.decode_context + args.decode_steps + 8))
+    base = PHDTransformer(cfg).eval()
+    variants = _variants(args.ks, args.window, args.chunk)
+    models = {v.label: _with_variant(base, v.name) for v in variants}
+    load_before = os.getloadavg()
+    started = time.perf_counter()
+    print(f"{cfg.num_params() / 1e6:.0f}M parameters, {len(variants)} variants, threads {torch.get_num_threads()}")
+
+    with torch.inference_mode():
+        # ----- cache bytes (meta tensors: the real layout, no memory) -----
+        for v in variants:
+            v.cache_bytes = PHDCache.for_config(models[v.label].config, 1, t_max, device="meta").nbytes
+            v.hidden_share = _hidden_share(models[v.label].config, t_max)
+
+        for t in args.prompt_lens:
+            todo = [v for v in variants if not (_is_kfold(v) and v.k * t > args.max_prefill_tokens)]
+            medians = _time_prefill(models, todo, cfg.vocab_size, t, args, started)
+            for v in todo:
+                v.prefill[t] = medians[v.label]
+        decoders = [v for v in variants if v.family != "PHD-SWA full"]  # its decode is bounded PHD-SWA's
+        for b in args.batches:
+            medians = _time_decode(models, decoders, cfg.vocab_size, b, args)
+            for v in decoders:
+                v.decode[b] = medians.get(v.label)
+            print(f"  decode batch {b} done ({time.perf_counter() - started:.0f} s)", flush=True)
+
+    rows = sorted({b * k for b in args.batches for k in args.ks} | set(args.batches))
+    scaling = _matmul_scaling(cfg.d_model, cfg.d_ff, rows)
+    env = {
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(), "load_before": [round(x, 2) for x in load_before],
+        "load_after": [round(x, 2) for x in os.getloadavg()], "seconds": round(time.perf_counter() - started, 1),
+        "preset": args.preset, "params": cfg.num_params(), "dtype": "float32",
+        "decode_context": args.decode_context, "decode_steps": args.decode_steps,
+        "repeats": args.repeats, "warmup": args.warmup,
+    }
+    report = _report(cfg, variants, args, scaling, env)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "inference.json").write_text(json.dumps(report, indent=2) + "\n")
+    plots = _plots(report, out)
+    (out / "inference.md").write_text(_markdown(report, plots))
+    print(f"wrote {out / 'inference.md'}, {out / 'inference.json'}" + (f", {len(plots)} plots" if plots else ""))
+    return 0
+
+
+def _time_prefill(models: dict, variants: list[Variant], vocab: int, t: int, args, started: float) -> dict:
+    """Median prefill seconds of each variant at batch 1, prompt length t, visiting variants round-robin."""
+    import torch
+
+    from ..inference import prefill
+
+    ids = torch.randint(0, vocab, (1, t))
+    caches = {v.label: models[v.label].new_cache(1, t) for v in variants}
+    times: dict[str, list[float]] = {v.label: [] for v in variants}
+    for r in range(args.warmup + args.repeats):
+        for v in variants:
+            model, cache = models[v.label], caches[v.label]
+            start = time.perf_counter()
+            prefill(model, ids, cache, mode=v.mode)
+            if r >= args.warmup:
+                times[v.label].append(time.perf_counter() - start)
+        print(f"  prefill T={t}: repeat {r + 1}/{args.warmup + args.repeats} done "
+              f"({time.perf_counter() - started:.0f} s)", flush=True)
+    return {label: statistics.median(values) for label, values in times.items()}
+
+
+def _time_decode(models: dict, variants: list[Variant], vocab: int, batch: int, args) -> dict:
+    """Median seconds per decode step of each variant, from a cache filled to the decode context."""
+    import torch
+
+    from ..inference import PHDCache, decode_step
+
+    ctx, steps = args.decode_context, args.decode_steps
+    caches = {}
+    for v in variants:
+        cfg = models[v.label].config
+        size = PHDCache.for_config(cfg, batch, ctx + steps + 2, device="meta").allocated_nbytes
+        if size > args.max_cache_gb * 2**30:
+            continue
+        cache = models[v.label].new_cache(batch, ctx + steps + 2)
+        for tensor in (*cache.keys, *cache.values):
+            tensor.normal_()
+        if cache.ring_slots:  # a full window of hidden entries, as in steady-state decoding
+            cache.slot_pos[:, : cache.ring_slots] = ctx - 1 - torch.arange(cache.ring_slots) // (v.k - 1)
+        caches[v.label] = cache
+    token = torch.randint(0, vocab, (batch,))
+    times: dict[str, list[float]] = {label: [] for label in caches}
+    for r in range(args.warmup + args.repeats):
+        for v in variants:
+            if v.label not in caches:
+                continue
+            model, cache = models[v.label], caches[v.label]
+            cache.lengths.fill_(ctx)
+            cache.max_length = ctx
+            decode_step(model, token, cache, check=False)  # untimed: the first step after a reset
+            start = time.perf_counter()
+            for _ in range(steps):
+                decode_step(model, token, cache, check=False)
+            if r >= args.warmup:
+                times[v.label].append((time.perf_counter() - start) / steps)
+    return {label: statistics.median(values) for label, values in times.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _report(cfg, variants: list[Variant], args, scaling: dict[int, float], env: dict) -> dict:
+    vanilla = variants[0]
+    t_max = max(args.prompt_lens)
+
+    def ratio(value, ref):
+        return None if value is None or not ref else round(value / ref, 3)
+
+    table = []
+    for v in variants:
+        table.append({
+            "label": v.label, "variant": v.name, "k": v.k, "family": v.family, "prefill_mode": v.mode,
+            "prefill_s": {str(t): v.prefill.get(t) for t in args.prompt_lens},
+            "prefill_ratio": {str(t): ratio(v.prefill.get(t), vanilla.prefill.get(t)) for t in args.prompt_lens},
+            "decode_s_per_token": {str(b): v.decode.get(b) for b in args.batches},
+            "decode_ratio": {str(b): ratio(v.decode.get(b), vanilla.decode.get(b)) for b in args.batches},
+            "cache_bytes": v.cache_bytes, "cache_ratio": ratio(v.cache_bytes, vanilla.cache_bytes),
+            "hidden_token_share": round(v.hidden_share, 4),
+        })
+    window_bytes = {
+        v.label: cfg.n_layers * 2 * (v.k - 1) * args.window * cfg.n_kv_heads * cfg.head_dim * 4
+        for v in variants if v.family in ("PHD-SWA", "PHD-SWA full", "PHD-CSWA")
+    }
+    exact = all(
+        v.cache_bytes == vanilla.cache_bytes * (v.k if v.family == "repeat" else 1) + window_bytes.get(v.label, 0)
+        for v in variants
+    )
+    goals = []
+    for family, goal_name in (("PHD", "PHD prefill"), ("PHD-CSWA", "PHD-CSWA prefill"),
+                              ("PHD-SWA", "PHD-SWA bounded prefill")):
+        for row in table:
+            r = row["prefill_ratio"][str(t_max)]
+            if row["family"] == family and r is not None:
+                goals.append({"goal": f"{goal_name} <= {GOALS[goal_name]}x at T={t_max}", "variant": row["label"],
+                              "measured": r, "met": r <= GOALS[goal_name],
+                              "hidden_token_share": row["hidden_token_share"]})
+    for row in table:
+        if row["k"] == 4 and row["family"] in ("PHD", "PHD-SWA", "PHD-CSWA"):
+            for b in args.batches:
+                r = row["decode_ratio"][str(b)]
+                if r is not None:
+                    goals.append({"goal": f"decode K=4 <= {GOALS['decode K=4']}x, batch {b}", "variant": row["label"],
+                                  "measured": r, "met": r <= GOALS["decode K=4"],
+                                  "matmul_ratio": round(scaling[4 * b] / scaling[b], 2)})
+    goals.append({"goal": "cache bytes exactly vanilla + L*2*(K-1)*W*kv_heads*head_dim (naive: K x vanilla)",
+                  "variant": "all", "measured": exact, "met": exact})
+    return {
+        "model": {"preset": args.preset, **{k: getattr(cfg, k) for k in
+                  ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "vocab_size")}},
+        "window": args.window, "chunk": args.chunk, "prompt_lens": args.prompt_lens, "batches": args.batches,
+        "vanilla": {"prefill_s": {str(t): vanilla.prefill.get(t) for t in args.prompt_lens},
+                    "decode_s_per_token": {str(b): vanilla.decode.get(b) for b in args.batches},
+                    "cache_bytes": vanilla.cache_bytes},
+        "rows": table, "goals": goals,
+        "matmul_seconds": {str(m): s for m, s in scaling.items()},
+        "environment": env,
+    }
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
+def _markdown(report: dict, plots: list[str]) -> str:
+    lens, batches, env = report["prompt_lens"], report["batches"], report["environment"]
+    van = report["vanilla"]
+    lines = [
+        "# Inference benchmark: prefill, decode latency and KV cache vs vanilla",
+        "",
+        f"Model `{report['model']['preset']}` ({env['params'] / 1e6:.0f}M parameters: {report['model']['n_layers']} "
+        f"layers, d {report['model']['d_model']}), float32, W = {report['window']}, C = {report['chunk']}. "
+        f"torch {env['torch']}, {env['threads']} threads on {env['cores']} cores ({env['cpu']}); load average "
+        f"{env['load_before'][0]} before, {env['load_after'][0]} after; {env['seconds']:.0f} s.",
+        "Written by `phd bench inference`; every figure a ratio to vanilla measured in the same run (medians of "
+        f"{env['repeats']} repeats after {env['warmup']} warmup). Prefill at batch 1; decode per token with "
+        f"{env['decode_context']} tokens in the cache. `-`: not measured (a K-fold prefill above "
+        "--max-prefill-tokens, a cache above --max-cache-gb, or full-prefill rows, whose decode is the bounded "
+        "row's).",
+        "",
+        "Vanilla: " + ", ".join(f"prefill T={t}: {van['prefill_s'][str(t)]:.3f} s" for t in lens
+                                if van["prefill_s"][str(t)] is not None)
+        + ", " + ", ".join(f"decode batch {b}: {1000 * van['decode_s_per_token'][str(b)]:.1f} ms/token"
+                           for b in batches if van["decode_s_per_token"][str(b)] is not None)
+        + f", cache {van['cache_bytes'] / 2**20:.1f} MiB at T={max(lens)}.",
+        "",
+        "| variant | " + " | ".join(f"prefill T={t}" for t in lens) + " | "
+        + " | ".join(f"decode b={b}" for b in batches) + " | cache | hidden share |",
+        "|---|" + "---|" * (len(lens) + len(batches) + 2),
+    ]
+    for row in report["rows"]:
+        cells = [_fmt(row["prefill_ratio"][str(t)]) for t in lens] + [_fmt(row["decode_ratio"][str(b)])
+                                                                     for b in batches]
+        lines.append(f"| {row['label']} | " + " | ".join(cells)
+                     + f" | {row['cache_ratio']:.3f}x | {row['hidden_token_share']:.3f} |")
+    lines += [
+        "",
+        "*hidden share*: hidden token-layers the prefill computes at the longest prompt, as a share of vanilla's "
+        "T x L (the full prefill computes K-1; the bounded ones only what the future reads).",
+        "",
+        "## Goals",
+        "",
+        "| goal | variant | measured | met |",
+        "|---|---|---|---|",
+    ]
+    for g in report["goals"]:
+        measured = g["measured"] if isinstance(g["measured"], bool) else f"{g['measured']:.2f}x"
+        lines.append(f"| {g['goal']} | {g['variant']} | {measured} | {'yes' if g['met'] else 'no'} |")
+    m = report["matmul_seconds"]
+    lines += [
+        "",
+        "Measured reasons, where a goal is missed:",
+        "- Prefill: on a CPU the work is compute-bound and grows with the tokens computed; a bounded prefill "
+        "adds its *hidden share* of vanilla's token-layers (plus their attention over the whole prompt).",
+        "- Decode: K copies turn each matmul of B rows into one of K*B rows. On a GPU decoding is memory-bound "
+        "and extra rows are nearly free; on this CPU a d_model x d_ff linear takes "
+        + ", ".join(f"{1e3 * s:.3g} ms at {r} rows" for r, s in m.items())
+        + " (column *matmul_ratio* in inference.json: time at 4B rows / time at B rows).",
+    ]
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def _plots(report: dict, out: Path) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plots (pip install 'phd[plot]')")
+        return []
+    families = ["repeat", "PHD", "PHD-SWA", "PHD-SWA full", "PHD-CSWA"]
+    names = {"repeat": "naive repetition", "PHD": "PHD", "PHD-SWA": "PHD-SWA (bounded prefill)",
+             "PHD-SWA full": "PHD-SWA (full prefill)", "PHD-CSWA": "PHD-CSWA"}
+
+    def series(family, key, sub):
+        pts = [(r["k"], r[key][sub]) for r in report["rows"] if r["family"] == family and r[key][sub] is not None]
+        return [1] + [k for k, _ in pts], [1.0] + [y for _, y in pts]
+
+    files = []
+    for key, title, subs, fname, fams in (
+        ("prefill_ratio", "Prefill time / vanilla (Fig. 1c, 9)", report["prompt_lens"], "inference_prefill.png",
+         families),
+        ("decode_ratio", "Decode latency per token / vanilla (Fig. 1d, 9)", report["batches"],
+         "inference_decode.png", [f for f in families if f != "PHD-SWA full"]),
+    ):
+        fig, axes = plt.subplots(1, len(subs), figsize=(5.5 * len(subs), 4), squeeze=False)
+        for ax, sub in zip(axes[0], subs, strict=True):
+            for fam in fams:
+                xs, ys = series(fam, key, str(sub))
+                if len(xs) > 1:
+                    ax.plot(xs, ys, marker="o", label=names[fam])
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log", base=2)
+            ax.axhline(1.0, color="gray", lw=0.8)
+            ax.set_xlabel("K (copies per token)")
+            ax.set_title(f"{'T' if key == 'prefill_ratio' else 'batch'} = {sub}")
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel(title)
+        axes[0][0].legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / fname, dpi=110)
+        plt.close(fig)
+        files.append(fname)
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for fam in ("repeat", "PHD", "PHD-SWA", "PHD-CSWA"):
+        pts = [(r["k"], r["cache_ratio"]) for r in report["rows"] if r["family"] == fam]
+        ax.plot([1] + [k for k, _ in pts], [1.0] + [y for _, y in pts], marker="o", label=names[fam])
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ax.set_xlabel("K (copies per token)")
+    ax.set_ylabel(f"KV cache bytes / vanilla (T = {max(report['prompt_lens'])})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "inference_cache.png", dpi=110)
+    plt.close(fig)
+    return files + ["inference_cache.png"]
