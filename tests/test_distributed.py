@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_utils import make_data, tiny_config
+from train_utils import make_data, one_thread, tiny_config  # noqa: F401 (autouse fixture)
 
 from phd.io import load_model
 from phd.train import Trainer

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from train_utils import make_data, tiny_config
+from train_utils import make_data, one_thread, tiny_config  # noqa: F401 (autouse fixture)
 
 from phd.cli import main
 from phd.io import load_model, resolve_export, save_model

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_utils import make_data, tiny_config
+from train_utils import make_data, one_thread, tiny_config  # noqa: F401 (autouse fixture)
 
 from phd.data.shards import DataError
 from phd.io import CheckpointError
@@ -130,7 +130,7 @@ def test_sigkill_during_save_leaves_the_previous_checkpoint(data, tmp_path):
     """A real process killed with SIGKILL while its step-4 save is half done (DCP files written, not committed)."""
     config = tiny_config(data, tmp_path / "run", max_steps=6, checkpoint_every=2)
     config.save(tmp_path / "run.json")
-    env = {**os.environ, ckpt.SLEEP_ENV: "4:120"}
+    env = {**os.environ, ckpt.SLEEP_ENV: "4:120", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "phd.cli", "train", str(tmp_path / "run.json")], env=env,
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,

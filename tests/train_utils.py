@@ -6,11 +6,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
+import torch
 
 from phd.data.shards import token_dtype, write_meta, write_split
 from phd.train.config import TrainConfig
 
 VOCAB = 300
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and spinning threads crawl on a shared, busy CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 EOS = 0
 
 

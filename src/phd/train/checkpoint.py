@@ -163,15 +163,15 @@ class Checkpointer:
             if self.rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
             where = f"checkpoint {previous.name} is intact" if previous else "no earlier checkpoint exists"
+            hint = "Fix the cause and resume."
             if error is None:
-                reason = "another rank failed"
+                reason = "another rank failed; see its error"
             elif _is_enospc(error):
-                reason = "no space left on device"
+                reason, hint = "no space left on device", "Free disk space (or lower checkpoint_keep) and resume."
             else:
                 reason = f"{type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error) else ''}"
             raise CheckpointError(
-                f"saving checkpoint {name} to {self.root} failed ({reason}); nothing was committed and {where}. "
-                "Free disk space (or lower checkpoint_keep) and resume."
+                f"saving checkpoint {name} to {self.root} failed ({reason}); nothing was committed and {where}. {hint}"
             ) from error
         return final
 
@@ -179,14 +179,14 @@ class Checkpointer:
         self, tmp: Path, final: Path, step: int, world: int, model_config: PHDConfig, trainer_state: dict[str, Any]
     ) -> None:
         """Checksum the written files, add meta/config/tokenizer, rename into place, then move `latest`."""
+        model_config.save(tmp / CONFIG)
+        if self.tokenizer is not None and self.tokenizer.exists():
+            shutil.copyfile(self.tokenizer, tmp / TOKENIZER)
         files = sorted(p for p in tmp.iterdir() if p.is_file())
         meta = {
             "step": step, "world": world, "time": time.time(), "model": model_config.to_dict(),
             "trainer": trainer_state, "checksums": {p.name: _sha256(p) for p in files},
         }
-        model_config.save(tmp / CONFIG)
-        if self.tokenizer is not None and self.tokenizer.exists():
-            shutil.copyfile(self.tokenizer, tmp / TOKENIZER)
         _write_atomic(tmp / META, json.dumps(meta, indent=2) + "\n")
         if final.exists():  # the same step saved again after a resume: replace it whole
             shutil.rmtree(final)

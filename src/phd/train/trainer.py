@@ -109,19 +109,8 @@ class Trainer:
         )
         latest = self.checkpointer.latest()
 
-        torch.manual_seed(cfg.seed)
-        model = PHDTransformer(self.model_config)
-        if cfg.init_from and latest is None:
-            source = load_model(cfg.init_from)
-            check_model_config(source.config, self.model_config, cfg.init_from)
-            model.load_state_dict(source.state_dict())
-        model.to(self.info.device)
-        parallelize(
-            model, self.info, bf16=self.bf16, compile=cfg.compile,
-            activation_checkpointing=cfg.activation_checkpointing,
-        )
-        self.model = model
-        self.optimizer = build_optimizer(model, cfg)
+        self.model = self._build_model(cfg.init_from if latest is None else None)
+        self.optimizer = build_optimizer(self.model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.progress = Progress()
         self.resumed_from: Path | None = None
@@ -130,6 +119,21 @@ class Trainer:
         if self.info.is_main:
             cfg.save(self.run_dir / "config.json")
             self._truncate_metrics()
+
+    def _build_model(self, init_from: str | None) -> PHDTransformer:
+        """Same seeded init on every rank (or the weights of an export), then parallelize."""
+        torch.manual_seed(self.cfg.seed)
+        model = PHDTransformer(self.model_config)
+        if init_from:
+            source = load_model(init_from)
+            check_model_config(source.config, self.model_config, init_from)
+            model.load_state_dict(source.state_dict())
+        model.to(self.info.device)
+        parallelize(
+            model, self.info, bf16=self.bf16, compile=self.cfg.compile,
+            activation_checkpointing=self.cfg.activation_checkpointing,
+        )
+        return model
 
     # ----- state -----
     def trainer_state(self) -> dict[str, Any]:
