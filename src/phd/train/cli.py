@@ -74,10 +74,15 @@ def run(args: argparse.Namespace) -> int:
     finally:
         shutdown_distributed()
     if info.is_main:
-        val = summary["val_loss"]
-        print(
-            f"done: {summary['variant']} step {summary['step']}, {summary['tokens']:,} tokens, "
-            f"train loss {summary['train_loss']:.4f}, val loss {val if val is None else round(val, 4)}, "
-            f"{summary['tok_per_s'] or 0:,.0f} tok/s; model exported to {cfg.out}/model"
-        )
+        print(f"done: {format_summary(summary)}; model exported to {cfg.out}/model")
     return 0
+
+
+def format_summary(summary: dict) -> str:
+    parts = [f"{summary['variant']} step {summary['step']}", f"{summary['tokens']:,} tokens"]
+    for key, label in (("train_loss", "train loss"), ("val_loss", "val loss")):
+        if summary[key] is not None:
+            parts.append(f"{label} {summary[key]:.4f}")
+    if summary["tok_per_s"]:
+        parts.append(f"{summary['tok_per_s']:,.0f} tok/s")
+    return ", ".join(parts)
