@@ -68,6 +68,16 @@ def test_two_process_fsdp_equals_one_process(runs):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)  # reduction order
 
 
+def test_fsdp_equals_ddp(runs):
+    root, data, kwargs = runs
+    tiny_config(data, root / "ddp", data_parallel="ddp", **kwargs).save(root / "ddp.json")
+    torchrun(2, root / "ddp.json")
+    for key in ("loss", "val_loss"):
+        fsdp, ddp = metric(root / "fsdp", key), metric(root / "ddp", key)
+        assert list(fsdp) == list(ddp)
+        torch.testing.assert_close(list(fsdp.values()), list(ddp.values()), rtol=1e-5, atol=0)
+
+
 def test_resume_two_processes_on_one(runs):
     root, data, kwargs = runs
     run = rewind(root / "fsdp", root / "fsdp_to_one", 2)

@@ -31,6 +31,7 @@ from torch import nn
 
 from ..config import SHAPE_FIELDS, PHDConfig
 from ..io import CONFIG, TOKENIZER, CheckpointError
+from .parallelize import unwrap
 
 LATEST = "latest"
 META = "meta.json"
@@ -255,7 +256,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
     meta = verify(path)
-    check_model_config(PHDConfig.from_dict(meta["model"]), model.config, path)
+    check_model_config(PHDConfig.from_dict(meta["model"]), unwrap(model).config, path)
     state = _state(model, optimizer)
     _dcp_load(state, path)
     if optimizer is None:

@@ -20,7 +20,8 @@ fields use dots. Examples:
 Fields: data, out, init_from, seq_len, batch_size (global, sequences per step), micro_batch (per process),
 max_steps, max_tokens, lr, min_lr, warmup_steps, betas, weight_decay, clip, eval_every, eval_iters,
 checkpoint_every, checkpoint_keep, log_every, seed, device (auto|cpu|cuda), dtype (auto|float32|bfloat16),
-nan_policy (skip|stop), max_skipped_steps, compile, activation_checkpointing, progress,
+nan_policy (skip|stop), max_skipped_steps, data_parallel (fsdp|ddp), compile, activation_checkpointing,
+progress,
 model.preset, model.variant, model.<any PHDConfig field>.
 """
 

@@ -20,6 +20,7 @@ from ..config import PHDConfig, preset_arch
 NAN_POLICIES = ("skip", "stop")
 DTYPES = ("auto", "float32", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
+DATA_PARALLEL = ("fsdp", "ddp")
 
 
 class TrainConfigError(ValueError):
@@ -89,6 +90,7 @@ class TrainConfig:
     dtype: str = "auto"
     nan_policy: str = "skip"
     max_skipped_steps: int = 10
+    data_parallel: str = "fsdp"
     compile: bool = False
     activation_checkpointing: bool = False
     progress: bool = True
@@ -124,6 +126,8 @@ class TrainConfig:
             _fail("nan_policy", self.nan_policy, f"allowed: {', '.join(NAN_POLICIES)}")
         if self.dtype not in DTYPES:
             _fail("dtype", self.dtype, f"allowed: {', '.join(DTYPES)}")
+        if self.data_parallel not in DATA_PARALLEL:
+            _fail("data_parallel", self.data_parallel, f"allowed: {', '.join(DATA_PARALLEL)} (with torchrun)")
         if self.device not in DEVICES:
             _fail("device", self.device, f"allowed: {', '.join(DEVICES)}")
         if not self.data:

@@ -1,7 +1,8 @@
 """Process groups and the one step that makes a plain PHDTransformer trainable at scale.
 
 `parallelize` applies, in torchtitan's order: activation checkpointing per block, then `torch.compile` per
-block, then FSDP2 (`fully_shard` on every block and on the root). The model file knows nothing of this.
+block, then FSDP2 (`fully_shard` on every block and on the root), or DDP as the replicated reference. The
+model file knows nothing of this.
 """
 
 from __future__ import annotations
@@ -97,11 +98,27 @@ def apply_fsdp(model: nn.Module, device: torch.device, bf16: bool) -> None:
     fully_shard(model, **kwargs)
 
 
-def parallelize(model: nn.Module, info: DistInfo, *, bf16: bool, compile: bool, activation_checkpointing: bool) -> None:
-    """The one place where a model becomes distributed / compiled / checkpointed, in place."""
+def parallelize(
+    model: nn.Module, info: DistInfo, *, bf16: bool, compile: bool, activation_checkpointing: bool,
+    data_parallel: str = "fsdp",
+) -> nn.Module:
+    """The one place where a model becomes distributed / compiled / checkpointed. FSDP2 works in place; DDP
+    returns a wrapper (whose `module` is the model)."""
     if activation_checkpointing:
         apply_activation_checkpointing(model)
     if compile:
         apply_compile(model)
-    if info.distributed:
+    if info.distributed and data_parallel == "fsdp":
         apply_fsdp(model, info.device, bf16)
+    elif info.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The PHDTransformer inside a DDP wrapper (FSDP2 keeps the model itself)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.module if isinstance(model, DistributedDataParallel) else model

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
 
 from ..config import PHDConfig
 from ..data.shards import DataError, TokenShards, open_shards
@@ -101,7 +102,8 @@ class Trainer:
         )
         self.bf16 = resolve_bf16(cfg.dtype, self.info.device)
         # FSDP's mixed-precision policy casts parameters on CUDA; everywhere else autocast does.
-        self.autocast = self.bf16 and not (self.info.distributed and self.info.device.type == "cuda")
+        fsdp = self.info.distributed and cfg.data_parallel == "fsdp"
+        self.autocast = self.bf16 and not (fsdp and self.info.device.type == "cuda")
         if self.info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self.checkpointer = Checkpointer(
@@ -120,7 +122,7 @@ class Trainer:
             cfg.save(self.run_dir / "config.json")
             self._truncate_metrics()
 
-    def _build_model(self, init_from: str | None) -> PHDTransformer:
+    def _build_model(self, init_from: str | None) -> torch.nn.Module:
         """Same seeded init on every rank (or the weights of an export), then parallelize."""
         torch.manual_seed(self.cfg.seed)
         model = PHDTransformer(self.model_config)
@@ -129,11 +131,10 @@ class Trainer:
             check_model_config(source.config, self.model_config, init_from)
             model.load_state_dict(source.state_dict())
         model.to(self.info.device)
-        parallelize(
+        return parallelize(
             model, self.info, bf16=self.bf16, compile=self.cfg.compile,
-            activation_checkpointing=self.cfg.activation_checkpointing,
+            activation_checkpointing=self.cfg.activation_checkpointing, data_parallel=self.cfg.data_parallel,
         )
-        return model
 
     # ----- state -----
     def trainer_state(self) -> dict[str, Any]:
@@ -164,6 +165,14 @@ class Trainer:
         with ctx:
             return self.model(inputs, targets).loss
 
+    def _gradient_sync(self, last: bool) -> contextlib.AbstractContextManager:
+        """Reduce gradients across ranks only in the backward of the last micro-batch of a step."""
+        if isinstance(self.model, DistributedDataParallel):
+            return contextlib.nullcontext() if last else self.model.no_sync()
+        if self.info.distributed:
+            self.model.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
+
     def _all_mean(self, value: Tensor) -> Tensor:
         if self.info.distributed:
             value = value.clone()
@@ -177,10 +186,9 @@ class Trainer:
         micro = self.loader.next_step()
         total = torch.zeros((), device=device)
         for i, (inputs, targets) in enumerate(micro):
-            if self.info.distributed:  # reduce-scatter gradients only after the last micro-batch
-                self.model.set_requires_gradient_sync(i == len(micro) - 1)
-            loss = self.forward_loss(inputs.to(device), targets.to(device)) / len(micro)
-            loss.backward()
+            with self._gradient_sync(i == len(micro) - 1):
+                loss = self.forward_loss(inputs.to(device), targets.to(device)) / len(micro)
+                loss.backward()
             total += loss.detach().float()
         loss_value = self._all_mean(total)
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip or math.inf)
