@@ -160,3 +160,11 @@ def test_sigkill_during_save_leaves_the_previous_checkpoint(data, tmp_path):
     torch.testing.assert_close([h["loss"] for h in resumed.progress.history], expected, rtol=1e-6, atol=0)
 
 
+
+
+def test_resume_with_another_data_order_warns(data, tmp_path, capsys):
+    Trainer(tiny_config(data, tmp_path, max_steps=2, checkpoint_every=2)).fit()
+    resumed = Trainer(tiny_config(data, tmp_path, max_steps=4, seed=1, seq_len=16))
+    assert resumed.progress.step == 2
+    err = capsys.readouterr().err
+    assert "warning: the data order differs" in err and "seq_len: 32 then, 16 now, seed: 0 then, 1 now" in err

@@ -141,12 +141,21 @@ class Trainer:
         p = self.progress
         return {
             "step": p.step, "tokens": p.tokens, "skipped": p.skipped, "loader": self.loader.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "data": self._data_fingerprint(),
         }
+
+    def _data_fingerprint(self) -> dict[str, Any]:
+        return {"train_tokens": len(self.shards.train), "seq_len": self.cfg.seq_len, "seed": self.cfg.seed}
 
     def _resume(self, path: Path) -> None:
         meta = load_checkpoint(path, self.model, self.optimizer)
         state = meta["trainer"]
+        changed = {k: (v, state.get("data", {}).get(k)) for k, v in self._data_fingerprint().items()}
+        changed = {k: pair for k, pair in changed.items() if pair[0] != pair[1]}
+        if changed:
+            what = ", ".join(f"{k}: {old} then, {new} now" for k, (new, old) in changed.items())
+            self._log(f"warning: the data order differs from the checkpoint's ({what}); the run continues with the "
+                      "new order, so it will not repeat an uninterrupted run exactly")
         self.loader.load_state_dict(state["loader"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.progress = Progress(step=state["step"], tokens=state["tokens"], skipped=state["skipped"])
