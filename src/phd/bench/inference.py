@@ -28,24 +28,35 @@ GOALS = {  # ratio to vanilla; prefill at the longest prompt, decode at K = 4
 }
 
 
+# Defaults of the full run and of --quick (a smoke run in seconds); explicit options override either.
+FULL = dict(preset="bench-100m", ks=[1, 2, 3, 4, 8, 16], prompt_lens=[512, 2048], batches=[1, 8], window=16,
+            chunk=32, decode_context=512, decode_steps=16, repeats=3, warmup=1)
+QUICK = dict(preset="cpu-1m", ks=[1, 2, 4], prompt_lens=[64, 128], batches=[1, 2], window=4, chunk=8,
+             decode_context=64, decode_steps=4, repeats=2, warmup=1)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
-    parser.add_argument("--preset", default="bench-100m", help="model sizes (default bench-100m: 12 layers, d 768)")
-    parser.add_argument("--quick", action="store_true", help="a small smoke run (cpu-1m, short prompts)")
-    parser.add_argument("--ks", type=ints, default=[1, 2, 3, 4, 8, 16], help="repetition factors")
-    parser.add_argument("--prompt-lens", type=ints, default=[512, 2048])
-    parser.add_argument("--batches", type=ints, default=[1, 8], help="decode batch sizes")
-    parser.add_argument("--window", type=int, default=16)
-    parser.add_argument("--chunk", type=int, default=32)
-    parser.add_argument("--decode-context", type=int, default=512, help="tokens in the cache while decoding")
-    parser.add_argument("--decode-steps", type=int, default=16, help="timed decode steps per repeat")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--quick", action="store_true", help="a small smoke run: " + _describe(QUICK))
+    parser.add_argument("--preset", help="model sizes (default bench-100m: 12 layers, d 768)")
+    parser.add_argument("--ks", type=ints, help="repetition factors (default 1,2,3,4,8,16)")
+    parser.add_argument("--prompt-lens", type=ints, help="prefill prompt lengths (default 512,2048)")
+    parser.add_argument("--batches", type=ints, help="decode batch sizes (default 1,8)")
+    parser.add_argument("--window", type=int, help="W of PHD-SWA / PHD-CSWA (default 16)")
+    parser.add_argument("--chunk", type=int, help="C of PHD-CSWA (default 32)")
+    parser.add_argument("--decode-context", type=int, help="tokens in the cache while decoding (default 512)")
+    parser.add_argument("--decode-steps", type=int, help="timed decode steps per repeat (default 16)")
+    parser.add_argument("--repeats", type=int, help="timed repeats, the median is reported (default 3)")
+    parser.add_argument("--warmup", type=int, help="untimed repeats first (default 1)")
     parser.add_argument("--max-prefill-tokens", type=int, default=8192,
-                        help="skip K-fold prefills (naive, full SWA) of more than K*T tokens (cost)")
+                        help="skip K-fold prefills (naive, full SWA) of more than K*T tokens (cost; default 8192)")
     parser.add_argument("--max-cache-gb", type=float, default=2.0, help="skip decode runs whose cache is larger")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--out", default="docs/bench", help="directory for inference.md / .json / *.png")
+
+
+def _describe(values: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in values.items())
 
 
 @dataclass
@@ -122,10 +133,11 @@ def run(args: argparse.Namespace) -> int:
     from ..inference import PHDCache
     from ..model import PHDTransformer
 
-    if args.quick:
-        args.preset, args.prompt_lens, args.batches = "cpu-1m", [64, 128], [1, 2]
-        args.ks, args.decode_context, args.decode_steps, args.repeats = [1, 2, 4], 64, 4, 2
-        args.window, args.chunk = 4, 8
+    for key, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if 1 not in args.ks:
+        args.ks = [1, *args.ks]  # vanilla is the reference of every ratio
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -142,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
         # ----- cache bytes (meta tensors: the real layout, no memory) -----
         for v in variants:
             v.cache_bytes = PHDCache.for_config(models[v.label].config, 1, t_max, device="meta").nbytes
-            v.hidden_share = _hidden_share(models[v.label].config, t_max)
+            v.hidden_share = float(v.k - 1) if _is_kfold(v) else _hidden_share(models[v.label].config, t_max)
 
         for t in args.prompt_lens:
             todo = [v for v in variants if not (_is_kfold(v) and v.k * t > args.max_prefill_tokens)]
@@ -335,8 +347,9 @@ def _markdown(report: dict, plots: list[str]) -> str:
                      + f" | {row['cache_ratio']:.3f}x | {row['hidden_token_share']:.3f} |")
     lines += [
         "",
-        "*hidden share*: hidden token-layers the prefill computes at the longest prompt, as a share of vanilla's "
-        "T x L (the full prefill computes K-1; the bounded ones only what the future reads).",
+        "*hidden share*: extra token-layers the prefill computes at the longest prompt, as a share of vanilla's "
+        "T x L (K-1 for naive repetition and the full prefill; the bounded ones compute only what the future "
+        "reads).",
         "",
         "## Goals",
         "",

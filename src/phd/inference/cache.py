@@ -135,6 +135,12 @@ class PHDCache:
         self.keys[layer][rows, :, slots] = k.transpose(1, 2)
         self.values[layer][rows, :, slots] = v.transpose(1, 2)
 
+    def write_prefix(self, layer: int, k: Tensor, v: Tensor) -> None:
+        """Write the first N originals (slots of positions 0..N-1; naive: of interleaved tokens 0..N-1)."""
+        n = k.shape[2]
+        self.keys[layer][:, :, self.ring_slots : self.ring_slots + n] = k
+        self.values[layer][:, :, self.ring_slots : self.ring_slots + n] = v
+
     def mask(self, q_pos: Tensor, q_copy: Tensor, n_slots: int) -> Tensor:
         """Bool [B, 1, Q, n_slots]: may query (q_pos [B, Q], q_copy [Q]) attend each of the first n_slots slots."""
         cfg = self.config

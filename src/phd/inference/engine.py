@@ -25,6 +25,8 @@ chunk phase; padding sits at future positions, which the rule never lets a real 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -167,77 +169,93 @@ def _set_ring_meta(cache: PHDCache, ring_pos: Tensor, ring_valid: Tensor, k1: in
     return slots
 
 
+@dataclass
+class _HiddenSet:
+    """The hidden tokens a bounded prefill carries from layer to layer, position-major, each row ending at its
+    last prompt position; `valid` is False for positions a row does not need (before 0 or its chunk)."""
+
+    x: Tensor  # [B, N, d]
+    pos: Tensor  # [B, N]
+    copy: Tensor  # [N]
+    valid: Tensor  # [B, N]
+    cos: Tensor  # [B, 1, N, D]
+    sin: Tensor
+
+    def last(self, n: int) -> _HiddenSet:
+        return _HiddenSet(self.x[:, -n:], self.pos[:, -n:], self.copy[-n:], self.valid[:, -n:],
+                          self.cos[..., -n:, :], self.sin[..., -n:, :])
+
+
+def _hidden_set(model, ids: Tensor, last: Tensor, width: int) -> _HiddenSet:
+    cfg = model.config
+    k1 = cfg.repeat_k - 1
+    hid_pos = last[:, None] + torch.arange(1 - width, 1, device=ids.device)  # [B, P]
+    pos = hid_pos.repeat_interleave(k1, dim=1)  # (m, 2), ..., (m, K), (m+1, 2), ...
+    copy = torch.arange(2, k1 + 2, device=ids.device).repeat(width)
+    valid = (hid_pos >= _first_needed(cfg, last)[:, None]).repeat_interleave(k1, dim=1)
+    x = model.embed(ids.gather(1, hid_pos.clamp(min=0))).repeat_interleave(k1, dim=1)
+    return _HiddenSet(x, pos, copy, valid, *_rope(model, pos, copy))
+
+
 def _prefill_bounded(model, ids: Tensor, lengths: Tensor, cache: PHDCache) -> Tensor:
     cfg = model.config
     b, t = ids.shape
     k1 = cfg.repeat_k - 1
     n_layers = len(model.layers)
     last = lengths - 1
-    device = ids.device
-
-    x = model.embed(ids)
-    pos_o = torch.arange(t, device=device)
+    pos_o = torch.arange(t, device=ids.device)
     copy_o = torch.ones_like(pos_o)
     cos_o, sin_o = _rope(model, pos_o, copy_o)
-    orig_slots = cache.orig_slot(pos_o).expand(b, -1)
+    x = model.embed(ids)
 
     if k1:
         span = None
         if cfg.chunk is not None:  # the chunk holding each row's last token (one host sync; prefill syncs anyway)
             span = int((last - _first_needed(cfg, last)).max()) + 1
         widths = hidden_widths(cfg, t, span)
-        width = widths[0][0]
-        hid_pos = last[:, None] + torch.arange(1 - width, 1, device=device)  # [B, P]: ends at each row's last
-        hid_valid = hid_pos >= _first_needed(cfg, last)[:, None]
-        copies = torch.arange(2, k1 + 2, device=device)
-        tok_pos = hid_pos.repeat_interleave(k1, dim=1)  # position-major: (m, 2), ..., (m, K), (m+1, 2), ...
-        tok_copy = copies.repeat(width)
-        tok_valid = hid_valid.repeat_interleave(k1, dim=1)
-        xh = model.embed(ids.gather(1, hid_pos.clamp(min=0))).repeat_interleave(k1, dim=1)
-        cos_h, sin_h = _rope(model, tok_pos, tok_copy)
-        ring_pos, ring_valid = _ring_positions(cfg, last, widths[-1][0])
-        ring_slots = _set_ring_meta(cache, ring_pos, ring_valid, k1)
+        hidden = _hidden_set(model, ids, last, widths[0][0])
+        ring_slots = _set_ring_meta(cache, *_ring_positions(cfg, last, widths[-1][0]), k1)
         n_ring = ring_slots.shape[1]
+        # Keys of a hidden query: all originals, then the hidden set (validity: see the mask below).
+        key_pos_o, key_valid_o = pos_o.expand(b, -1), torch.ones(b, t, dtype=torch.bool, device=ids.device)
 
     for i, block in enumerate(model.layers):
         final = i == n_layers - 1
+        # Originals: exactly vanilla. In the last layer only their K/V are needed (vanilla: its last query).
         a = block.attn_input(x)
         k_o, v_o = block.attn.project_kv(a, cos_o, sin_o)
-        cache.write(i, orig_slots, k_o, v_o)
+        cache.write_prefix(i, k_o, v_o)
         if not final:
             o = _sdpa(block.attn.project_q(a, cos_o, sin_o), k_o, v_o, causal=True)
             x_next = block.mlp_residual(block.attn_residual(x, block.attn.output(o)))
-        elif not k1:  # vanilla: only the last position of each row is a query in the last layer
+        elif not k1:
             x_last = x.gather(1, last[:, None, None].expand(-1, 1, x.shape[-1]))
-            cos_l, sin_l = _rope(model, last[:, None], copy_o[:1])
-            q = block.attn.project_q(block.attn_input(x_last), cos_l, sin_l)
+            q = block.attn.project_q(block.attn_input(x_last), *_rope(model, last[:, None], copy_o[:1]))
             mask = allowed(last[:, None, None, None], 1, pos_o, 1, None, None)
             o = _sdpa(q, k_o, v_o, mask)
             h_final = block.mlp_residual(block.attn_residual(x_last, block.attn.output(o)))[:, 0]
         if k1:
-            keys, outs = widths[i]
-            n_keys, n_outs = keys * k1, (1 if final else outs * k1)
-            tp, tc, tv = tok_pos[:, -n_keys:], tok_copy[-n_keys:], tok_valid[:, -n_keys:]
-            a_h = block.attn_input(xh)
-            k_h, v_h = block.attn.project_kv(a_h, cos_h[..., -n_keys:, :], sin_h[..., -n_keys:, :])
+            # Hidden: K/V for the whole set, queries only for the tokens the next layer (or the logits) reads.
+            n_out = 1 if final else widths[i][1] * k1
+            a_h = block.attn_input(hidden.x)
+            k_h, v_h = block.attn.project_kv(a_h, hidden.cos, hidden.sin)
             if n_ring:
                 cache.write(i, ring_slots, k_h[:, :, -n_ring:], v_h[:, :, -n_ring:])
-            q_h = block.attn.project_q(a_h[:, -n_outs:], cos_h[..., -n_outs:, :], sin_h[..., -n_outs:, :])
-            qp, qc, qv = tp[:, -n_outs:, None], tc[-n_outs:, None], tv[:, -n_outs:, None]
-            kp = torch.cat([pos_o.expand(b, -1), tp], dim=1)[:, None]
-            kc = torch.cat([copy_o, tc])
-            kv = torch.cat([torch.ones_like(orig_slots, dtype=torch.bool), tv], dim=1)[:, None]
-            # Padding queries (positions before what the row needs) may see anything the rule allows, so no
-            # softmax row is empty; real queries see only real keys.
-            mask = allowed(qp, qc, kp, kc, cfg.window, cfg.chunk) & (kv | ~qv)
+            out = hidden.last(n_out)
+            q_h = block.attn.project_q(a_h[:, -n_out:], out.cos, out.sin)
+            key_pos = torch.cat([key_pos_o, hidden.pos], dim=1)[:, None]
+            key_copy = torch.cat([copy_o, hidden.copy])
+            key_valid = torch.cat([key_valid_o, hidden.valid], dim=1)[:, None]
+            # Padding queries (positions a row does not need) may see anything the rule allows, so no softmax
+            # row is empty; real queries see only real keys.
+            mask = allowed(out.pos[..., None], out.copy[:, None], key_pos, key_copy, cfg.window, cfg.chunk)
+            mask = mask & (key_valid | ~out.valid[..., None])
             o = _sdpa(q_h, torch.cat([k_o, k_h], 2), torch.cat([v_o, v_h], 2), mask[:, None])
-            xh = block.mlp_residual(block.attn_residual(xh[:, -n_outs:], block.attn.output(o)))
-            if i + 1 < n_layers:
-                nxt = widths[i + 1][0] * k1
-                xh, tok_pos, tok_copy, tok_valid = xh[:, -nxt:], tok_pos[:, -nxt:], tok_copy[-nxt:], tok_valid[:, -nxt:]
-                cos_h, sin_h = cos_h[..., -nxt:, :], sin_h[..., -nxt:, :]
+            out.x = block.mlp_residual(block.attn_residual(out.x, block.attn.output(o)))
+            if final:
+                h_final = out.x[:, -1]
             else:
-                h_final = xh[:, -1]
+                hidden = out.last(widths[i + 1][0] * k1)
         if not final:
             x = x_next
     return model.lm_head(model.norm(h_final))
@@ -254,21 +272,20 @@ def _prefill_full(model, ids: Tensor, lengths: Tensor, cache: PHDCache) -> Tenso
     cos, sin = model.rope(model.token_positions(pos, copy))
     h = model.expand_tokens(model.embed(ids), layout)
     if layout.naive or k == 1:
-        orig_index = torch.arange(t * k, device=ids.device)
+        n_orig = t * k  # naive repetition caches every copy
         final_index = last * k + k - 1
     else:
-        orig_index = torch.arange(t, device=ids.device)
+        n_orig = t
         final_index = t + last * (k - 1) + k - 2
         ring_pos, ring_valid = _ring_positions(cfg, last, t)
         ring_slots = _set_ring_meta(cache, ring_pos, ring_valid, k - 1)
         copies = torch.arange(k - 1, device=ids.device)
         ring_index = t + (ring_pos.clamp(min=0)[:, :, None] * (k - 1) + copies).flatten(1)  # [B, w*(K-1)]
-    slots = cache.orig_slot(orig_index // k if layout.naive else orig_index, orig_index % k + 1).expand(b, -1)
     backend = model.config.attn_backend
     for i, block in enumerate(model.layers):
         a = block.attn_input(h)
         q, k_all, v_all = block.attn.project(a, cos, sin)
-        cache.write(i, slots, k_all[:, :, : slots.shape[1]], v_all[:, :, : slots.shape[1]])
+        cache.write_prefix(i, k_all[:, :, :n_orig], v_all[:, :, :n_orig])
         if not (layout.naive or k == 1) and ring_slots.shape[1]:
             gather = ring_index[:, None, :, None].expand(-1, k_all.shape[1], -1, k_all.shape[-1])
             cache.write(i, ring_slots, k_all.gather(2, gather), v_all.gather(2, gather))
