@@ -328,7 +328,9 @@ class Trainer:
 
     def _log(self, message: str) -> None:
         if self.info.is_main:
-            print(f"[phd train] {message}", file=sys.stderr, flush=True)
+            from tqdm import tqdm
+
+            tqdm.write(f"[phd train] {message}", file=sys.stderr)  # above the progress bar, not through it
 
     def _write_metrics(self, record: dict[str, Any]) -> None:
         if self.info.is_main:
