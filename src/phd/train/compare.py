@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_VARIANTS = ("vanilla", "PHD-CSWA-3-16-32")
-DEFAULT_CHARS_PER_SOURCE = 2_000_000
+DEFAULT_CHARS = 2_000_000  # of every corpus file (12 MB of text): plenty for a few minutes per variant
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -35,29 +35,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", default="runs/compare", help="run directories and results (default runs/compare)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(func=run)
-
-
-def default_data_dir(vocab_size: int, log=print) -> Path:
-    """A data directory from the default corpus with a `vocab_size` BPE, built once and cached.
-
-    TODO(data): switch to the data package's own default-data-dir function when `phd.data` exposes one.
-    """
-    from ..data.build import build_shards
-    from ..data.corpus import cache_dir, default_corpus
-    from ..data.shards import open_shards
-    from ..data.sources import TextFile
-
-    out = cache_dir().parent / "data" / f"default-bpe{vocab_size}-{DEFAULT_CHARS_PER_SOURCE // 1000}k"
-    if (out / "meta.json").exists():
-        open_shards(out)  # checks it is complete
-        return out
-    corpus = default_corpus(log=log)
-    log(f"building {out} (BPE {vocab_size}, {DEFAULT_CHARS_PER_SOURCE:,} characters of every file); once")
-    build_shards(
-        [TextFile(f) for f in corpus.files], out, vocab_size=vocab_size, max_chars=DEFAULT_CHARS_PER_SOURCE,
-        progress=True,
-    )
-    return out
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -78,6 +55,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from ..config import ConfigError, PHDConfig, preset_arch
+    from ..data.build import default_data_dir
     from ..data.shards import DataError
     from .config import TrainConfig, TrainConfigError
     from .trainer import Trainer
@@ -87,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         for name in args.variants:
             PHDConfig.parse_name(name)
         vocab = preset_arch(args.preset)["vocab_size"]
-        data = Path(args.data) if args.data else default_data_dir(vocab)
+        data = Path(args.data) if args.data else default_data_dir(vocab, DEFAULT_CHARS, progress=not args.quiet)
         rows = []
         for name in args.variants:
             run_dir = out / name
