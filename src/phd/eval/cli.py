@@ -44,6 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer", type=Path, default=None, help="tokenizer directory or tokenizer.json to use")
     p.add_argument("--device", default="cpu", help="torch device (cpu)")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
@@ -143,7 +144,8 @@ def run(args: argparse.Namespace) -> int:
         if tokenizer is None:
             raise SystemExit(f"{args.model} has no tokenizer: pass --tokenizer (a tokenizer.json or directory)")
         names = list(PAPER_TASKS) if args.tasks == "paper" else [t.strip() for t in args.tasks.split(",") if t]
-        lm = PHDLM(model, tokenizer, batch_size=args.batch_size, max_length=args.max_length)
+        lm = PHDLM(model, tokenizer, batch_size=args.batch_size, max_length=args.max_length,
+                   progress=not args.quiet)
         builder = TaskBuilder(args.tasks_data or _default_tasks_data())
         results = run_downstream(lm, builder, names, limit=args.limit, num_fewshot=args.num_fewshot)
         report.update({"tasks": results, "limit": args.limit, "num_fewshot": args.num_fewshot})

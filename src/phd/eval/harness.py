@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from lm_eval.api.model import LM
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from tqdm import tqdm
 
 from ..model import PHDTransformer
 
@@ -33,6 +34,7 @@ class PHDLM(LM):
         batch_size: int = 8,
         max_length: int | None = None,
         prefix_token_id: int | None = None,
+        progress: bool = False,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -40,6 +42,7 @@ class PHDLM(LM):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.batch_size = batch_size
+        self.progress = progress
         self.max_length = max_length or model.config.max_seq_len
         prefix = prefix_token_id
         for candidate in (prefix, tokenizer.eos_token_id, tokenizer.bos_token_id):
@@ -86,7 +89,8 @@ class PHDLM(LM):
             inputs.append((tokens[:-1], len(continuation), continuation))
         order = sorted(range(len(inputs)), key=lambda i: -len(inputs[i][0]))
         results: list[tuple[float, bool]] = [(0.0, False)] * len(inputs)
-        for start in range(0, len(order), self.batch_size):
+        starts = range(0, len(order), self.batch_size)
+        for start in tqdm(starts, desc="scoring", unit="batch", disable=not self.progress or len(starts) < 2):
             batch = order[start:start + self.batch_size]
             width = len(inputs[batch[0]][0])
             ids = torch.zeros(len(batch), width, dtype=torch.long)
