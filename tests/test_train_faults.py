@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -168,3 +169,27 @@ def test_resume_with_another_data_order_warns(data, tmp_path, capsys):
     assert resumed.progress.step == 2
     err = capsys.readouterr().err
     assert "warning: the data order differs" in err and "seq_len: 32 then, 16 now, seed: 0 then, 1 now" in err
+
+
+def test_sigterm_saves_a_checkpoint_and_stops(data, tmp_path):
+    """What a scheduler does before preempting a job: SIGTERM, then the run resumes from where it stopped."""
+    config = tiny_config(data, tmp_path / "run", max_steps=5_000, checkpoint_every=0)
+    config.save(tmp_path / "run.json")
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "phd.cli", "train", str(tmp_path / "run.json")],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        while proc.poll() is None and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    latest = (tmp_path / "run" / "checkpoints" / "latest").read_text().strip()
+    step = verify(tmp_path / "run" / "checkpoints" / latest)["step"]
+    assert 3 <= step < 5_000 and f"stopped: PHD-CSWA-2-4-8 step {step}" in out
+    assert "SIGTERM: stopped after step" in err
+    assert Trainer(config).progress.step == step

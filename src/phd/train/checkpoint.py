@@ -31,7 +31,7 @@ from torch import nn
 
 from ..config import SHAPE_FIELDS, PHDConfig
 from ..io import CONFIG, TOKENIZER, CheckpointError
-from .parallelize import unwrap
+from .parallelize import any_rank, unwrap
 
 LATEST = "latest"
 META = "meta.json"
@@ -75,14 +75,6 @@ def _write_atomic(path: Path, text: str) -> None:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
-
-
-def _any_rank_failed(failed: bool) -> bool:
-    if not dist.is_initialized():
-        return failed
-    flag = torch.tensor([1.0 if failed else 0.0])
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
 
 
 def _no_dist() -> bool:
@@ -160,7 +152,7 @@ class Checkpointer:
                 self._commit(tmp, final, step, world, model_config, trainer_state)
         except Exception as err:  # noqa: BLE001 - reported below, on every rank
             error = err
-        if _any_rank_failed(error is not None):
+        if any_rank(error is not None):
             if self.rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
             where = f"checkpoint {previous.name} is intact" if previous else "no earlier checkpoint exists"

@@ -74,7 +74,9 @@ def run(args: argparse.Namespace) -> int:
         return 1
     finally:
         shutdown_distributed()
-    if info.is_main:
+    if info.is_main and summary["stopped"]:
+        print(f"stopped: {format_summary(summary)}; checkpoint saved in {cfg.out}/checkpoints; run again to resume")
+    elif info.is_main:
         print(f"done: {format_summary(summary)}; model exported to {cfg.out}/model")
     return 0
 

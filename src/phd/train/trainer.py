@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +33,7 @@ from .checkpoint import Checkpointer, check_model_config, load_checkpoint
 from .config import TrainConfig
 from .loader import TokenLoader, eval_batches
 from .optim import build_optimizer, build_scheduler
-from .parallelize import DistInfo, parallelize
+from .parallelize import DistInfo, any_rank, parallelize
 
 METRICS = "metrics.jsonl"
 
@@ -82,6 +84,30 @@ def resolve_bf16(dtype: str, device: torch.device) -> bool:
     if dtype == "auto":
         return device.type == "cuda" and torch.cuda.is_bf16_supported()
     return dtype == "bfloat16"
+
+
+class StopSignal:
+    """Turns SIGTERM into a request to stop after the current step. Every rank asks every step (one tiny
+    all-reduce), so all ranks stop, and save, at the same step even if the signal reached them at different
+    times."""
+
+    def __init__(self, distributed: bool) -> None:
+        self.distributed, self.flag, self.previous = distributed, False, None
+
+    def __enter__(self) -> StopSignal:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.flag = True
+
+    def requested(self) -> bool:
+        return any_rank(self.flag) if self.distributed else self.flag
 
 
 class Trainer:
@@ -261,7 +287,11 @@ class Trainer:
 
     # ----- the loop -----
     def fit(self, stop_after: int | None = None) -> dict[str, Any]:
-        """Train to cfg.total_steps (or stop after step `stop_after`, as an interruption would), then export."""
+        """Train to cfg.total_steps (or stop after step `stop_after`, as an interruption would), then export.
+
+        SIGTERM (what schedulers send before preempting a job) ends the run after the current step, with a
+        checkpoint to resume from.
+        """
         cfg, p = self.cfg, self.progress
         total = cfg.total_steps
         end = min(total, stop_after) if stop_after else total
@@ -270,32 +300,38 @@ class Trainer:
         train_time, trained_tokens = 0.0, 0
         window_time, window_tokens = 0.0, 0
         last: StepResult | None = None
-        while p.step < end:
-            t0 = time.perf_counter()
-            last = self.train_step()
-            dt = time.perf_counter() - t0
-            train_time, trained_tokens = train_time + dt, trained_tokens + cfg.tokens_per_step
-            window_time, window_tokens = window_time + dt, window_tokens + cfg.tokens_per_step
-            record: dict[str, Any] = {
-                "step": last.step, "loss": last.loss if not last.skipped else None, "lr": last.lr,
-                "grad_norm": last.grad_norm if math.isfinite(last.grad_norm) else None, "tokens": p.tokens,
-            }
-            if last.skipped:
-                record["skipped"] = True
-            p.history.append(record)
-            if last.step % cfg.log_every == 0 or last.step == total:
-                record["tok_per_s"] = window_tokens / window_time if window_time else None
-                self._write_metrics(record)
-                window_time, window_tokens = 0.0, 0
-            if cfg.eval_every and (last.step % cfg.eval_every == 0 or last.step == total):
-                val_loss = self.evaluate()
-                self._write_metrics({"step": last.step, "val_loss": val_loss, "tokens": p.tokens})
-                self._log(f"step {last.step}: val loss {val_loss:.4f}")
-            if cfg.checkpoint_every and (last.step % cfg.checkpoint_every == 0 or last.step == total):
-                self.save_checkpoint()
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{last.loss:.4f}", tok_s=f"{trained_tokens / train_time:,.0f}")
+        stopped = False
+        with StopSignal(self.info.distributed) as stop:
+            while p.step < end and not stopped:
+                t0 = time.perf_counter()
+                last = self.train_step()
+                dt = time.perf_counter() - t0
+                train_time, trained_tokens = train_time + dt, trained_tokens + cfg.tokens_per_step
+                window_time, window_tokens = window_time + dt, window_tokens + cfg.tokens_per_step
+                record: dict[str, Any] = {
+                    "step": last.step, "loss": last.loss if not last.skipped else None, "lr": last.lr,
+                    "grad_norm": last.grad_norm if math.isfinite(last.grad_norm) else None, "tokens": p.tokens,
+                }
+                if last.skipped:
+                    record["skipped"] = True
+                p.history.append(record)
+                if last.step % cfg.log_every == 0 or last.step == total:
+                    record["tok_per_s"] = window_tokens / window_time if window_time else None
+                    self._write_metrics(record)
+                    window_time, window_tokens = 0.0, 0
+                if cfg.eval_every and (last.step % cfg.eval_every == 0 or last.step == total):
+                    val_loss = self.evaluate()
+                    self._write_metrics({"step": last.step, "val_loss": val_loss, "tokens": p.tokens})
+                    self._log(f"step {last.step}: val loss {val_loss:.4f}")
+                due = bool(cfg.checkpoint_every) and (last.step % cfg.checkpoint_every == 0 or last.step == total)
+                stopped = stop.requested() and last.step < total
+                if due or stopped:
+                    self.save_checkpoint()
+                if stopped:
+                    self._log(f"SIGTERM: stopped after step {last.step} with a checkpoint; run again to resume")
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{last.loss:.4f}", tok_s=f"{trained_tokens / train_time:,.0f}")
         if bar is not None:
             bar.close()
         if p.step == total:
@@ -304,6 +340,7 @@ class Trainer:
             "step": p.step, "tokens": p.tokens, "train_loss": last.loss if last else None, "val_loss": val_loss,
             "tok_per_s": trained_tokens / train_time if train_time else None, "train_time": train_time,
             "params": self.model_config.num_params(), "skipped": p.skipped, "variant": self.model_config.name,
+            "stopped": stopped,
         }
 
     def export(self, out: Path) -> Path | None:
