@@ -122,6 +122,7 @@ def pick_kernel(device: torch.device):
 # ----------------------------------------------------------------------------------------------------------
 
 
+@torch.compiler.disable  # a cached host-side plan: keep it out of compiled graphs (inductor cannot trace it)
 @functools.lru_cache(maxsize=64)
 def _band_plan(layout: AttentionLayout, device: torch.device):
     """Key indices and mask of the hidden band, in blocks of BAND_BLOCK hidden query rows.
