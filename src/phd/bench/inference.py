@@ -52,6 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip K-fold prefills (naive, full SWA) of more than K*T tokens (cost; default 8192)")
     parser.add_argument("--max-cache-gb", type=float, default=2.0, help="skip decode runs whose cache is larger")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall: elapsed time (default); cpu: this process's CPU time, steadier on a shared "
+                             "machine (use with --threads 1: spinning threads would count)")
     parser.add_argument("--out", default="docs/bench", help="directory for inference.md / .json / *.png")
 
 
@@ -106,23 +109,23 @@ def _hidden_share(cfg, t: int) -> float:
     return sum(outs for _, outs in hidden_widths(cfg, t, span)) * (cfg.repeat_k - 1) / (t * cfg.n_layers)
 
 
-def _matmul_scaling(d_in: int, d_out: int, rows: list[int], repeats: int = 20) -> dict[int, float]:
-    """Seconds of one [rows, d_in] x [d_in, d_out] linear: how this CPU's cost grows with the row count."""
+def _matmul_scaling(d_in: int, d_out: int, rows: list[int], clock, n_weights: int = 24) -> dict[int, float]:
+    """Seconds of one [rows, d_in] x [d_in, d_out] linear, weights streamed from memory as in decoding
+    (cycling through n_weights distinct matrices, larger than the caches): how cost grows with the rows."""
     import torch
     import torch.nn.functional as F
 
-    w = torch.randn(d_out, d_in)
+    weights = [torch.randn(d_out, d_in) for _ in range(n_weights)]
     out = {}
     for m in rows:
         x = torch.randn(m, d_in)
-        for _ in range(3):
-            F.linear(x, w)
         times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            F.linear(x, w)
-            times.append(time.perf_counter() - start)
-        out[m] = statistics.median(times)
+        for _ in range(3):
+            start = clock()
+            for w in weights:
+                F.linear(x, w)
+            times.append((clock() - start) / n_weights)
+        out[m] = min(times)
     return out
 
 
@@ -169,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"  decode batch {b} done ({time.perf_counter() - started:.0f} s)", flush=True)
 
     rows = sorted({b * k for b in args.batches for k in args.ks} | set(args.batches))
-    scaling = _matmul_scaling(cfg.d_model, cfg.d_ff, rows)
+    scaling = _matmul_scaling(cfg.d_model, cfg.d_ff, rows, _clock(args))
     env = {
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),
@@ -177,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
         "load_after": [round(x, 2) for x in os.getloadavg()], "seconds": round(time.perf_counter() - started, 1),
         "preset": args.preset, "params": cfg.num_params(), "dtype": "float32",
         "decode_context": args.decode_context, "decode_steps": args.decode_steps,
-        "repeats": args.repeats, "warmup": args.warmup,
+        "repeats": args.repeats, "warmup": args.warmup, "clock": args.clock,
     }
     report = _report(cfg, variants, args, scaling, env)
     out = Path(args.out)
@@ -187,6 +190,10 @@ def run(args: argparse.Namespace) -> int:
     (out / "inference.md").write_text(_markdown(report, plots))
     print(f"wrote {out / 'inference.md'}, {out / 'inference.json'}" + (f", {len(plots)} plots" if plots else ""))
     return 0
+
+
+def _clock(args):
+    return time.process_time if args.clock == "cpu" else time.perf_counter
 
 
 def _time_prefill(models: dict, variants: list[Variant], vocab: int, t: int, args, started: float) -> dict:
@@ -201,10 +208,10 @@ def _time_prefill(models: dict, variants: list[Variant], vocab: int, t: int, arg
     for r in range(args.warmup + args.repeats):
         for v in variants:
             model, cache = models[v.label], caches[v.label]
-            start = time.perf_counter()
+            start = _clock(args)()
             prefill(model, ids, cache, mode=v.mode)
             if r >= args.warmup:
-                times[v.label].append(time.perf_counter() - start)
+                times[v.label].append(_clock(args)() - start)
         print(f"  prefill T={t}: repeat {r + 1}/{args.warmup + args.repeats} done "
               f"({time.perf_counter() - started:.0f} s)", flush=True)
     return {label: statistics.median(values) for label, values in times.items()}
@@ -239,11 +246,11 @@ def _time_decode(models: dict, variants: list[Variant], vocab: int, batch: int, 
             cache.lengths.fill_(ctx)
             cache.max_length = ctx
             decode_step(model, token, cache, check=False)  # untimed: the first step after a reset
-            start = time.perf_counter()
+            start = _clock(args)()
             for _ in range(steps):
                 decode_step(model, token, cache, check=False)
             if r >= args.warmup:
-                times[v.label].append((time.perf_counter() - start) / steps)
+                times[v.label].append((_clock(args)() - start) / steps)
     return {label: statistics.median(values) for label, values in times.items()}
 
 
@@ -322,7 +329,8 @@ def _markdown(report: dict, plots: list[str]) -> str:
         "",
         f"Model `{report['model']['preset']}` ({env['params'] / 1e6:.0f}M parameters: {report['model']['n_layers']} "
         f"layers, d {report['model']['d_model']}), float32, W = {report['window']}, C = {report['chunk']}. "
-        f"torch {env['torch']}, {env['threads']} threads on {env['cores']} cores ({env['cpu']}); load average "
+        f"{env['clock']} clock, torch {env['torch']}, {env['threads']} threads on {env['cores']} cores "
+        f"({env['cpu']}); load average "
         f"{env['load_before'][0]} before, {env['load_after'][0]} after; {env['seconds']:.0f} s.",
         "Written by `phd bench inference`; every figure a ratio to vanilla measured in the same run (medians of "
         f"{env['repeats']} repeats after {env['warmup']} warmup). Prefill at batch 1; decode per token with "

@@ -24,6 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="stop token (text of one token, or #ID); repeatable; default: the tokenizer's end-of-text")
     p.add_argument("--prefill", choices=("bounded", "full"), default="bounded",
                    help="bounded (default): hidden tokens only where needed; full: the paper's K-fold prefill")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; 1 is faster for small models on a busy machine)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     p.set_defaults(func=run)
@@ -75,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
     from .generate import generate_stream
     from .sampling import SamplingConfig
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     try:
         model = load_model(args.checkpoint, device=args.device).to(getattr(torch, args.dtype))
         tokenizer = None
