@@ -48,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode-steps", type=int, help="timed decode steps per repeat (default 16)")
     parser.add_argument("--repeats", type=int, help="timed repeats, the median is reported (default 3)")
     parser.add_argument("--warmup", type=int, help="untimed repeats first (default 1)")
+    parser.add_argument("--kfold-repeats", type=int, default=1,
+                        help="timed repeats of the K-fold prefills (naive, full SWA; default 1: they dominate the "
+                             "run, and being K-fold is their point, not the second digit)")
     parser.add_argument("--max-prefill-tokens", type=int, default=8192,
                         help="skip K-fold prefills (naive, full SWA) of more than K*T tokens (cost; default 8192)")
     parser.add_argument("--max-cache-gb", type=float, default=2.0, help="skip decode runs whose cache is larger")
@@ -180,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
         "load_after": [round(x, 2) for x in os.getloadavg()], "seconds": round(time.perf_counter() - started, 1),
         "preset": args.preset, "params": cfg.num_params(), "dtype": "float32",
         "decode_context": args.decode_context, "decode_steps": args.decode_steps,
-        "repeats": args.repeats, "warmup": args.warmup, "clock": args.clock,
+        "repeats": args.repeats, "warmup": args.warmup, "kfold_repeats": args.kfold_repeats, "clock": args.clock,
     }
     report = _report(cfg, variants, args, scaling, env)
     out = Path(args.out)
@@ -207,6 +210,8 @@ def _time_prefill(models: dict, variants: list[Variant], vocab: int, t: int, arg
     times: dict[str, list[float]] = {v.label: [] for v in variants}
     for r in range(args.warmup + args.repeats):
         for v in variants:
+            if _is_kfold(v) and not args.warmup <= r < args.warmup + args.kfold_repeats:
+                continue
             model, cache = models[v.label], caches[v.label]
             start = _clock(args)()
             prefill(model, ids, cache, mode=v.mode)
@@ -333,7 +338,8 @@ def _markdown(report: dict, plots: list[str]) -> str:
         f"({env['cpu']}); load average "
         f"{env['load_before'][0]} before, {env['load_after'][0]} after; {env['seconds']:.0f} s.",
         "Written by `phd bench inference`; every figure a ratio to vanilla measured in the same run (medians of "
-        f"{env['repeats']} repeats after {env['warmup']} warmup). Prefill at batch 1; decode per token with "
+        f"{env['repeats']} repeats after {env['warmup']} warmup; K-fold prefills: {env['kfold_repeats']} run). "
+        "Prefill at batch 1; decode per token with "
         f"{env['decode_context']} tokens in the cache. `-`: not measured (a K-fold prefill above "
         "--max-prefill-tokens, a cache above --max-cache-gb, or full-prefill rows, whose decode is the bounded "
         "row's).",
