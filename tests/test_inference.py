@@ -216,3 +216,5 @@ def test_errors_name_the_problem():
         model.decode_step(torch.tensor([1, 2]), cache)
     with pytest.raises(ValueError, match="another model config"):
         _model("PHD-3").prefill(torch.ones(2, 2, dtype=torch.long), cache)
+    with pytest.raises(ValueError, match="another model config"):
+        _model("PHD-3").decode_step(torch.tensor([1, 2]), cache)

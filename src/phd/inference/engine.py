@@ -335,6 +335,8 @@ def decode_step(model, token_ids: Tensor, cache: PHDCache, check: bool = True) -
         raise ValueError(
             f"token_ids must be [batch_size={cache.batch_size}] (one new token per row), got {tuple(token_ids.shape)}"
         )
+    if cache.config is not cfg and cache.config != cfg:
+        raise ValueError("the cache was made for another model config; make it with model.new_cache(...)")
     if cache.max_length == 0:
         raise ValueError("the cache is empty: call prefill(input_ids, cache) before decode_step")
     if cache.max_length >= cache.max_len:
