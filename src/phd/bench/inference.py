@@ -108,7 +108,7 @@ def _hidden_share(cfg, t: int) -> float:
 
     if cfg.repeat_k == 1 or cfg.naive:
         return 0.0
-    span = min(cfg.chunk, t) if cfg.chunk else None
+    span = (t - 1) % cfg.chunk + 1 if cfg.chunk else None  # the chunk holding the last token, as prefill does
     return sum(outs for _, outs in hidden_widths(cfg, t, span)) * (cfg.repeat_k - 1) / (t * cfg.n_layers)
 
 
