@@ -195,10 +195,25 @@ def test_generate_pads_a_row_after_its_end_of_sequence_token() -> None:
     assert out[1, width:].tolist()[: len(alone) - len(prompts[1])] == alone[len(prompts[1]):].tolist()
 
 
-def test_generate_refuses_beam_search() -> None:
+def test_sampling_follows_the_native_sampler_with_the_same_seed() -> None:
+    native = tiny_phd()
+    model = PHDForCausalLM.from_native(native, eos_token_id=2, pad_token_id=0)
+    prompt = torch.tensor([[5, 6, 7, 8]])
+    got = model.generate(prompt, max_new_tokens=12, do_sample=True, temperature=0.9, top_k=20, top_p=0.95, seed=3)
+    expected = phd.generate(native, prompt, 12, temperature=0.9, top_k=20, top_p=0.95, seed=3, stop_tokens=[2],
+                            pad_id=0)
+    assert got.tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(num_beams=2), "num_beams=1"),
+    (dict(output_scores=True), "does not support \\['output_scores'\\]"),
+    (dict(streamer=object()), "does not support \\['streamer'\\]"),
+])
+def test_generate_refuses_what_it_does_not_implement(kwargs: dict, message: str) -> None:
     model = PHDForCausalLM.from_native(tiny_phd())
-    with pytest.raises(ValueError, match="num_beams=1"):
-        model.generate(torch.tensor([[5, 6]]), max_new_tokens=2, num_beams=2)
+    with pytest.raises(ValueError, match=message):
+        model.generate(torch.tensor([[5, 6]]), max_new_tokens=2, **kwargs)
 
 
 # ----- phd convert -----

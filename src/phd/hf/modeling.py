@@ -69,6 +69,11 @@ class PHDForCausalLM(PHDPreTrainedModel, GenerationMixin):
     _GENERATION_FIELDS = ("max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p",
                           "repetition_penalty", "eos_token_id", "pad_token_id", "num_beams", "num_return_sequences",
                           "bos_token_id", "use_cache")
+    # GenerationConfig fields that would change the result and that generate() does not implement.
+    _UNSUPPORTED_GENERATION = ("return_dict_in_generate", "output_scores", "output_logits", "output_attentions",
+                               "output_hidden_states", "min_new_tokens", "min_length", "no_repeat_ngram_size",
+                               "bad_words_ids", "suppress_tokens", "begin_suppress_tokens", "stop_strings",
+                               "penalty_alpha", "typical_p", "epsilon_cutoff", "eta_cutoff", "min_p")
 
     _tied_weights_keys = {"model.lm_head.weight": "model.embed.weight"}
 
@@ -171,6 +176,12 @@ class PHDForCausalLM(PHDPreTrainedModel, GenerationMixin):
             )
         if (config.num_beams or 1) != 1 or (config.num_return_sequences or 1) != 1:
             raise ValueError("beam search / several sequences per prompt are not supported: use num_beams=1")
+        unsupported = [name for name in self._UNSUPPORTED_GENERATION if getattr(config, name, None)]
+        if unsupported:
+            raise ValueError(
+                f"generate() does not support {unsupported}: it returns the token ids of greedy or sampled decoding "
+                f"and honours only {list(self._GENERATION_FIELDS)}"
+            )
         b, t = input_ids.shape
         if config.max_new_tokens is not None:
             max_new = config.max_new_tokens
