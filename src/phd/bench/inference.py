@@ -5,8 +5,8 @@ visits every variant), so slow drifts of the machine hit them alike; figures are
 OUT/inference.md (table, goals, environment), OUT/inference.json and, with matplotlib, PNG plots in the manner
 of the paper's Figures 1c/1d (prefill and decode cost against K) and 9 (SWA vs CSWA).
 
-Decode timing starts from a cache filled to --decode-context tokens with random K/V: latency does not depend
-on the values, and a K-fold prefill of naive repetition just to set up would dominate the run.
+Decode timing starts from a cache filled to --decode-context tokens (zero K/V: latency does not depend
+on the values); a K-fold prefill of naive repetition just to set it up would dominate the run.
 Measured reasons for missed goals are recorded with the figures: the extra hidden tokens each bounded
 prefill computes (share of vanilla's token-layers) and how a matmul's time grows from B to K*B rows here.
 """
@@ -200,62 +200,69 @@ def _clock(args):
 
 
 def _time_prefill(models: dict, variants: list[Variant], vocab: int, t: int, args, started: float) -> dict:
-    """Median prefill seconds of each variant at batch 1, prompt length t, visiting variants round-robin."""
+    """Median prefill seconds of each variant at batch 1, prompt length t, visiting variants round-robin.
+
+    Each run gets a fresh cache, made before the clock starts: one cache alive at a time keeps memory low.
+    """
     import torch
 
     from ..inference import prefill
 
     ids = torch.randint(0, vocab, (1, t))
-    caches = {v.label: models[v.label].new_cache(1, t) for v in variants}
     times: dict[str, list[float]] = {v.label: [] for v in variants}
     for r in range(args.warmup + args.repeats):
         for v in variants:
             if _is_kfold(v) and not args.warmup <= r < args.warmup + args.kfold_repeats:
                 continue
-            model, cache = models[v.label], caches[v.label]
+            model = models[v.label]
+            cache = model.new_cache(1, t)
             start = _clock(args)()
             prefill(model, ids, cache, mode=v.mode)
             if r >= args.warmup:
                 times[v.label].append(_clock(args)() - start)
+            del cache
         print(f"  prefill T={t}: repeat {r + 1}/{args.warmup + args.repeats} done "
               f"({time.perf_counter() - started:.0f} s)", flush=True)
-    return {label: statistics.median(values) for label, values in times.items()}
+    return {label: statistics.median(values) for label, values in times.items() if values}
+
+
+def _decode_cache(model, batch: int, ctx: int, max_len: int):
+    """A cache as after a prompt of ctx tokens (zeros: latency does not depend on the values), with a full
+    hidden window, as in steady-state decoding."""
+    import torch
+
+    cache = model.new_cache(batch, max_len)
+    cache.lengths.fill_(ctx)
+    cache.max_length = ctx
+    if cache.ring_slots:
+        cache.slot_pos[:, : cache.ring_slots] = ctx - 1 - torch.arange(cache.ring_slots) // (model.config.repeat_k - 1)
+    return cache
 
 
 def _time_decode(models: dict, variants: list[Variant], vocab: int, batch: int, args) -> dict:
-    """Median seconds per decode step of each variant, from a cache filled to the decode context."""
+    """Median seconds per decode step of each variant, round-robin, each run on a fresh cache."""
     import torch
 
     from ..inference import PHDCache, decode_step
 
     ctx, steps = args.decode_context, args.decode_steps
-    caches = {}
-    for v in variants:
-        cfg = models[v.label].config
-        size = PHDCache.for_config(cfg, batch, ctx + steps + 2, device="meta").allocated_nbytes
-        if size > args.max_cache_gb * 2**30:
-            continue
-        cache = models[v.label].new_cache(batch, ctx + steps + 2)
-        for tensor in (*cache.keys, *cache.values):
-            tensor.normal_()
-        if cache.ring_slots:  # a full window of hidden entries, as in steady-state decoding
-            cache.slot_pos[:, : cache.ring_slots] = ctx - 1 - torch.arange(cache.ring_slots) // (v.k - 1)
-        caches[v.label] = cache
+    max_len = ctx + steps + 1
+    limit = args.max_cache_gb * 2**30
+    todo = [v for v in variants
+            if PHDCache.for_config(models[v.label].config, batch, max_len, device="meta").allocated_nbytes <= limit]
     token = torch.randint(0, vocab, (batch,))
-    times: dict[str, list[float]] = {label: [] for label in caches}
+    times: dict[str, list[float]] = {v.label: [] for v in todo}
     for r in range(args.warmup + args.repeats):
-        for v in variants:
-            if v.label not in caches:
-                continue
-            model, cache = models[v.label], caches[v.label]
-            cache.lengths.fill_(ctx)
-            cache.max_length = ctx
-            decode_step(model, token, cache, check=False)  # untimed: the first step after a reset
+        for v in todo:
+            model = models[v.label]
+            cache = _decode_cache(model, batch, ctx, max_len)
+            decode_step(model, token, cache, check=False)  # untimed: the first step on a fresh cache
             start = _clock(args)()
             for _ in range(steps):
                 decode_step(model, token, cache, check=False)
             if r >= args.warmup:
                 times[v.label].append((_clock(args)() - start) / steps)
+            del cache
     return {label: statistics.median(values) for label, values in times.items()}
 
 
