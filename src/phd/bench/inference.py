@@ -53,7 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "run, and being K-fold is their point, not the second digit)")
     parser.add_argument("--max-prefill-tokens", type=int, default=8192,
                         help="skip K-fold prefills (naive, full SWA) of more than K*T tokens (cost; default 8192)")
-    parser.add_argument("--max-cache-gb", type=float, default=2.0, help="skip decode runs whose cache is larger")
+    parser.add_argument("--max-cache-gb", type=float, default=4.0,
+                        help="skip decode runs whose cache is larger (default 4; one cache is alive at a time)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="wall: elapsed time (default); cpu: this process's CPU time, steadier on a shared "
