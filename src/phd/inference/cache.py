@@ -26,7 +26,7 @@ from ..config import PHDConfig
 from ..masks import allowed
 
 
-@dataclass
+@dataclass(eq=False)  # identity, not tensor-wise comparison
 class PHDCache:
     """Per-layer K/V buffers, slot metadata and each row's length. Built by `PHDTransformer.new_cache`."""
 
