@@ -241,3 +241,59 @@ def test_cli_converts_to_a_phd_variant_in_transformers_format(tmp_path) -> None:
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "phd-hf")
     assert isinstance(loaded, PHDForCausalLM)
     assert loaded.config.to_phd().name == "PHD-CSWA-2-16-32" and loaded.config.positions == "shared"
+
+
+# ----- GGUF (a file written here: no download) -----
+
+
+def _gguf_row_order(weight, heads: int):
+    """llama.cpp's layout of q/k projection rows: the two rotary halves of each head interleaved."""
+    return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(
+        weight.shape
+    )
+
+
+def write_tiny_gguf(path, hf) -> None:
+    """The weights of a tiny tied-embedding Llama as an F32 GGUF file, as llama.cpp's converter lays them out."""
+    gguf = pytest.importorskip("gguf")
+    c = hf.config
+    sd = {k: v.numpy() for k, v in hf.state_dict().items()}
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_vocab_size(c.vocab_size)
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    names = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_v": "self_attn.v_proj",
+             "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+             "ffn_down": "mlp.down_proj"}
+    for i in range(c.num_hidden_layers):
+        layer = f"model.layers.{i}."
+        for theirs, ours in names.items():
+            w.add_tensor(f"blk.{i}.{theirs}.weight", sd[f"{layer}{ours}.weight"])
+        w.add_tensor(f"blk.{i}.attn_q.weight", _gguf_row_order(sd[layer + "self_attn.q_proj.weight"],
+                                                               c.num_attention_heads))
+        w.add_tensor(f"blk.{i}.attn_k.weight", _gguf_row_order(sd[layer + "self_attn.k_proj.weight"],
+                                                               c.num_key_value_heads))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_gguf_file_converts_with_the_original_logits(tmp_path) -> None:
+    pytest.importorskip("accelerate")
+    hf = tiny_transformers("llama", tie=True)
+    write_tiny_gguf(tmp_path / "tiny.gguf", hf)
+    assert phd_main(["convert", str(tmp_path / "tiny.gguf"), str(tmp_path / "export")]) == 0
+    native = phd.io.load_model(tmp_path / "export")
+    assert native.config.tie_embeddings and native.config.n_kv_heads == 2
+    ids = torch.randint(0, VOCAB, (2, 30))
+    with torch.no_grad():
+        torch.testing.assert_close(native(ids).logits, hf(ids).logits, atol=1e-4, rtol=0)
