@@ -65,11 +65,12 @@ class PHDPreTrainedModel(PreTrainedModel):
 class PHDForCausalLM(PHDPreTrainedModel, GenerationMixin):
     """Causal LM with the transformers interface; `generate()` runs the native PHD cache (see `generate`)."""
 
-    # GenerationConfig fields generate() honours; anything else set to a non-default value is refused.
+    # GenerationConfig fields generate() honours.
     _GENERATION_FIELDS = ("max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p",
                           "repetition_penalty", "eos_token_id", "pad_token_id", "num_beams", "num_return_sequences",
                           "bos_token_id", "use_cache")
-    # GenerationConfig fields that would change the result and that generate() does not implement.
+    # GenerationConfig fields that would change the result and that generate() does not implement: refused when set
+    # (typical_p also counts as unset at 1.0, its "off" value).
     _UNSUPPORTED_GENERATION = ("return_dict_in_generate", "output_scores", "output_logits", "output_attentions",
                                "output_hidden_states", "min_new_tokens", "min_length", "no_repeat_ngram_size",
                                "bad_words_ids", "suppress_tokens", "begin_suppress_tokens", "stop_strings",
@@ -89,7 +90,7 @@ class PHDForCausalLM(PHDPreTrainedModel, GenerationMixin):
         with torch.device("meta"):
             hf_model = cls(config)
         hf_model.model = model
-        return hf_model.eval() if not model.training else hf_model
+        return hf_model.train(model.training)
 
     def get_input_embeddings(self) -> torch.nn.Embedding:
         return self.model.embed
@@ -176,7 +177,10 @@ class PHDForCausalLM(PHDPreTrainedModel, GenerationMixin):
             )
         if (config.num_beams or 1) != 1 or (config.num_return_sequences or 1) != 1:
             raise ValueError("beam search / several sequences per prompt are not supported: use num_beams=1")
-        unsupported = [name for name in self._UNSUPPORTED_GENERATION if getattr(config, name, None)]
+        unsupported = [
+            name for name in self._UNSUPPORTED_GENERATION
+            if getattr(config, name, None) and not (name == "typical_p" and config.typical_p == 1.0)
+        ]
         if unsupported:
             raise ValueError(
                 f"generate() does not support {unsupported}: it returns the token ids of greedy or sampled decoding "
