@@ -426,7 +426,8 @@ def _plots(report: dict, out: Path) -> list[str]:
             for fam in fams:
                 xs, ys = series(fam, key, str(sub))
                 if len(xs) > 1:
-                    ax.plot(xs, ys, marker="o", label=names[fam])
+                    label = names[fam] if key == "prefill_ratio" else names[fam].replace(" (bounded prefill)", "")
+                    ax.plot(xs, ys, marker="o", label=label)
             ax.set_xscale("log", base=2)
             ax.set_yscale("log", base=2)
             ax.axhline(1.0, color="gray", lw=0.8)
@@ -442,7 +443,8 @@ def _plots(report: dict, out: Path) -> list[str]:
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for fam in ("repeat", "PHD", "PHD-SWA", "PHD-CSWA"):
         pts = [(r["k"], r["cache_ratio"]) for r in report["rows"] if r["family"] == fam]
-        ax.plot([1] + [k for k, _ in pts], [1.0] + [y for _, y in pts], marker="o", label=names[fam])
+        ax.plot([1] + [k for k, _ in pts], [1.0] + [y for _, y in pts], marker="o",
+                label=names[fam].replace(" (bounded prefill)", ""))
     ax.set_xscale("log", base=2)
     ax.set_yscale("log", base=2)
     ax.set_xlabel("K (copies per token)")
