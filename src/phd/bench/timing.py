@@ -10,31 +10,38 @@ from pathlib import Path
 
 import torch
 
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
 
-def median_seconds(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
+
+def median_seconds(
+    fn: Callable[[], object], repeats: int = 5, warmup: int = 1, clock: Callable[[], float] = time.perf_counter
+) -> float:
+    """`clock`: wall time, or this process's CPU time (steadier on a shared machine, with one torch thread)."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start = clock()
         fn()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return statistics.median(times)
 
 
-def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int = 5, warmup: int = 1) -> dict[str, float]:
+def interleaved_medians(
+    fns: dict, repeats: int = 5, warmup: int = 1, clock: Callable[[], float] = time.perf_counter
+) -> dict:
     """Median seconds of each function, timed round-robin so that load changes hit every entry alike."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
+    times: dict = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            times[name].append(median_seconds(fn, repeats=1, warmup=0))
+            times[name].append(median_seconds(fn, repeats=1, warmup=0, clock=clock))
     return {name: statistics.median(values) for name, values in times.items()}
 
 

@@ -17,7 +17,7 @@ from ..attention import causal_attention, dense_attention, split_attention
 from ..config import PHDConfig
 from ..masks import AttentionLayout
 from ..model import PHDTransformer
-from .timing import machine_line, markdown_table, median_seconds, write_report
+from .timing import CLOCKS, interleaved_medians, machine_line, markdown_table, write_report
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,77 +31,95 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="cpu-10m", help="model for the full training step")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-dense-above", type=int, default=8192, help="skip dense when K*T exceeds this")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
+                        help="wall time, or this process's CPU time (steadier on a shared machine; use --threads 1)")
     parser.add_argument("--out", default="docs/bench", help="where training.md / training.json go")
 
 
-def _attention_time(fn, layout: AttentionLayout, args) -> float:
+def _attention_step(fn, layout: AttentionLayout, args):
+    """forward + backward of one attention call over the layout's tokens, batch 1."""
     n = layout.num_tokens
     gen = torch.Generator().manual_seed(0)
-    q = torch.randn(1, args.heads, n, args.head_dim, generator=gen, requires_grad=True)
-    k = torch.randn(1, args.kv_heads, n, args.head_dim, generator=gen, requires_grad=True)
-    v = torch.randn(1, args.kv_heads, n, args.head_dim, generator=gen, requires_grad=True)
-    grad = torch.randn(1, args.heads, n, args.head_dim, generator=gen)
+    # [B, N, H, D] storage, as the model's projections produce
+    q = torch.randn(1, n, args.heads, args.head_dim, generator=gen).transpose(1, 2).requires_grad_()
+    k = torch.randn(1, n, args.kv_heads, args.head_dim, generator=gen).transpose(1, 2).requires_grad_()
+    v = torch.randn(1, n, args.kv_heads, args.head_dim, generator=gen).transpose(1, 2).requires_grad_()
+    grad = torch.randn(1, n, args.heads, args.head_dim, generator=gen).transpose(1, 2)
 
     def step():
-        out = fn(q, k, v, layout)
-        torch.autograd.backward(out, grad)
+        torch.autograd.backward(fn(q, k, v, layout), grad)
+        q.grad = k.grad = v.grad = None
 
-    return median_seconds(step, repeats=args.repeats)
+    return step
 
 
-def _step_time(cfg: PHDConfig, seq_len: int, backend: str, repeats: int) -> float:
+def _train_step(cfg: PHDConfig, seq_len: int):
+    """forward + backward + AdamW update of a whole model, batch 1."""
     torch.manual_seed(0)
     model = PHDTransformer(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(0, cfg.vocab_size, (1, seq_len + 1))
 
     def step():
-        loss = model(ids[:, :-1], targets=ids[:, 1:], backend=backend).loss
-        loss.backward()
+        model(ids[:, :-1], targets=ids[:, 1:]).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return median_seconds(step, repeats=repeats)
+    return step
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    clock = CLOCKS[args.clock]
     started = time.time()
-    attn_rows, step_rows, data = [], [], {"machine": machine_line(), "attention": [], "step": []}
+    data = {"machine": machine_line(), "clock": args.clock, "attention": [], "step": []}
     causal = lambda q, k, v, layout: causal_attention(q, k, v)
+    attn_rows, step_rows = [], []
     for t in args.seq_lens:
-        vanilla = _attention_time(causal, AttentionLayout(t, 1), args)
+        fns = {"vanilla": _attention_step(causal, AttentionLayout(t, 1), args)}
         for k in args.ks:
-            naive = _attention_time(causal, AttentionLayout(t, k, naive=True), args)
             phd = AttentionLayout(t, k, args.window, args.chunk)
-            split = _attention_time(split_attention, phd, args)
-            dense = _attention_time(dense_attention, phd, args) if k * t <= args.skip_dense_above else float("nan")
-            rec = dict(T=t, K=k, vanilla_s=vanilla, naive_s=naive, split_s=split, dense_s=dense)
-            data["attention"].append(rec)
-            attn_rows.append(
-                [t, k, f"{vanilla * 1e3:.1f}", f"{naive / vanilla:.2f}", f"{dense / vanilla:.2f}",
-                 f"{split / vanilla:.2f}", f"{split / vanilla / k:.2f}"]
-            )
-            print(f"attention T={t} K={k}: vanilla {vanilla * 1e3:.1f} ms, naive x{naive / vanilla:.2f}, "
-                  f"dense x{dense / vanilla:.2f}, split x{split / vanilla:.2f}", flush=True)
+            fns[f"naive{k}"] = _attention_step(causal, AttentionLayout(t, k, naive=True), args)
+            fns[f"split{k}"] = _attention_step(split_attention, phd, args)
+            if k * t <= args.skip_dense_above:
+                fns[f"dense{k}"] = _attention_step(dense_attention, phd, args)
+        sec = interleaved_medians(fns, repeats=args.repeats, clock=clock)
+        van = sec["vanilla"]
+        for k in args.ks:
+            dense = sec.get(f"dense{k}", float("nan"))
+            naive, split = sec[f"naive{k}"], sec[f"split{k}"]
+            data["attention"].append(dict(T=t, K=k, vanilla_s=van, naive_s=naive, split_s=split, dense_s=dense))
+            attn_rows.append([t, k, f"{van * 1e3:.1f}", f"{naive / van:.2f}", f"{dense / van:.2f}",
+                              f"{split / van:.2f}", f"{split / van / k:.2f}"])
+            print(f"attention T={t} K={k}: vanilla {van * 1e3:.1f} ms, naive x{naive / van:.2f}, "
+                  f"dense x{dense / van:.2f}, split x{split / van:.2f}", flush=True)
     base = PHDConfig.preset(args.preset)
     for t in args.seq_lens:
-        vanilla = _step_time(base, t, "split", args.repeats)
+        fns = {"vanilla": _train_step(base, t)}
         for k in args.ks:
-            naive = _step_time(base.with_variant(f"repeat-{k}"), t, "split", args.repeats)
-            cswa = base.with_variant(f"PHD-CSWA-{k}-{args.window}-{args.chunk}")
-            split = _step_time(cswa, t, "split", args.repeats)
-            rec = dict(T=t, K=k, vanilla_s=vanilla, naive_s=naive, phd_split_s=split)
-            data["step"].append(rec)
-            step_rows.append([t, k, f"{vanilla:.3f}", f"{naive / vanilla:.2f}", f"{split / vanilla:.2f}",
-                              f"{split / vanilla / k:.2f}"])
-            print(f"step T={t} K={k}: vanilla {vanilla:.3f} s, naive x{naive / vanilla:.2f}, "
-                  f"PHD-CSWA split x{split / vanilla:.2f}", flush=True)
+            fns[f"naive{k}"] = _train_step(base.with_variant(f"repeat-{k}"), t)
+            fns[f"phd{k}"] = _train_step(base.with_variant(f"PHD-CSWA-{k}-{args.window}-{args.chunk}"), t)
+        sec = interleaved_medians(fns, repeats=args.repeats, clock=clock)
+        van = sec["vanilla"]
+        for k in args.ks:
+            naive, phd = sec[f"naive{k}"], sec[f"phd{k}"]
+            data["step"].append(dict(T=t, K=k, vanilla_s=van, naive_s=naive, phd_split_s=phd))
+            step_rows.append([t, k, f"{van:.3f}", f"{naive / van:.2f}", f"{phd / van:.2f}", f"{phd / van / k:.2f}"])
+            print(f"step T={t} K={k}: vanilla {van:.3f} s, naive x{naive / van:.2f}, PHD-CSWA x{phd / van:.2f}",
+                  flush=True)
+    clock_text = "CPU time of this process" if args.clock == "cpu" else "wall time"
     md = "\n\n".join([
         "# Training-time cost of PHD (`phd bench training`)",
-        f"Machine: {data['machine']}. Medians of {args.repeats} repeats after a warm-up; all rows of a table come "
-        f"from one run ({time.time() - started:.0f} s). PHD rows use window {args.window}, chunk {args.chunk}.",
+        f"Machine: {data['machine']}; clock: {clock_text}. Every table's entries were timed round-robin in one run "
+        f"({time.time() - started:.0f} s in all): medians of {args.repeats} repeats after a warm-up. PHD rows use "
+        f"window {args.window}, chunk {args.chunk}. Command: `phd bench training "
+        f"--threads {torch.get_num_threads()} --clock {args.clock}`.",
         f"## Attention forward+backward, batch 1, {args.heads} q / {args.kv_heads} kv heads, head dim {args.head_dim}",
-        "Ratios to vanilla causal attention over T tokens. Goal: split <= 1.25*K (last column <= 1.25).",
+        "Ratios to vanilla causal attention over T tokens. naive = causal attention over the K*T repeated tokens; "
+        "dense = the reference mask over K*T tokens (K^2 cost); split = the rearranged layout. "
+        "Goal: split <= 1.25*K (last column <= 1.25).",
         markdown_table(["T", "K", "vanilla ms", "naive x", "dense x", "split x", "split / (K*vanilla)"], attn_rows),
         f"## Full training step (forward, backward, AdamW), preset {args.preset}, batch 1",
         "Ratios to a vanilla step. Goal: a PHD-K step costs <= K vanilla steps (last column <= 1).",
