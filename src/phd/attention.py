@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .masks import AttentionLayout
 
-BAND_BLOCK = 64  # hidden query rows per band block: each row looks at BAND_BLOCK + band_width keys
+BAND_BLOCK = 32  # hidden query rows per band block: each row looks at BAND_BLOCK + band_width keys
 
 
 def repeat_kv(x: Tensor, n_rep: int) -> Tensor:
