@@ -6,9 +6,7 @@ optimizer state) live elsewhere and are exported to this format.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -16,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .config import PHDConfig
+from .fsutil import sha256_file, swap_in_dir
 from .model import PHDTransformer
 
 WEIGHTS = "model.safetensors"
@@ -25,14 +24,6 @@ TOKENIZER = "tokenizer.json"
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, truncated or corrupted; the message names the file."""
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def save_model(model: PHDTransformer, out_dir: str | Path, tokenizer: str | Path | None = None) -> Path:
@@ -50,15 +41,8 @@ def save_model(model: PHDTransformer, out_dir: str | Path, tokenizer: str | Path
         model.config.save(tmp / CONFIG)
         if tokenizer is not None:
             shutil.copyfile(tokenizer, tmp / TOKENIZER)
-        (tmp / "checksums.json").write_text(json.dumps({WEIGHTS: _sha256(tmp / WEIGHTS)}, indent=2) + "\n")
-        if out_dir.exists():
-            old = out_dir.with_name(out_dir.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        (tmp / "checksums.json").write_text(json.dumps({WEIGHTS: sha256_file(tmp / WEIGHTS)}, indent=2) + "\n")
+        swap_in_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -87,7 +71,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", verify: boo
     sums = root / "checksums.json"
     if verify and sums.exists():
         expected = json.loads(sums.read_text()).get(WEIGHTS)
-        if expected and _sha256(root / WEIGHTS) != expected:
+        if expected and sha256_file(root / WEIGHTS) != expected:
             raise CheckpointError(f"{root / WEIGHTS} does not match its checksum: the file is corrupted or truncated")
     try:
         state = load_file(root / WEIGHTS, device=str(device))

