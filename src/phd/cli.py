@@ -1,6 +1,7 @@
 """`phd data | train | generate | eval | bench | convert | export`: one entry point, one module per command.
 
-Each command module exposes `register(subparsers)` and imports its heavy dependencies only when it runs.
+Each command module exposes `register(subparsers)` and imports its heavy dependencies only when it runs, so
+the command starts fast and without the optional extras (transformers, lm-eval, matplotlib).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ COMMANDS = {
     "generate": "phd.inference.cli",
     "bench": "phd.bench.cli",
     "eval": "phd.eval.cli",
-    "convert": "phd.hf.cli",
+    "convert": "phd.convert_cli",
 }
 
 
@@ -25,13 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="phd", description="PHD-Transformer: pretrain, serve, evaluate")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in COMMANDS.values():
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as err:
-            if not err.name or not err.name.startswith("phd"):
-                raise
-            continue
-        mod.register(sub)
+        importlib.import_module(module).register(sub)
     return parser
 
 

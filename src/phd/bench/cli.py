@@ -16,12 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("bench", help="benchmarks: ratios to vanilla measured side by side")
     kinds = parser.add_subparsers(dest="kind", metavar="KIND")
     for name, (module, help_text) in KINDS.items():
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as err:
-            if not err.name or not err.name.startswith("phd"):
-                raise
-            continue
+        mod = importlib.import_module(module)
         kind = kinds.add_parser(name, help=help_text)
         mod.add_arguments(kind)
         kind.set_defaults(func=mod.run)

@@ -1,5 +1,7 @@
 """`phd convert SRC OUT`: transformers / GGUF checkpoints to PHD models and back.
 
+Lives outside `phd.hf` so that the `phd` command starts without importing transformers (the `hf` extra).
+
     phd convert ./llama-dir  out/       --variant PHD-CSWA-2-16-32   # native export (config + safetensors + tokenizer)
     phd convert model.gguf   out/       --check                      # K = 1, compare logits with the original
     phd convert out/         llama-dir/ --to hf                      # a K = 1 export back to Llama / OLMo2
@@ -55,10 +57,10 @@ def _max_diff(a, b) -> float:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..config import PHDConfig
-    from ..io import load_model, save_model
-    from . import PHDForCausalLM
-    from .convert import from_transformers, load_transformers, to_transformers
+    from .config import PHDConfig
+    from .hf import PHDForCausalLM
+    from .hf.convert import from_transformers, load_transformers, to_transformers
+    from .io import load_model, save_model
 
     source: Path = args.source
     from_phd = source.is_dir() and _is_phd_export(source)
