@@ -122,9 +122,19 @@ def pick_kernel(device: torch.device):
 # ----------------------------------------------------------------------------------------------------------
 
 
-@torch.compiler.disable  # a cached host-side plan: keep it out of compiled graphs (inductor cannot trace it)
-@functools.lru_cache(maxsize=64)
 def _band_plan(layout: AttentionLayout, device: torch.device):
+    """The cached band plan, kept out of compiled graphs (inductor cannot trace it). The wrapper is made on first
+    use: `torch.compiler.disable` imports dynamo, which would double the time `import phd` takes."""
+    return _uncompiled_band_plan()(layout, device)
+
+
+@functools.cache
+def _uncompiled_band_plan():
+    return torch.compiler.disable(_make_band_plan)
+
+
+@functools.lru_cache(maxsize=64)
+def _make_band_plan(layout: AttentionLayout, device: torch.device):
     """Key indices and mask of the hidden band, in blocks of BAND_BLOCK hidden query rows.
 
     Hidden row r = n*(K-1) + j - 2 needs hidden keys from (n - W)*(K-1) to r (no window: from n*(K-1)), so

@@ -38,6 +38,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
+    except ModuleNotFoundError as err:
+        if "pip install" not in str(err):  # a missing optional extra: say which, without a traceback
+            raise
+        print(f"phd {args.command}: {err}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
