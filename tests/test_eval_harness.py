@@ -117,6 +117,8 @@ def test_missing_local_data_names_the_folders_searched(tmp_path) -> None:
     builder = TaskBuilder(tmp_path)
     with pytest.raises(TaskDataError, match="no local copy of allenai/ai2_arc"):
         builder.build("arc_easy")
+    with pytest.raises(ValueError, match="lm-eval has no task 'nonsense'"):
+        builder.build("nonsense")
 
 
 def test_cli_loss_on_token_shards(tmp_path, capsys) -> None:

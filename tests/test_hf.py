@@ -233,6 +233,15 @@ def test_cli_converts_a_directory_to_an_export_and_back(tmp_path, capsys) -> Non
         torch.testing.assert_close(native(ids).logits, hf(ids).logits, atol=1e-4, rtol=0)
 
 
+def test_cli_reports_bad_input_in_one_line(tmp_path) -> None:
+    with pytest.raises(SystemExit, match="phd convert: GGUF file .*missing.gguf does not exist"):
+        phd_main(["convert", str(tmp_path / "missing.gguf"), str(tmp_path / "out")])
+    hf = tiny_transformers("llama", attention_bias=True)
+    hf.save_pretrained(tmp_path / "biased")
+    with pytest.raises(SystemExit, match="phd convert: attention_bias=True is not supported"):
+        phd_main(["convert", str(tmp_path / "biased"), str(tmp_path / "out")])
+
+
 def test_cli_converts_to_a_phd_variant_in_transformers_format(tmp_path) -> None:
     tiny_transformers("llama").save_pretrained(tmp_path / "llama")
     args = ["convert", str(tmp_path / "llama"), str(tmp_path / "phd-hf"), "--to", "phd-hf",

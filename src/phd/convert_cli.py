@@ -55,6 +55,15 @@ def _max_diff(a, b) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .io import CheckpointError
+
+    try:
+        return _convert(args)
+    except (ValueError, CheckpointError, FileNotFoundError) as err:  # ConversionError, ConfigError: bad input
+        raise SystemExit(f"phd convert: {err}") from None
+
+
+def _convert(args: argparse.Namespace) -> int:
     import torch
 
     from .config import PHDConfig

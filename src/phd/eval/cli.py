@@ -107,6 +107,15 @@ def _default_tasks_data() -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..io import CheckpointError
+
+    try:
+        return _evaluate(args)
+    except (ValueError, CheckpointError, FileNotFoundError) as err:  # bad model, data or task names
+        raise SystemExit(f"phd eval: {err}") from None
+
+
+def _evaluate(args: argparse.Namespace) -> int:
     import torch
 
     from ..data.shards import open_shards

@@ -131,7 +131,7 @@ class TaskBuilder:
 
         entry = self.manager.task_index.get(name)
         if entry is None or entry.yaml_path is None:
-            raise KeyError(f"lm-eval has no task {name!r}; paper tasks: {', '.join(PAPER_TASKS)}")
+            raise ValueError(f"lm-eval has no task {name!r}; paper tasks: {', '.join(PAPER_TASKS)}")
         config = load_yaml(entry.yaml_path, resolve_func=True)
         for key in ("tag", "group", "task_list"):
             config.pop(key, None)
