@@ -44,11 +44,8 @@ class PHDLM(LM):
         self.batch_size = batch_size
         self.progress = progress
         self.max_length = max_length or model.config.max_seq_len
-        prefix = prefix_token_id
-        for candidate in (prefix, tokenizer.eos_token_id, tokenizer.bos_token_id):
-            if candidate is not None:
-                prefix = candidate
-                break
+        candidates = (prefix_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id)
+        prefix = next((c for c in candidates if c is not None), None)
         if prefix is None:
             raise ValueError(
                 "the tokenizer declares neither an eos nor a bos token: pass prefix_token_id (the token that "
