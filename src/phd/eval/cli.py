@@ -107,16 +107,18 @@ def _default_tasks_data() -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from ..io import CheckpointError
 
     try:
-        return _evaluate(args)
+        with torch.no_grad():  # scoped: `phd.cli.main` may run inside a longer-lived process (tests, notebooks)
+            return _evaluate(args)
     except (ValueError, CheckpointError, FileNotFoundError) as err:  # bad model, data or task names
         raise SystemExit(f"phd eval: {err}") from None
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    import torch
 
     from ..data.shards import open_shards
     from .perplexity import evaluate_loss
@@ -131,7 +133,6 @@ def _evaluate(args: argparse.Namespace) -> int:
         tokenizer = _tokenizer(args.tokenizer)
     model = model.to(args.device).eval()
     report: dict[str, Any] = {"model": str(args.model), "variant": model.config.name}
-    torch.set_grad_enabled(False)
 
     if args.data is not None:
         shards = open_shards(args.data)
