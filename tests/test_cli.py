@@ -13,7 +13,9 @@ BLOCK_EXTRAS = (
 
 
 def test_every_command_is_registered_without_the_optional_extras():
-    code = BLOCK_EXTRAS + "import phd.cli\nparser = phd.cli.build_parser()\nprint(sorted(parser._subparsers._group_actions[0].choices))"
+    code = BLOCK_EXTRAS + (
+        "import phd.cli\nparser = phd.cli.build_parser()\nprint(sorted(parser._subparsers._group_actions[0].choices))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert eval(out) == sorted(COMMANDS)
 
