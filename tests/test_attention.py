@@ -33,7 +33,9 @@ def _check(fn, layout, dtype=torch.float32, atol=2e-5):
     grads = torch.autograd.grad(out, (q, k, v), grad)
     torch.testing.assert_close(out.float(), ref, atol=atol, rtol=0)
     for name, a, b in zip("qkv", grads, ref_grads, strict=True):
-        torch.testing.assert_close(a.float(), b.float(), atol=atol * 4, rtol=0, msg=lambda m, name=name: f"grad {name}: {m}")
+        torch.testing.assert_close(
+            a.float(), b.float(), atol=atol * 4, rtol=0, msg=lambda m, name=name: f"grad {name}: {m}"
+        )
 
 
 @pytest.mark.parametrize("kernel", [CpuFlashKernel, MathKernel], ids=["cpu-flash", "math"])

@@ -78,7 +78,8 @@ def test_cpu_presets_have_their_advertised_size(preset, low, high):
 
 def test_paper_presets_match_spec_section_7():
     big = PHDConfig.preset("paper-1.2b", "PHD-CSWA-3-16-32")
-    assert (big.n_layers, big.d_model, big.d_ff, big.n_heads, big.n_kv_heads, big.head_dim) == (16, 2048, 16384, 32, 8, 64)
+    shape = (big.n_layers, big.d_model, big.d_ff, big.n_heads, big.n_kv_heads, big.head_dim)
+    assert shape == (16, 2048, 16384, 32, 8, 64)
     assert big.norm == "post" and big.qk_norm
     mid = PHDConfig.preset("paper-550m", "PHD-SWA-3-16-inf")
     assert (mid.n_layers, mid.d_model, mid.d_ff, mid.n_heads, mid.n_kv_heads) == (16, 1536, 8192, 16, 4)
