@@ -1,10 +1,12 @@
 """Training throughput of the real trainer (`phd train`) at 1 and N processes, and the scaling efficiency.
 
 Each measurement is a short `torchrun --nproc_per_node=P -m phd.cli train` on synthetic tokens with the same
-global batch (strong scaling): efficiency = tokens/s(P) / (P * tokens/s(1)). On CPU the processes split the
-cores (OMP_NUM_THREADS = cores / P), so 1 process gets every core too. Throughput is the median of the
-per-step tokens/s that the trainer logs, after `--warmup` steps. On CUDA every run also reports MFU for the
-model FLOPs (6 * matmul parameters * K per input token, plus attention) over the device's peak.
+global batch (strong scaling). On CUDA each process has its own GPU: efficiency = tokens/s(P) / (P * tokens/s(1)).
+On CPU the processes split the same cores (OMP_NUM_THREADS = cores / P; 1 process gets every core), so the
+hardware is fixed and efficiency = tokens/s(P) / tokens/s(1): what data parallelism costs over threads.
+Throughput is the median of the per-step tokens/s that the trainer logs, after `--warmup` steps. On CUDA every
+run also reports MFU for the model FLOPs (6 * matmul parameters * K per input token, plus attention) over the
+device's peak.
 """
 
 from __future__ import annotations
@@ -141,7 +143,8 @@ def run(args: argparse.Namespace) -> int:
             for procs in args.procs:
                 row = _measure(args, variant, procs, data, work, device)
                 base = row["tok_per_s"] if procs == 1 else base
-                row["efficiency"] = row["tok_per_s"] / (procs * base) if base and procs > 1 else None
+                devices = procs if device == "cuda" else 1  # CPU: the P processes share the same cores
+                row["efficiency"] = row["tok_per_s"] / (devices * base) if base and procs > 1 else None
                 row["mfu"] = (
                     row["tok_per_s"] * train_flops_per_token(config, args.seq_len) / (peak * 1e12 * procs)
                     if peak else None
@@ -154,8 +157,12 @@ def run(args: argparse.Namespace) -> int:
     )
     if device == "cuda":
         header += f" ({torch.cuda.get_device_name()}, peak {peak} TFLOP/s)"
+        header += ". Scaling efficiency: tokens/s(P) / (P * tokens/s(1)), one GPU per process."
     else:
-        header += f", {os.cpu_count()} cores"
+        header += (
+            f", {os.cpu_count()} cores shared by the processes. Scaling efficiency: tokens/s(P) / tokens/s(1) "
+            "on the same cores (the cost of data parallelism over threads)."
+        )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     text = format_markdown(rows, header)
