@@ -171,9 +171,6 @@ class PHDConfig:
         """The same architecture with another variant (for side-by-side baselines)."""
         return dataclasses.replace(self, **self.parse_name(name))
 
-    def replace(self, **changes: Any) -> PHDConfig:
-        return dataclasses.replace(self, **changes)
-
     # ----- serialisation -----
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

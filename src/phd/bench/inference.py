@@ -23,6 +23,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .timing import CLOCKS
+
 GOALS = {  # ratio to vanilla; prefill at the longest prompt, decode at K = 4
     "PHD prefill": 1.05, "PHD-CSWA prefill": 1.10, "PHD-SWA bounded prefill": 1.15, "decode K=4": 1.25,
 }
@@ -56,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-cache-gb", type=float, default=4.0,
                         help="skip decode runs whose cache is larger (default 4; one cache is alive at a time)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+    parser.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
                         help="wall: elapsed time (default); cpu: this process's CPU time, steadier on a shared "
                              "machine (use with --threads 1: spinning threads would count)")
     parser.add_argument("--out", default="docs/bench", help="directory for inference.md / .json / *.png")
@@ -197,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _clock(args):
-    return time.process_time if args.clock == "cpu" else time.perf_counter
+    return CLOCKS[args.clock]
 
 
 def _time_prefill(models: dict, variants: list[Variant], vocab: int, t: int, args, started: float) -> dict:
