@@ -12,6 +12,7 @@ from train_utils import make_data, one_thread, tiny_config  # noqa: F401 (autous
 
 from phd.cli import main
 from phd.io import load_model, resolve_export, save_model
+from phd.study.runner import read_results
 from phd.train import TrainConfigError, Trainer, build_config
 from phd.train.checkpoint import verify
 from phd.train.config import TrainConfig, parse_overrides
@@ -211,12 +212,23 @@ def test_compare_prints_the_variants_side_by_side(tmp_path, capsys):
     data = make_data(tmp_path / "data", train_tokens=6_000, val_tokens=1_000, vocab=2048)  # cpu-1m's vocabulary
     out = tmp_path / "compare"
     argv = ["compare", "--data", str(data), "--variants", "vanilla", "PHD-CSWA-2-4-8", "--seq-len", "32",
-            "--batch-size", "4", "--steps", "2", "--eval-iters", "1", "--out", str(out), "--quiet"]
-    assert main(argv) == 0
+            "--batch-size", "4", "--steps", "2", "--evals", "1", "--eval-sequences", "4", "--out", str(out),
+            "--quiet", "--seeds", "0", "1"]
+    assert main(argv + ["--jobs", "1"]) == 0
     table = capsys.readouterr().out
-    assert "| vanilla | 1,049,728 | 256 |" in table and "| PHD-CSWA-2-4-8 | 1,049,728 | 256 |" in table
-    rows = json.loads((out / "results.json").read_text())["rows"]
-    assert [r["variant"] for r in rows] == ["vanilla", "PHD-CSWA-2-4-8"]
+    assert "| vanilla |" in table and "| PHD-CSWA-2-4-8 |" in table and "(2 seeds)" in table
+    rows = read_results(out / "results.jsonl")
+    assert sorted((r["variant"], r["seed"]) for r in rows) == [
+        ("PHD-CSWA-2-4-8", 0), ("PHD-CSWA-2-4-8", 1), ("vanilla", 0), ("vanilla", 1)]
     assert rows[0]["val_loss"] != rows[1]["val_loss"] and all(np.isfinite(r["val_loss"]) for r in rows)
+    # the same command again: nothing retrained, the same table
+    assert main(argv + ["--jobs", "1"]) == 0
+    again = capsys.readouterr().out
+    assert "[study" not in again and table.endswith(again)
+    assert len(read_results(out / "results.jsonl")) == 4
+    # two worker processes give the same losses (same seeds, same batches)
+    assert main(argv + ["--jobs", "2", "--out", str(tmp_path / "parallel")]) == 0
+    par = {(r["variant"], r["seed"]): r["val_loss"] for r in read_results(tmp_path / "parallel" / "results.jsonl")}
+    assert par == {(r["variant"], r["seed"]): r["val_loss"] for r in rows}
     assert main(argv[:4] + ["PHD-CSWA-x"]) == 2
     assert "variant name 'PHD-CSWA-x' is unknown" in capsys.readouterr().err

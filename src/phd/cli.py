@@ -19,6 +19,7 @@ COMMANDS = {
     "bench": "phd.bench.cli",
     "eval": "phd.eval.cli",
     "convert": "phd.convert_cli",
+    "study": "phd.study.cli",
 }
 
 

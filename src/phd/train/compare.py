@@ -1,100 +1,248 @@
-"""`phd compare`: train the same small model as several variants, same data, same settings, and print their
-validation losses side by side.
+"""`phd compare`: train vanilla and PHD variants side by side, paired, and print the difference with its spread.
 
-Every variant starts from the same initial weights (PHD adds no parameters, and the seed is shared), sees the
-same batches in the same order and follows the same schedule; only the attention pattern / repetition differs.
-The defaults fit a few minutes per variant on 2 CPU cores, so the gap they show is an early-training one.
+A comparison is a one-recipe study suite (phd.study): every variant of a seed starts from the same initial weights
+and reads the same batches, so "variant minus vanilla" is a paired difference; runs resume after an interruption
+and a finished run is never redone. The runs train in `--jobs` processes at once (default: one per core, which on
+a small model is faster than one process using every core). The defaults are the project's quickstart: a setting
+where the study (docs/RESULTS.md, suite `quickstart`) measured the paired difference over several seeds, which
+is printed beside this run's figure so one run can be judged against the spread.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
-import shutil
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-DEFAULT_VARIANTS = ("vanilla", "PHD-CSWA-3-16-32")
-DEFAULT_CHARS = 2_000_000  # of every corpus file (12 MB of text): plenty for a few minutes per variant
+DEFAULTS = dict(variants=["vanilla", "PHD-CSWA-3-16-32"], preset="cpu-1m", seq_len=256, batch_size=16,
+                tokens=1_000_000, lr=0.003, evals=8, eval_sequences=256)
+STUDY_SUITE = "quickstart"  # the suite of experiments/ that measured the defaults over seeds
+REPO = Path(__file__).resolve().parents[3]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("compare", help="train vanilla and PHD variants side by side; print val losses")
+    d = DEFAULTS
+    parser = sub.add_parser("compare", help="train vanilla and PHD variants side by side (paired); print the gap")
     parser.add_argument("--data", help="data directory from `phd data` (default: built once from the default corpus)")
-    parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), metavar="NAME",
-                        help="paper variant names (default: vanilla PHD-CSWA-3-16-32)")
-    parser.add_argument("--preset", default="cpu-1m", help="model size preset (default cpu-1m, 1.0M parameters)")
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=8, help="sequences per step (default 8)")
-    parser.add_argument("--steps", type=int, default=120, help="optimizer steps per variant (default 120)")
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--eval-iters", type=int, default=8, help="validation batches (default 8)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="runs/compare", help="run directories and results (default runs/compare)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--variants", nargs="+", default=d["variants"], metavar="NAME",
+                        help="paper variant names; the first is the reference (default: vanilla PHD-CSWA-3-16-32)")
+    parser.add_argument("--preset", default=d["preset"], help="model size preset (default cpu-1m, 1.05M parameters)")
+    parser.add_argument("--seq-len", type=int, default=d["seq_len"])
+    parser.add_argument("--batch-size", type=int, default=d["batch_size"], help="sequences per step (default 16)")
+    parser.add_argument("--tokens", type=int, default=d["tokens"], help="training tokens per run (default 1,000,000)")
+    parser.add_argument("--steps", type=int, help="optimizer steps per run (instead of --tokens)")
+    parser.add_argument("--lr", type=float, default=d["lr"], help="peak learning rate (default: the pilot's choice)")
+    parser.add_argument("--evals", type=int, default=d["evals"], help="validation points per run (default 8)")
+    parser.add_argument("--eval-sequences", type=int, default=d["eval_sequences"],
+                        help="validation sequences per point (default 256)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds; with several, the spread is shown")
+    parser.add_argument("--jobs", type=int, default=min(os.cpu_count() or 1, 2),
+                        help="runs trained at once, one process each (default: 2, or 1 on one core)")
+    parser.add_argument("--out", default="runs/compare", help="runs, results and plot (default runs/compare)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
-    """A markdown table: variant, params, train tokens, val loss (and its difference to the first), tok/s, time."""
-    lines = [
-        "| variant | params | train tokens | val loss | vs first | tok/s | time |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    base = rows[0]["val_loss"] if rows else None
-    for r in rows:
-        delta = "" if r is rows[0] else f"{r['val_loss'] - base:+.4f}"
-        lines.append(
-            f"| {r['variant']} | {r['params']:,} | {r['tokens']:,} | {r['val_loss']:.4f} | {delta} | "
-            f"{r['tok_per_s']:,.0f} | {r['time']:.0f} s |"
-        )
-    return "\n".join(lines)
+def suite_for(args: argparse.Namespace, data: str) -> tuple[str, dict[str, Any]]:
+    """(recipe name, suite) of this comparison; the name carries a digest of the settings, so other settings
+    train in other folders and nothing of an earlier comparison is overwritten."""
+    settings = {"preset": args.preset, "data": data, "seq_len": args.seq_len, "batch_size": args.batch_size,
+                "tokens": args.steps * args.seq_len * args.batch_size if args.steps else args.tokens,
+                "lr": args.lr, "evals": args.evals, "eval_sequences": args.eval_sequences,
+                "checkpoint_every": 25}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+    recipe = f"compare-{digest}"
+    suite = {"description": "phd compare", "defaults": settings,
+             "recipes": {recipe: {"variants": list(args.variants), "seeds": list(args.seeds)}}}
+    return recipe, suite
 
 
 def run(args: argparse.Namespace) -> int:
     from ..config import ConfigError, PHDConfig, preset_arch
     from ..data.build import default_data_dir
     from ..data.shards import DataError
-    from .config import TrainConfig, TrainConfigError
-    from .trainer import Trainer
+    from ..study.recipes import StudyError, load_suite
+    from .config import TrainConfigError
 
     out = Path(args.out)
     try:
         for name in args.variants:
             PHDConfig.parse_name(name)
+        if args.jobs < 1:
+            raise StudyError(f"--jobs {args.jobs} must be >= 1")
         vocab = preset_arch(args.preset)["vocab_size"]
-        data = Path(args.data) if args.data else default_data_dir(vocab, DEFAULT_CHARS, progress=not args.quiet)
-        rows = []
-        for name in args.variants:
-            run_dir = out / name
-            if (run_dir / "config.json").exists():  # a previous comparison's run: start it over
-                shutil.rmtree(run_dir)
-            cfg = TrainConfig(
-                model={"preset": args.preset, "variant": name, "max_seq_len": max(args.seq_len, 512)},
-                data=str(data), out=str(run_dir), seq_len=args.seq_len, batch_size=args.batch_size,
-                micro_batch=args.batch_size, max_steps=args.steps, lr=args.lr, min_lr=args.lr / 10,
-                warmup_steps=max(args.steps // 10, 1), eval_every=args.steps, eval_iters=args.eval_iters,
-                checkpoint_every=args.steps, checkpoint_keep=1, log_every=10, seed=args.seed, device="cpu",
-                progress=not args.quiet,
-            )
-            start = time.perf_counter()
-            summary = Trainer(cfg).fit()
-            rows.append({
-                "variant": summary["variant"], "params": summary["params"], "tokens": summary["tokens"],
-                "val_loss": summary["val_loss"], "train_loss": summary["train_loss"],
-                "tok_per_s": summary["tok_per_s"], "time": time.perf_counter() - start,
-            })
-    except (ConfigError, TrainConfigError, DataError) as err:
+        data = Path(args.data) if args.data else default_data_dir(vocab, None, progress=not args.quiet)
+        recipe, suite_data = suite_for(args, str(data.resolve()))
+        folder = out / "suites"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "compare.json").write_text(json.dumps(suite_data, indent=1) + "\n")
+        suite = load_suite(folder, "compare")
+        results = out / "results.jsonl"
+        train(suite, results, out, args)
+        rows = [r for r in _rows(results) if r["recipe"] == recipe]
+    except (ConfigError, TrainConfigError, DataError, StudyError) as err:
         print(f"phd compare: error: {err}", file=sys.stderr)
         return 2
-    table = format_table(rows)
-    setup = (
-        f"{args.preset}, seq_len {args.seq_len}, batch {args.batch_size}, {args.steps} steps, lr {args.lr}, "
-        f"seed {args.seed}, data {data}"
-    )
-    (out / "results.json").write_text(json.dumps({"setup": setup, "rows": rows}, indent=2) + "\n")
-    (out / "results.md").write_text(f"{setup}\n\n{table}\n")
-    print(f"\n{setup}\n\n{table}\n\nwritten to {out}/results.md and results.json")
+    if len(rows) < len(suite.runs):
+        print(f"phd compare: {len(suite.runs) - len(rows)} run(s) did not finish; see {out}/logs; run the same "
+              "command again to resume", file=sys.stderr)
+        return 1
+    text = summary(rows, args, suite_data["defaults"], data)
+    (out / recipe).mkdir(parents=True, exist_ok=True)
+    (out / recipe / "results.md").write_text(text + "\n")
+    plot = plot_curves(rows, out / recipe / "curves.png")
+    print("\n" + text)
+    if plot:
+        print(f"\nloss curves: {plot}")
+    print(f"written to {out / recipe}/results.md; the full study: docs/RESULTS.md")
     return 0
+
+
+def _rows(results: Path) -> list[dict[str, Any]]:
+    from ..study.runner import read_results
+
+    return read_results(results)
+
+
+def train(suite, results: Path, out: Path, args: argparse.Namespace) -> None:
+    """Train the suite's runs, in `jobs` worker processes (`phd study`) or, with one job, in this process."""
+    from ..study.runner import done_keys, read_results, run_suite
+
+    pending = [r for r in suite.runs if r.key not in done_keys(read_results(results))]
+    jobs = min(args.jobs, len(pending))
+    if jobs <= 1:
+        run_suite(suite, results, out / "runs", progress=not args.quiet)
+        return
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "phd.cli", "study", "compare", "--experiments", str(out / "suites"),
+               "--results", str(results), "--runs", str(out / "runs"), "--threads", str(threads), "--quiet"]
+    workers = []
+    for i in range(jobs):
+        log = open(logs / f"worker{i}.log", "w")  # noqa: SIM115 (closed below)
+        workers.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), log))
+        time.sleep(1.0)  # the first worker takes the first run's lock before the next one looks
+    _follow(suite, out / "runs", [w for w, _ in workers], quiet=args.quiet)
+    for worker, log in workers:
+        log.close()
+        if worker.returncode:
+            tail = (logs / Path(log.name).name).read_text().splitlines()[-5:]
+            print(f"phd compare: a worker failed (exit {worker.returncode}):\n  " + "\n  ".join(tail), file=sys.stderr)
+
+
+def _follow(suite, runs_root: Path, workers: list[subprocess.Popen], quiet: bool) -> None:
+    """A progress bar over all runs' steps, read from their metrics files, until the workers exit."""
+    from ..study.runner import run_dir
+    from ..study.status import _progress
+
+    total = sum(r.steps for r in suite.runs)
+    bar = None
+    if not quiet:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, desc="compare (all runs)", unit="step", dynamic_ncols=True)
+    try:
+        while any(w.poll() is None for w in workers):
+            time.sleep(2.0)
+            if bar is not None:
+                bar.n = sum(min(_progress(run_dir(runs_root, r)), r.steps) for r in suite.runs)
+                bar.refresh()
+    except KeyboardInterrupt:
+        for w in workers:
+            w.terminate()  # SIGTERM: each worker saves a checkpoint after its current step
+        for w in workers:
+            w.wait()
+        raise
+    finally:
+        if bar is not None:
+            bar.n = sum(min(_progress(run_dir(runs_root, r)), r.steps) for r in suite.runs)
+            bar.close()
+
+
+def summary(rows: list[dict[str, Any]], args: argparse.Namespace, settings: dict[str, Any], data: Path) -> str:
+    """The comparison as markdown: per variant the loss of every seed and the paired difference to the first."""
+    from ..study.stats import paired, summarize
+
+    by_variant = {v: sorted((r for r in rows if r["variant"] == v), key=lambda r: r["seed"]) for v in args.variants}
+    base_name = args.variants[0]
+    base = by_variant[base_name]
+    first = rows[0]
+    lines = [
+        f"{args.preset} ({first['params']:,} parameters), seq_len {args.seq_len}, batch {args.batch_size}, "
+        f"{first['tokens']:,} training tokens per run, lr {args.lr}, seeds {' '.join(map(str, args.seeds))}, "
+        f"data {data}",
+        "",
+        f"| variant | val loss by seed | mean | paired Δ vs {base_name} | train FLOPs | tok/s | time |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for variant, group in by_variant.items():
+        losses = " ".join(f"{r['val_loss']:.4f}" for r in group)
+        mean = summarize([r["val_loss"] for r in group])
+        delta = summarize(paired(group, base)) if variant != base_name else None
+        tok_s = sum(r["tok_per_s"] for r in group) / len(group)
+        wall = sum(r["wall_s"] or 0 for r in group) / len(group)
+        lines.append(f"| {variant} | {losses} | {mean.mean:.4f} | {delta.text() if delta else ''} | "
+                     f"{group[0]['flops'] / 1e12:.2f} TF | {tok_s:,.0f} | {wall:.0f} s |")
+    reference = study_reference(settings, args.variants)
+    if reference:
+        lines += ["", reference]
+    return "\n".join(lines)
+
+
+def study_reference(settings: dict[str, Any], variants: list[str]) -> str | None:
+    """The same setting's paired differences over seeds from the project's study, when this is a checkout."""
+    path = REPO / "experiments" / "results.jsonl"
+    if not path.exists():
+        return None
+    from ..study.runner import read_results
+    from ..study.stats import paired, summarize
+
+    keys = ("seq_len", "batch_size", "lr")
+    rows = [r for r in read_results(path) if r.get("suite") == STUDY_SUITE and r.get("kind", "run") == "run"
+            and all(r["config"][k] == settings[k] for k in keys) and r["tokens"] >= settings["tokens"] * 0.99
+            and r["tokens"] <= settings["tokens"] * 1.01 and r["config"]["model"]["vocab_size"] > 0]
+    base = [r for r in rows if r["variant"] == variants[0]]
+    parts = []
+    for v in variants[1:]:
+        s = summarize(paired([r for r in rows if r["variant"] == v], base))
+        if s is not None:
+            verdict = "" if s.outside_2sd is None else (
+                ", outside 2 sd" if s.outside_2sd else ", within 2 sd: not distinguishable from noise")
+            parts.append(f"{v} − {variants[0]}: {s.text()}{verdict}")
+    if not parts:
+        return None
+    return ("The study measured this setting on the project's corpus (docs/RESULTS.md, suite `quickstart`): "
+            + "; ".join(parts) + ".")
+
+
+def plot_curves(rows: list[dict[str, Any]], path: Path) -> Path | None:
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colors: dict[str, str] = {}
+    for r in sorted(rows, key=lambda r: (r["variant"], r["seed"])):
+        xs = [t for t, _ in r["val_curve"]]
+        ys = [v for _, v in r["val_curve"]]
+        line = ax.plot(xs, ys, marker=".", color=colors.get(r["variant"]),
+                       label=r["variant"] if r["variant"] not in colors else None)[0]
+        colors.setdefault(r["variant"], line.get_color())
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("validation loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, metadata={"Software": None})
+    plt.close(fig)
+    return path

@@ -88,7 +88,9 @@ class TokenLoader:
 def eval_batches(
     tokens: np.ndarray, seq_len: int, num_sequences: int, micro_batch: int, rank: int, world: int
 ) -> list[tuple[Tensor, Tensor, Tensor]]:
-    """This rank's share of the first `num_sequences` windows of the validation split, as (inputs, targets, weight).
+    """This rank's share of `num_sequences` windows spread evenly over the validation split (all of them when it
+    holds no more), as (inputs, targets, weight). Spread, not the first ones: the split is the tail of every source
+    in turn, and the loss should weigh them all.
 
     Windows are dealt to ranks round-robin; a rank short of windows pads with weight-0 copies so that every
     rank runs the same number of forward passes (FSDP's collectives need it). The weighted mean over all
@@ -98,7 +100,8 @@ def eval_batches(
     n = min(num_sequences, available)
     if n == 0:
         raise DataError(f"the val split holds {len(tokens)} tokens, not one sequence of {seq_len + 1}")
-    mine = list(range(rank, n, world))
+    chosen = [i * available // n for i in range(n)]
+    mine = chosen[rank::world]
     per_rank = -(-n // world)
     steps = -(-per_rank // micro_batch)
     weights = [1.0] * len(mine) + [0.0] * (steps * micro_batch - len(mine))

@@ -379,8 +379,14 @@ class Trainer:
         path = self.run_dir / METRICS
         if not path.exists():
             return
-        lines = path.read_text().splitlines()
-        keep = [line for line in lines if line and json.loads(line)["step"] <= self.progress.step]
+        keep = []
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line torn by a kill mid-write: dropped, its step is redone
+                continue
+            if record.get("step", 0) <= self.progress.step:
+                keep.append(line)
         path.write_text("".join(line + "\n" for line in keep))
 
 

@@ -1,0 +1,61 @@
+"""`phd study SUITE [--status]` trains a suite of runs from `experiments/SUITE.json` (resumable, never redoing a
+finished run); `phd study report` rebuilds docs/RESULTS.md and its plots from `experiments/results.jsonl` alone."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("study", help="run a suite of paired training runs; `phd study report` writes the report")
+    parser.add_argument("suite", help="suite name (experiments/SUITE.json), or `report`")
+    parser.add_argument("--status", action="store_true", help="say what is done and what is left, with a time estimate")
+    parser.add_argument("--experiments", default="experiments", help="folder of suite files and results.jsonl")
+    parser.add_argument("--results", help="results file (default EXPERIMENTS/results.jsonl)")
+    parser.add_argument("--runs", default="runs/study", help="folder of the runs' checkpoints (default runs/study)")
+    parser.add_argument("--threads", type=int, help="torch threads per process (default: torch's choice)")
+    parser.add_argument("--out", default="docs", help="report: folder for RESULTS.md and results/*.png (default docs)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..config import ConfigError
+    from ..data.shards import DataError
+    from ..train.config import TrainConfigError
+    from .recipes import StudyError, load_suite
+
+    experiments = Path(args.experiments)
+    results = Path(args.results) if args.results else experiments / "results.jsonl"
+    if args.threads is not None:
+        if args.threads < 1:
+            print(f"phd study: error: --threads {args.threads} must be >= 1", file=sys.stderr)
+            return 2
+        torch.set_num_threads(args.threads)
+    try:
+        if args.suite == "report":
+            from .report import write_report
+
+            for path in write_report(results, Path(args.out)):
+                print(f"wrote {path}")
+            return 0
+        suite = load_suite(experiments, args.suite)
+        if args.status:
+            from .status import status_text
+
+            print(status_text(suite, results, Path(args.runs)))
+            return 0
+        from .runner import run_suite
+
+        counts = run_suite(suite, results, Path(args.runs), progress=not args.quiet)
+    except (StudyError, ConfigError, TrainConfigError, DataError) as err:
+        print(f"phd study: error: {err}", file=sys.stderr)
+        return 2
+    left = len(suite.runs) - counts["done"] - counts["trained"]
+    print(f"[study {suite.name}] {counts['done']} already done, {counts['trained']} trained now, "
+          f"{counts['locked']} held by other processes; {left} left")
+    return 0

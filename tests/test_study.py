@@ -1,0 +1,188 @@
+"""`phd study`: suites, resume after a kill, one results row per run, status, the report, the FLOPs formula."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from train_utils import VOCAB, make_data, one_thread  # noqa: F401
+
+from phd.cli import main
+from phd.config import PHDConfig
+from phd.masks import AttentionLayout
+from phd.study import flops
+from phd.study.recipes import StudyError, load_suite
+from phd.study.report import write_report
+from phd.study.runner import append_result, read_results, run_dir, run_lock, run_suite
+from phd.study.stats import paired, summarize
+from phd.study.status import status_text
+
+TINY = {"vocab_size": VOCAB, "d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "d_ff": 64}
+KEYS = ("suite", "recipe", "variant", "seed", "params", "tokens", "flops", "val_loss", "train_loss", "tok_per_s",
+        "wall_s", "commit", "config")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_data(tmp_path_factory.mktemp("data"))
+
+
+def write_suite(folder: Path, data: Path, name: str = "tiny") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    suite = {
+        "description": "tiny",
+        "defaults": {"preset": None, "model": TINY, "data": str(data), "seq_len": 32, "batch_size": 4,
+                     "tokens": 1024, "lr": 0.01, "evals": 2, "eval_sequences": 8, "checkpoint_every": 2},
+        "recipes": {
+            "sweep": {"role": "sweep", "lr": 0.003, "variants": ["vanilla"], "seeds": [0]},
+            "core": {"variants": ["vanilla", "PHD-CSWA-2-4-8"], "seeds": [0, 1]},
+            "more-tokens": {"role": "equal-flops", "tokens": 2048, "variants": ["vanilla"], "seeds": [0, 1],
+                            "baseline": "core"},
+            "ablation": {"role": "ablation", "variants": ["PHD-SWA-2-2-inf"], "seeds": [0], "baseline": "core"},
+        },
+    }
+    (folder / f"{name}.json").write_text(json.dumps(suite))
+    return folder
+
+
+def test_suite_kill_resume_rows_status_and_report(data, tmp_path):
+    experiments = write_suite(tmp_path / "experiments", data)
+    results, runs = experiments / "results.jsonl", tmp_path / "runs"
+    suite = load_suite(experiments, "tiny")
+    assert [r.name for r in suite.runs][:3] == ["sweep/vanilla/seed0", "core/vanilla/seed0",
+                                                "core/PHD-CSWA-2-4-8/seed0"]
+    logs: list[str] = []
+    # a kill after step 3 of every run: checkpoints at 2, no row yet
+    run_suite(suite, results, runs, progress=False, log=logs.append, stop_after_steps=3, commit="test")
+    assert read_results(results) == []
+    assert "interrupted (step 3/8)" in status_text(suite, results, runs)
+    counts = run_suite(suite, results, runs, progress=False, log=logs.append, commit="test")
+    assert counts["trained"] == len(suite.runs)
+    rows = read_results(results)
+    assert len(rows) == len(suite.runs)
+    assert sum("resuming at step_00000002" in line for line in logs) == len(suite.runs)
+    for row in rows:
+        assert all(row.get(k) is not None for k in KEYS), row
+        assert row["tokens"] == (2048 if row["recipe"] == "more-tokens" else 1024)
+    # the resumed run equals an uninterrupted one: same init and batches make the first pair bit-identical
+    fresh = tmp_path / "fresh"
+    again = run_suite(load_suite(experiments, "tiny"), fresh / "results.jsonl", fresh / "runs", progress=False,
+                      log=lambda _: None, commit="test")
+    assert again["trained"] == len(suite.runs)
+    fresh_rows = {(r["recipe"], r["variant"], r["seed"]): r["val_loss"] for r in read_results(fresh / "results.jsonl")}
+    assert fresh_rows == {(r["recipe"], r["variant"], r["seed"]): r["val_loss"] for r in rows}
+    # a finished run is never redone
+    counts = run_suite(suite, results, runs, progress=False, log=logs.append, commit="test")
+    assert counts == {"done": len(suite.runs), "trained": 0, "locked": 0}
+    assert len(read_results(results)) == len(suite.runs)
+    assert f"{len(suite.runs)} of {len(suite.runs)} runs done" in status_text(suite, results, runs)
+    # the report is a function of the results file: the same bytes twice
+    written = write_report(results, tmp_path / "docs")
+    first = {p: p.read_bytes() for p in written}
+    assert write_report(results, tmp_path / "docs") == written
+    assert {p: p.read_bytes() for p in written} == first
+    text = (tmp_path / "docs" / "RESULTS.md").read_text()
+    for needle in ("PHD-CSWA-2-4-8", "paired Δ vs vanilla", "Equal training FLOPs", "Ablations", "Pilot settings",
+                   "Every run"):
+        assert needle in text
+    assert any(p.suffix == ".png" for p in written)
+    assert text.count("| tiny |") == len(suite.runs)  # every run listed
+
+
+def test_same_seed_means_same_initial_weights_and_batches(data, tmp_path):
+    experiments = write_suite(tmp_path / "experiments", data)
+    suite = load_suite(experiments, "tiny")
+    vanilla, phd = suite.run("core", "vanilla", 0), suite.run("core", "PHD-CSWA-2-4-8", 0)
+    from phd.train.trainer import Trainer
+
+    a = Trainer(vanilla.train_config(str(data), str(tmp_path / "a"), progress=False))
+    b = Trainer(phd.train_config(str(data), str(tmp_path / "b"), progress=False))
+    for (name, p), (_, q) in zip(a.model.state_dict().items(), b.model.state_dict().items(), strict=True):
+        assert torch.equal(p, q), name
+    for _ in range(3):
+        assert all(torch.equal(x, y) for (x, _), (y, _) in zip(a.loader.next_step(), b.loader.next_step(), strict=True))
+    other = Trainer(suite.run("core", "vanilla", 1).train_config(str(data), str(tmp_path / "c"), progress=False))
+    assert not torch.equal(other.model.embed.weight, a.model.embed.weight)
+
+
+def test_locked_run_is_skipped_and_torn_results_line_tolerated(data, tmp_path):
+    experiments = write_suite(tmp_path / "experiments", data)
+    suite = load_suite(experiments, "tiny")
+    results, runs = experiments / "results.jsonl", tmp_path / "runs"
+    results.write_text('{"suite": "tiny", "recipe": "x"')  # a kill mid-append
+    assert read_results(results) == []
+    append_result(results, {"suite": "other", "recipe": "r", "variant": "vanilla", "seed": 0})
+    assert read_results(results) == [{"suite": "other", "recipe": "r", "variant": "vanilla", "seed": 0}]
+    first = suite.runs[0]
+    import subprocess
+    import sys
+
+    # another process holds the first run's lock
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from phd.study.runner import run_lock\n"
+        f"with run_lock(Path({str(run_dir(runs, first))!r})) as mine:\n"
+        "    print(mine, flush=True); time.sleep(60)")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "True"
+        with run_lock(run_dir(runs, first)) as mine:
+            assert not mine
+        logs: list[str] = []
+        one = type(suite)(suite.name, suite.path, suite.description, [first], suite.recipes)
+        counts = run_suite(one, results, runs, progress=False, log=logs.append, commit="test")
+        assert counts["locked"] == 1 and "another process" in logs[0]
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_bad_suites_name_the_problem(data, tmp_path):
+    experiments = write_suite(tmp_path / "e", data)
+    with pytest.raises(StudyError, match="no suite 'nope'.*tiny"):
+        load_suite(experiments, "nope")
+    suite = json.loads((experiments / "tiny.json").read_text())
+    suite["recipes"]["core"]["variants"] = ["PHD-CSWA-2-x"]
+    (experiments / "bad.json").write_text(json.dumps(suite))
+    with pytest.raises(StudyError, match="bad.json: recipe 'core', variant 'PHD-CSWA-2-x'"):
+        load_suite(experiments, "bad")
+    suite["recipes"]["core"] = {"variants": ["vanilla"], "seeds": [0], "lr_typo": 1}
+    (experiments / "bad.json").write_text(json.dumps(suite))
+    with pytest.raises(StudyError, match="unknown keys \\['lr_typo'\\]"):
+        load_suite(experiments, "bad")
+    assert main(["study", "nope", "--experiments", str(experiments)]) == 2
+
+
+@pytest.mark.parametrize("variant", ["vanilla", "repeat-3", "PHD-3", "PHD-SWA-3-2-inf", "PHD-CSWA-3-3-4",
+                                     "PHD-CSWA-4-16-32", "PHD-SWA-2-1-inf"])
+@pytest.mark.parametrize("seq_len", [1, 7, 40])
+def test_attention_pairs_count_the_reference_mask(variant, seq_len):
+    cfg = PHDConfig.from_name(variant, preset="cpu-1m")
+    layout = AttentionLayout(seq_len, cfg.repeat_k, cfg.window, cfg.chunk, cfg.naive)
+    assert flops.attention_pairs(cfg, seq_len) == int(layout.dense_mask().sum())
+
+
+def test_training_flops_formula_by_hand():
+    cfg = PHDConfig.from_name("PHD-2", vocab_size=10, d_model=4, n_layers=3, n_heads=2, n_kv_heads=1, d_ff=6)
+    # per layer: q 4x4, o 4x4, k and v 4x2 each, SwiGLU 3 x 4x6 = 16 + 16 + 8 + 8 + 72 = 120 weights
+    assert flops.layer_matmul_params(cfg) == 120
+    # T = 3, K = 2: pairs = 2 copies x (0+1+2) earlier originals + 3 positions x (1+2) own group = 6 + 9 = 15
+    assert flops.attention_pairs(cfg, 3) == 15
+    per_sequence = 6 * 3 * (2 * 3 * 120 + 4 * 10) + 12 * 3 * 2 * 2 * 15
+    assert flops.flops_per_sequence(cfg, 3) == per_sequence
+    assert flops.training_flops(cfg, 3, 30) == 10 * per_sequence
+    vanilla = cfg.with_variant("vanilla")
+    assert flops.flops_per_sequence(vanilla, 3) == 6 * 3 * (3 * 120 + 40) + 12 * 3 * 2 * 2 * 6
+
+
+def test_paired_statistics():
+    base = [{"seed": 0, "val_loss": 5.0}, {"seed": 1, "val_loss": 5.2}, {"seed": 2, "val_loss": 4.9}]
+    rows = [{"seed": 2, "val_loss": 4.8}, {"seed": 0, "val_loss": 4.9}, {"seed": 1, "val_loss": 5.1}, ]
+    diffs = paired(rows, base)
+    assert diffs == pytest.approx([-0.1, -0.1, -0.1])
+    s = summarize(diffs)
+    assert s.n == 3 and s.mean == pytest.approx(-0.1) and s.sd == pytest.approx(0, abs=1e-12)
+    assert s.outside_2sd
+    s = summarize([-0.1, 0.1, -0.05])
+    assert not s.outside_2sd
+    assert summarize([0.3]).outside_2sd is None
