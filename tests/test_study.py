@@ -186,3 +186,24 @@ def test_paired_statistics():
     s = summarize([-0.1, 0.1, -0.05])
     assert not s.outside_2sd
     assert summarize([0.3]).outside_2sd is None
+
+
+def test_costs_rows_price_the_trained_shape(tmp_path):
+    from phd.study.costs import measure_costs
+
+    experiments = tmp_path / "e"
+    experiments.mkdir()
+    suite = {"defaults": {"preset": "cpu-1m", "seq_len": 32, "tokens": 1000},
+             "recipes": {"core": {"variants": ["vanilla", "PHD-CSWA-2-4-8", "PHD-2"], "seeds": [0]}}}
+    (experiments / "s.json").write_text(json.dumps(suite))
+    results = experiments / "results.jsonl"
+    rows = measure_costs(load_suite(experiments, "s"), results)
+    assert {r["variant"] for r in rows} == {"vanilla", "PHD-CSWA-2-4-8", "PHD-2"}
+    by = {r["variant"]: r for r in rows}
+    assert by["vanilla"]["cache_ratio"] == 1.0 and by["PHD-2"]["cache_ratio"] == 1.0
+    cfg = PHDConfig.from_name("PHD-CSWA-2-4-8", preset="cpu-1m")
+    extra = cfg.n_layers * 2 * (cfg.repeat_k - 1) * 4 * cfg.n_kv_heads * cfg.head_dim * 4  # fp32 hidden window
+    assert by["PHD-CSWA-2-4-8"]["cache_bytes"] == by["vanilla"]["cache_bytes"] + extra
+    assert read_results(results) == rows
+    text = (write_report(results, tmp_path / "docs")[0]).read_text()
+    assert "Cost beside quality" not in text  # cost rows alone make no suite section

@@ -12,6 +12,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("study", help="run a suite of paired training runs; `phd study report` writes the report")
     parser.add_argument("suite", help="suite name (experiments/SUITE.json), or `report`")
     parser.add_argument("--status", action="store_true", help="say what is done and what is left, with a time estimate")
+    parser.add_argument("--costs", action="store_true",
+                        help="time inference of the suite's variants on its shape and add cost rows to the results")
     parser.add_argument("--experiments", default="experiments", help="folder of suite files and results.jsonl")
     parser.add_argument("--results", help="results file (default EXPERIMENTS/results.jsonl)")
     parser.add_argument("--runs", default="runs/study", help="folder of the runs' checkpoints (default runs/study)")
@@ -48,6 +50,13 @@ def run(args: argparse.Namespace) -> int:
             from .status import status_text
 
             print(status_text(suite, results, Path(args.runs)))
+            return 0
+        if args.costs:
+            from .costs import measure_costs
+
+            for row in measure_costs(suite, results):
+                print(f"{row['variant']}: cache {row['cache_ratio']:.3f}x, prefill {row['prefill_ratio']:.2f}x, "
+                      f"decode {row['decode_ratio']:.2f}x")
             return 0
         from .runner import run_suite
 

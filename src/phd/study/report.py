@@ -125,7 +125,7 @@ class Report:
         ablation = self.suite_rows(suite, "ablation")
         if ablation:
             out += self.ablation_table(suite, main, ablation)
-        costs = [c for c in self.costs if c["suite"] == suite]
+        costs = list({c["variant"]: c for c in self.costs if c["suite"] == suite}.values())  # the latest per variant
         if costs:
             out += self.cost_table(costs)
         out += self.plots(suite, sweep, main, flops)
@@ -227,7 +227,12 @@ class Report:
         return out + [""]
 
     def cost_table(self, costs: list[dict[str, Any]]) -> list[str]:
-        out = ["### Cost beside quality (`phd bench inference` on the trained shape; ratios to vanilla)", "",
+        c0 = costs[0]
+        out = ["### Cost beside quality", "",
+               f"`phd study {c0['suite']} --costs`: `phd bench inference` on the trained shape (prompt of "
+               f"{c0['prefill_len']} tokens, decode at batch 1 after it), fp32, {c0['threads']} thread, process CPU "
+               "time; ratios to vanilla. At this tiny size fixed per-call overheads weigh more than on a real "
+               "model: docs/bench/inference.md has the 110M-parameter figures.", "",
                "| variant | KV cache bytes | prefill | decode, batch 1 |", "|---|---:|---:|---:|"]
         for c in sorted(costs, key=lambda c: variant_order(c["variant"])):
             out.append(f"| {c['variant']} | {c['cache_ratio']:.3f}x | {c['prefill_ratio']:.2f}x | "
