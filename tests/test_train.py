@@ -111,7 +111,10 @@ def test_eval_batches_cover_the_same_windows_at_any_world_size():
     def weighted(batches):
         return sorted(int(x[0]) for b in batches for x, w in zip(b[0], b[2], strict=True) if w > 0)
 
-    assert weighted(one) == weighted(two[0] + two[1]) == [16 * i for i in range(11)]
+    available = (2_000 - 1) // 16  # windows spread evenly over the whole split, not the first 11
+    assert weighted(one) == weighted(two[0] + two[1]) == [16 * (i * available // 11) for i in range(11)]
+    everything = eval_batches(tokens, 16, 10_000, 4, rank=0, world=1)  # more asked than held: all of them, once
+    assert weighted(everything) == [16 * i for i in range(available)]
 
 
 # ----- the loop -----
