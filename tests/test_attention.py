@@ -98,3 +98,19 @@ def test_flex_forward_matches_dense_on_cpu(T, K, W, C):
 def test_flex_matches_dense_on_cuda(T, K, W, C):
     _check(flex_attention, AttentionLayout(T, K, W, C), device="cuda", atol=1e-4)
 
+
+
+def test_flex_probe_reports_why_flex_is_not_used():
+    """The probe behind `auto` on CUDA, run where flex cannot train: it says no, and why."""
+    works, reason = attn.flex_works(torch.device("cpu"))
+    assert not works and "backward" in reason, reason
+    assert attn.resolve_backend("auto", torch.device("cpu"), needs_grad=True) == "split"
+
+
+@no_cuda
+def test_auto_on_cuda_probes_flex_once_and_says_which(capsys):
+    device = torch.device("cuda", torch.cuda.current_device())
+    first = attn.resolve_backend("auto", device, needs_grad=True)
+    assert attn.resolve_backend("auto", torch.device("cuda"), needs_grad=True) == first in ("flex", "split")
+    said = [line for line in capsys.readouterr().err.splitlines() if "attn_backend=auto" in line]
+    assert len(said) <= 1 and (not said or first in said[0])  # said once per process (maybe by an earlier test)
