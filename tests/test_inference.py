@@ -11,51 +11,16 @@ import random
 import pytest
 import torch
 
-from phd import PHDConfig, PHDTransformer
+from phd import PHDTransformer
+from phd.bench.agreement import INFERENCE_VARIANTS, LOGIT_TOL, edge_lengths, logit_error, tiny_model
 from phd.inference.engine import hidden_widths
 
-TOL = 1e-4
+TOL = LOGIT_TOL
+VARIANTS = INFERENCE_VARIANTS
 
 
 def _model(name: str, seed: int = 0, **arch) -> PHDTransformer:
-    base = dict(vocab_size=61, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48, max_seq_len=128)
-    torch.manual_seed(seed)
-    return PHDTransformer(PHDConfig.from_name(name, **{**base, **arch})).eval()
-
-
-def _edge_lengths(cfg: PHDConfig) -> list[int]:
-    """1, C-1, C, C+1 and one past L*W (the bounded SWA prefill's reach)."""
-    c = cfg.chunk or 4
-    reach = cfg.n_layers * (cfg.window or 1) + 2
-    return sorted({n for n in (1, c - 1, c, c + 1, reach) if n >= 1})
-
-
-def max_error(model: PHDTransformer, lengths: list[int], steps: int, mode: str = "bounded", seed: int = 0) -> float:
-    """Largest |logit difference| between cache inference and the training forward, over prefill + decode."""
-    gen = torch.Generator().manual_seed(seed)
-    vocab = model.config.vocab_size
-    rows = [torch.randint(0, vocab, (n + steps,), generator=gen) for n in lengths]
-    width = max(lengths)
-    prompt = torch.zeros(len(rows), width, dtype=torch.long)
-    for b, (row, n) in enumerate(zip(rows, lengths, strict=True)):
-        prompt[b, :n] = row[:n]
-        prompt[b, n:] = (b + 7) % vocab  # padding content must not matter
-    lens = torch.tensor(lengths)
-    with torch.no_grad():
-        refs = [model(row[None], backend="dense").logits[0] for row in rows]
-    cache = model.new_cache(len(rows), width + steps)
-    got = [model.prefill(prompt, cache, lengths=lens, mode=mode)]
-    for s in range(steps):
-        got.append(model.decode_step(torch.stack([row[n + s] for row, n in zip(rows, lengths, strict=True)]), cache))
-    err = 0.0
-    for s, logits in enumerate(got):
-        expected = torch.stack([ref[n - 1 + s] for ref, n in zip(refs, lengths, strict=True)])
-        err = max(err, (logits - expected).abs().max().item())
-    return err
-
-
-VARIANTS = ["vanilla", "repeat-3", "PHD-2", "PHD-5", "PHD-SWA-3-2-inf", "PHD-SWA-2-1-inf", "PHD-CSWA-3-2-4",
-            "PHD-CSWA-4-3-2", "PHD-CSWA-2-1-1", "PHD-CSWA-5-1-3"]
+    return tiny_model(name, seed, **arch)
 
 
 @pytest.mark.parametrize("name", VARIANTS)
@@ -63,13 +28,13 @@ VARIANTS = ["vanilla", "repeat-3", "PHD-2", "PHD-5", "PHD-SWA-3-2-inf", "PHD-SWA
 def test_prefill_and_decode_equal_training_forward(name, positions):
     model = _model(name, positions=positions)
     steps = (model.config.chunk or 3) + 3
-    assert max_error(model, _edge_lengths(model.config), steps) <= TOL
+    assert logit_error(model, edge_lengths(model.config), steps) <= TOL
 
 
 @pytest.mark.parametrize("name", ["PHD-3", "PHD-SWA-3-2-inf", "PHD-CSWA-4-3-2", "repeat-2", "vanilla"])
 def test_full_prefill_equals_training_forward(name):
     model = _model(name, norm="post", qk_norm=True)
-    assert max_error(model, _edge_lengths(model.config), steps=4, mode="full") <= TOL
+    assert logit_error(model, edge_lengths(model.config), steps=4, mode="full") <= TOL
 
 
 def _random_config(rng: random.Random) -> dict:
@@ -93,12 +58,12 @@ def test_random_configurations(seed):
     model = _model(arch.pop("name"), seed=seed, **arch)
     cfg = model.config
     steps = (cfg.chunk or 2) + 2
-    assert max_error(model, _edge_lengths(cfg), steps, seed=seed) <= TOL, cfg.name
+    assert logit_error(model, edge_lengths(cfg), steps, seed=seed) <= TOL, cfg.name
 
 
 def test_window_wider_than_chunk_and_decode_across_many_chunks():
     model = _model("PHD-CSWA-3-5-2", n_layers=3)
-    assert max_error(model, [1, 2, 3, 7], steps=9) <= TOL
+    assert logit_error(model, [1, 2, 3, 7], steps=9) <= TOL
 
 
 def test_long_prompt_past_the_swa_bound_uses_only_the_bounded_hidden_set():
@@ -106,7 +71,7 @@ def test_long_prompt_past_the_swa_bound_uses_only_the_bounded_hidden_set():
     model = _model("PHD-SWA-3-2-inf", n_layers=3)
     widths = hidden_widths(model.config, 40)
     assert widths[0] == (3 * 2 + 1, 2 * 2 + 1) and widths[-1] == (2 + 1, 1)
-    assert max_error(model, [40, 23], steps=3) <= TOL
+    assert logit_error(model, [40, 23], steps=3) <= TOL
 
 
 def test_attention_mask_left_padding_equals_right_padding_with_lengths():

@@ -4,14 +4,16 @@ order of an `AttentionLayout` and return [B, H, N, D]. Each one is tested agains
 - dense: the reference; SDPA with the boolean mask of `masks.allowed` over all N = K*T tokens (K^2 cost).
 - split: the paper's rearranged layout. Originals by causal SDPA (exactly vanilla); hidden queries by a causal
   pass against the originals plus a narrow band over the hidden tokens (own group and window), the two
-  merged exactly through their log-sum-exp. Cost grows like K, not K^2. Forward and backward on any device.
-- flex: flex_attention with a block mask from the same rule; the training path on CUDA.
+  merged exactly through their log-sum-exp. Cost grows like K, not K^2. Forward and backward on any device; on
+  CPU and CUDA with fused kernels (memory linear in T, no compiler needed).
+- flex: flex_attention with a block mask from the same rule (compiled); `auto` picks it on CUDA when it works.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -111,7 +113,68 @@ class CpuFlashKernel:
         )
 
 
+def _flash_applies(q: Tensor, mask: Tensor | None) -> bool:
+    """The CUDA flash kernel takes no mask, only fp16/bf16, head dims that are multiples of 8 up to 256, and
+    needs sm80+ (meta tensors, used to check the calls against the op schemas, count as such a GPU)."""
+    d = q.shape[-1]
+    if mask is not None or q.dtype not in (torch.float16, torch.bfloat16) or d % 8 or d > 256:
+        return False
+    return not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] >= 8
+
+
+def _cuda_bias(mask: Tensor | None, q: Tensor) -> Tensor | None:
+    """Additive bias [B, H, L, S] in q's dtype for the memory-efficient kernel: the batch and head sizes must
+    be q's (heads may be a stride-0 expansion) and the row stride a multiple of 16 elements (alignment)."""
+    if mask is None:
+        return None
+    b, _, rows, cols = mask.shape
+    padded = torch.zeros(b, 1, rows, -(-cols // 16) * 16, dtype=q.dtype, device=mask.device)
+    bias = padded[..., :cols].masked_fill_(~mask, float("-inf"))
+    return bias.expand(q.shape[0], q.shape[1], rows, cols)
+
+
+def _rng_placeholder(device: torch.device) -> Tensor:
+    """The backward ops' philox seed / offset arguments, read only when dropout_p > 0 (never here)."""
+    return torch.empty(0, dtype=torch.long, device=device)
+
+
+class CudaKernel:
+    """PyTorch's fused CUDA kernels, which return the log-sum-exp and have a backward: flash attention where it
+    applies (fp16/bf16, no mask; GQA native), else the memory-efficient kernel (fp32 too, and an additive mask;
+    GQA by repeating kv heads). Memory stays linear in the sequence length either way."""
+
+    @staticmethod
+    def fwd(q, k, v, causal, mask, scale):
+        if _flash_applies(q, mask):
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, scale=scale)[:2]
+            return out, lse
+        n_rep = q.shape[1] // k.shape[1]
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+            q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), _cuda_bias(mask, q), True, 0.0, causal, scale=scale
+        )[:2]
+        return out, lse[:, :, : q.shape[2]].contiguous()  # the kernel pads the rows to a multiple of 32
+
+    @staticmethod
+    def bwd(dout, q, k, v, out, lse, causal, mask, scale):
+        rng = _rng_placeholder(q.device)
+        if _flash_applies(q, mask):
+            return torch.ops.aten._scaled_dot_product_flash_attention_backward(
+                dout, q, k, v, out, lse, None, None, q.shape[2], k.shape[2], 0.0, causal, rng, rng, scale=scale
+            )
+        b, hkv, n, d = k.shape
+        n_rep = q.shape[1] // hkv
+        dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+            dout, q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), _cuda_bias(mask, q), out, lse, rng, rng, 0.0,
+            [True, True, True, False], causal, scale=scale,
+        )
+        if n_rep > 1:
+            dk, dv = dk.unflatten(1, (hkv, n_rep)).sum(2), dv.unflatten(1, (hkv, n_rep)).sum(2)
+        return dq, dk, dv
+
+
 def pick_kernel(device: torch.device):
+    if device.type == "cuda":
+        return CudaKernel
     if device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
         return CpuFlashKernel
     return MathKernel
@@ -336,16 +399,50 @@ def flex_attention(q: Tensor, k: Tensor, v: Tensor, layout: AttentionLayout) -> 
 
 
 def resolve_backend(name: str, device: torch.device, needs_grad: bool) -> str:
-    """`auto`: flex on CUDA (fused, block-sparse), split elsewhere (flex has no CPU backward)."""
+    """`auto`: on CUDA flex if it compiles and agrees with dense here (checked once per device, and said),
+    else split; split elsewhere (flex has no CPU backward)."""
     if name != "auto":
         if name == "flex" and device.type == "cpu" and needs_grad:
             raise RuntimeError(
                 "attn_backend='flex' has no backward on CPU in this PyTorch; use 'split' (or 'auto') to train on CPU"
             )
         return name
-    if device.type == "cuda" and flex_available():
-        return "flex"
+    if device.type == "cuda":
+        return _auto_cuda_backend(torch.device("cuda", torch.cuda.current_device() if device.index is None
+                                               else device.index))
     return "split"
+
+
+@functools.cache
+def _auto_cuda_backend(device: torch.device) -> str:
+    works, reason = flex_works(device)
+    choice = "flex" if works else "split"
+    print(f"phd: attn_backend=auto uses {choice!r} on {device} ({reason})", file=sys.stderr, flush=True)
+    return choice
+
+
+def flex_works(device: torch.device, atol: float = 1e-3) -> tuple[bool, str]:
+    """Whether compiled flex_attention runs forward and backward on `device` and agrees with dense (fp32, a
+    small PHD-CSWA layout); the reason as text. Grad is forced on: callers may be under inference mode."""
+    if not flex_available():
+        return False, "flex_attention is not in this PyTorch"
+    layout = AttentionLayout(40, 3, 4, 8)
+    gen = torch.Generator().manual_seed(0)
+    n = layout.num_tokens
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            q, k, v = (torch.randn(1, h, n, 16, generator=gen).to(device).requires_grad_() for h in (4, 2, 2))
+            ref = dense_attention(q, k, v, layout)
+            ref_grads = torch.autograd.grad(ref.sum(), (q, k, v))
+            out = flex_attention(q, k, v, layout)
+            grads = torch.autograd.grad(out.sum(), (q, k, v))
+            err = max((a - b).abs().max().item() for a, b in zip((out, *grads), (ref, *ref_grads), strict=True))
+    except Exception as exc:  # noqa: BLE001 - any failure to compile or run means: do not use flex
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        return False, f"flex failed: {type(exc).__name__}: {first}"
+    if not err <= atol:
+        return False, f"flex disagrees with dense by {err:.2e} > {atol}"
+    return True, f"flex compiled and agrees with dense to {err:.1e}"
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, layout: AttentionLayout, backend: str = "auto") -> Tensor:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import attention
+from .attention import attention, resolve_backend
 from .config import PHDConfig
 from .masks import AttentionLayout
 
@@ -196,7 +196,8 @@ class PHDTransformer(nn.Module):
     # ----- forward -----
     def hidden_states(self, input_ids: Tensor, backend: str | None = None) -> Tensor:
         """Final-layer hidden states of all K*T tokens (layout order), before the final norm."""
-        backend = backend or self.config.attn_backend
+        # Resolved here, outside the (possibly compiled) blocks: `auto` on CUDA probes flex once, eagerly.
+        backend = resolve_backend(backend or self.config.attn_backend, input_ids.device, needs_grad=False)
         layout = self.layout(input_ids.shape[1])
         pos, copy = layout.index(input_ids.device)
         cos, sin = self.rope(self.token_positions(pos, copy))

@@ -1,4 +1,4 @@
-"""`phd bench training | inference | scaling`."""
+"""`phd bench training | inference | scaling | gpu-check`."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ KINDS = {
     "training": ("phd.bench.training", "attention and training-step cost of every backend vs vanilla"),
     "inference": ("phd.bench.inference", "prefill, decode latency and cache bytes vs vanilla"),
     "scaling": ("phd.bench.scaling", "training tokens/s at 1 and 2 processes (and MFU on CUDA)"),
+    "gpu-check": ("phd.bench.gpu_check", "everything a GPU loan should prove, in one timed run (or --quick on CPU)"),
 }
 
 

@@ -57,6 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip K-fold prefills (naive, full SWA) of more than K*T tokens (cost; default 8192)")
     parser.add_argument("--max-cache-gb", type=float, default=4.0,
                         help="skip decode runs whose cache is larger (default 4; one cache is alive at a time)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default cpu)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="weights and cache (default float32)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
                         help="wall: elapsed time (default); cpu: this process's CPU time, steadier on a shared "
@@ -115,16 +118,17 @@ def _hidden_share(cfg, t: int) -> float:
     return sum(outs for _, outs in hidden_widths(cfg, t, span)) * (cfg.repeat_k - 1) / (t * cfg.n_layers)
 
 
-def _matmul_scaling(d_in: int, d_out: int, rows: list[int], clock, n_weights: int = 24) -> dict[int, float]:
+def _matmul_scaling(d_in: int, d_out: int, rows: list[int], clock, n_weights: int = 24, device: str = "cpu",
+                    dtype=None) -> dict[int, float]:
     """Seconds of one [rows, d_in] x [d_in, d_out] linear, weights streamed from memory as in decoding
     (cycling through n_weights distinct matrices, larger than the caches): how cost grows with the rows."""
     import torch
     import torch.nn.functional as F
 
-    weights = [torch.randn(d_out, d_in) for _ in range(n_weights)]
+    weights = [torch.randn(d_out, d_in, device=device, dtype=dtype) for _ in range(n_weights)]
     out = {}
     for m in rows:
-        x = torch.randn(m, d_in)
+        x = torch.randn(m, d_in, device=device, dtype=dtype)
         times = []
         for _ in range(3):
             start = clock()
@@ -152,7 +156,8 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(0)
     t_max = max(args.prompt_lens)
     cfg = PHDConfig.preset(args.preset, max_seq_len=max(t_max, args.decode_context + args.decode_steps + 8))
-    base = PHDTransformer(cfg).eval()
+    dtype = getattr(torch, args.dtype)
+    base = PHDTransformer(cfg).to(args.device, dtype).eval()
     variants = _variants(args.ks, args.window, args.chunk)
     models = {v.label: _with_variant(base, v.name) for v in variants}
     load_before = os.getloadavg()
@@ -162,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
     with torch.inference_mode():
         # ----- cache bytes (meta tensors: the real layout, no memory) -----
         for v in variants:
-            v.cache_bytes = PHDCache.for_config(models[v.label].config, 1, t_max, device="meta").nbytes
+            v.cache_bytes = PHDCache.for_config(models[v.label].config, 1, t_max, dtype, device="meta").nbytes
             v.hidden_share = float(v.k - 1) if _is_kfold(v) else _hidden_share(models[v.label].config, t_max)
 
         for t in args.prompt_lens:
@@ -178,13 +183,13 @@ def run(args: argparse.Namespace) -> int:
             print(f"  decode batch {b} done ({time.perf_counter() - started:.0f} s)", flush=True)
 
     rows = sorted({b * k for b in args.batches for k in args.ks} | set(args.batches))
-    scaling = _matmul_scaling(cfg.d_model, cfg.d_ff, rows, _clock(args))
+    scaling = _matmul_scaling(cfg.d_model, cfg.d_ff, rows, _clock(args), device=args.device, dtype=dtype)
     env = {
         "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": platform.processor() or platform.machine(), "device": _device_name(args.device),
         "cores": os.cpu_count(), "load_before": [round(x, 2) for x in load_before],
         "load_after": [round(x, 2) for x in os.getloadavg()], "seconds": round(time.perf_counter() - started, 1),
-        "preset": args.preset, "params": cfg.num_params(), "dtype": "float32",
+        "preset": args.preset, "params": cfg.num_params(), "dtype": args.dtype,
         "decode_context": args.decode_context, "decode_steps": args.decode_steps,
         "repeats": args.repeats, "warmup": args.warmup, "kfold_repeats": args.kfold_repeats, "clock": args.clock,
     }
@@ -199,7 +204,23 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _clock(args):
-    return CLOCKS[args.clock]
+    """The chosen clock; on CUDA it first waits for the queued kernels, so that each reading is a real time."""
+    clock = CLOCKS[args.clock]
+    if args.device != "cuda":
+        return clock
+    import torch
+
+    def synced() -> float:
+        torch.cuda.synchronize()
+        return clock()
+
+    return synced
+
+
+def _device_name(device: str) -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if device == "cuda" else "cpu"
 
 
 def _time_prefill(models: dict, variants: list[Variant], vocab: int, t: int, args, started: float) -> dict:
@@ -211,7 +232,7 @@ def _time_prefill(models: dict, variants: list[Variant], vocab: int, t: int, arg
 
     from ..inference import prefill
 
-    ids = torch.randint(0, vocab, (1, t))
+    ids = torch.randint(0, vocab, (1, t), device=args.device)
     times: dict[str, list[float]] = {v.label: [] for v in variants}
     for r in range(args.warmup + args.repeats):
         for v in variants:
@@ -238,7 +259,8 @@ def _decode_cache(model, batch: int, ctx: int, max_len: int):
     cache.lengths.fill_(ctx)
     cache.max_length = ctx
     if cache.ring_slots:
-        cache.slot_pos[:, : cache.ring_slots] = ctx - 1 - torch.arange(cache.ring_slots) // (model.config.repeat_k - 1)
+        slots = torch.arange(cache.ring_slots, device=cache.slot_pos.device)
+        cache.slot_pos[:, : cache.ring_slots] = ctx - 1 - slots // (model.config.repeat_k - 1)
     return cache
 
 
@@ -252,8 +274,9 @@ def _time_decode(models: dict, variants: list[Variant], vocab: int, batch: int, 
     max_len = ctx + steps + 1
     limit = args.max_cache_gb * 2**30
     todo = [v for v in variants
-            if PHDCache.for_config(models[v.label].config, batch, max_len, device="meta").allocated_nbytes <= limit]
-    token = torch.randint(0, vocab, (batch,))
+            if PHDCache.for_config(models[v.label].config, batch, max_len, models[v.label].embed.weight.dtype,
+                                   device="meta").allocated_nbytes <= limit]
+    token = torch.randint(0, vocab, (batch,), device=args.device)
     times: dict[str, list[float]] = {v.label: [] for v in todo}
     for r in range(args.warmup + args.repeats):
         for v in todo:
@@ -292,8 +315,9 @@ def _report(cfg, variants: list[Variant], args, scaling: dict[int, float], env: 
             "cache_bytes": v.cache_bytes, "cache_ratio": ratio(v.cache_bytes, vanilla.cache_bytes),
             "hidden_token_share": round(v.hidden_share, 4),
         })
+    itemsize = 2 if args.dtype == "bfloat16" else 4
     window_bytes = {
-        v.label: cfg.n_layers * 2 * (v.k - 1) * args.window * cfg.n_kv_heads * cfg.head_dim * 4
+        v.label: cfg.n_layers * 2 * (v.k - 1) * args.window * cfg.n_kv_heads * cfg.head_dim * itemsize
         for v in variants if v.family in ("PHD-SWA", "PHD-SWA full", "PHD-CSWA")
     }
     exact = all(
@@ -343,7 +367,8 @@ def _markdown(report: dict, plots: list[str]) -> str:
         "# Inference benchmark: prefill, decode latency and KV cache vs vanilla",
         "",
         f"Model `{report['model']['preset']}` ({env['params'] / 1e6:.0f}M parameters: {report['model']['n_layers']} "
-        f"layers, d {report['model']['d_model']}), float32, W = {report['window']}, C = {report['chunk']}. "
+        f"layers, d {report['model']['d_model']}), {env['dtype']} on {env.get('device', 'cpu')}, "
+        f"W = {report['window']}, C = {report['chunk']}. "
         f"{env['clock']} clock, torch {env['torch']}, {env['threads']} threads on {env['cores']} cores "
         f"({env['cpu']}); load average "
         f"{env['load_before'][0]} before, {env['load_after'][0]} after; {env['seconds']:.0f} s.",

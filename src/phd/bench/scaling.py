@@ -72,14 +72,16 @@ def _synthetic_data(root: Path, vocab_size: int, tokens: int) -> Path:
     return root
 
 
-def _measure(args, variant: str, procs: int, data: Path, work: Path, device: str) -> dict[str, Any]:
+def _measure(args, variant: str, procs: int, data: Path, work: Path, device: str,
+             extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    """One `phd train` under torchrun; `extra`: more `key=value` overrides. Its metrics stay in the run dir."""
     run_dir = work / f"{variant}-{procs}"
     micro = args.micro_batch or max(args.batch_size // procs, 1)
     overrides = [
         f"model.preset={args.preset}", f"model.variant={variant}", f"model.max_seq_len={max(args.seq_len, 512)}",
         f"data={data}", f"out={run_dir}", f"seq_len={args.seq_len}", f"batch_size={args.batch_size}",
         f"micro_batch={micro}", f"max_steps={args.steps}", "eval_every=0", "checkpoint_every=0", "log_every=1",
-        "progress=false", f"device={device}", f"compile={'true' if args.compile else 'false'}",
+        "progress=false", f"device={device}", f"compile={'true' if args.compile else 'false'}", *extra,
     ]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
            "-m", "phd.cli", "train", *overrides]

@@ -85,10 +85,10 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
         model.layers[i] = checkpoint_wrapper(block, preserve_rng_state=False)
 
 
-def apply_compile(model: nn.Module) -> None:
+def apply_compile(model: nn.Module, backend: str = "inductor") -> None:
     """Compile every block separately: identical blocks share one compiled graph, and FSDP hooks stay eager."""
     for block in model.layers:
-        block.compile(fullgraph=False, dynamic=False)
+        block.compile(fullgraph=False, dynamic=False, backend=backend)
 
 
 def apply_fsdp(model: nn.Module, device: torch.device, bf16: bool) -> None:
