@@ -7,6 +7,7 @@ tables, and each run on its own line in the last section.
 
 from __future__ import annotations
 
+import json
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -99,23 +100,36 @@ class Report:
         return "\n".join(out).rstrip() + "\n"
 
     def setup_line(self, rows: list[dict[str, Any]]) -> str:
-        c = rows[0]["config"]
-        m = c["model"]
+        """The settings every run of the suite shares; what differs between recipes is in their tables."""
+
+        def common(get, fmt) -> str | None:
+            values = {json.dumps(get(r), sort_keys=True) for r in rows}
+            return fmt(get(rows[0])) if len(values) == 1 else None
+
+        shape = common(lambda r: {k: r["config"]["model"][k] for k in ("n_layers", "d_model", "n_heads",
+                                                                        "n_kv_heads", "vocab_size")} | {
+                           "params": r["params"]},
+                       lambda m: f"{m['n_layers']} layers, d {m['d_model']}, {m['n_heads']} q / {m['n_kv_heads']} "
+                                 f"kv heads, vocab {m['vocab_size']} ({m['params']:,} parameters)")
+        parts = [
+            shape or "model sizes by recipe",
+            common(lambda r: (r["config"]["seq_len"], r["config"]["batch_size"]),
+                   lambda v: f"seq_len {v[0]}, batch {v[1]}") or "seq_len / batch by recipe",
+            common(lambda r: (r["config"]["lr"], r["config"]["min_lr"]),
+                   lambda v: f"lr {_g(v[0])} (cosine to {_g(v[1])})") or "learning rate by recipe",
+            common(lambda r: Path(r["config"]["data"]).name, lambda v: f"data `{v}`") or "data by recipe",
+        ]
         commits = sorted({x for r in rows for x in (r.get("commits") or [r["commit"]])})
         threads = sorted({r.get("threads") for r in rows if r.get("threads")})
-        return (
-            f"Setup: {m['n_layers']} layers, d {m['d_model']}, {m['n_heads']} q / {m['n_kv_heads']} kv heads, vocab "
-            f"{m['vocab_size']} ({rows[0]['params']:,} parameters); seq_len {c['seq_len']}, batch {c['batch_size']}, "
-            f"lr {_g(c['lr'])} (cosine to {_g(c['min_lr'])}), data `{Path(c['data']).name}`; "
-            f"{', '.join(str(t) for t in threads)} thread(s) per run; commits {', '.join(commits)}."
-        )
+        return (f"Setup: {'; '.join(parts)}; {', '.join(str(t) for t in threads)} thread(s) per run; "
+                f"commits {', '.join(commits)}.")
 
     def suite_section(self, suite: str) -> list[str]:
         rows = self.suite_rows(suite)
         out = [f"## Suite `{suite}`", "", self.setup_line(rows), ""]
         sweep = self.suite_rows(suite, "sweep")
         if sweep:
-            out += self.sweep_table(sweep)
+            out += self.sweep_table(suite, sweep)
         main = self.suite_rows(suite, "main")
         if main:
             out += self.main_table(suite, main)
@@ -131,17 +145,29 @@ class Report:
         out += self.plots(suite, sweep, main, flops)
         return out
 
-    def sweep_table(self, rows: list[dict[str, Any]]) -> list[str]:
-        out = ["### Pilot settings", "", "| recipe | variant | lr | tokens | seeds | val loss | train loss |",
-               "|---|---|---:|---:|---:|---:|---:|"]
-        for (recipe, variant), group in sorted(self.by_variant(rows).items(), key=lambda kv: kv[1][0]["config"]["lr"]):
+    def sweep_table(self, suite: str, rows: list[dict[str, Any]]) -> list[str]:
+        out = ["### Pilot", "",
+               "| recipe | model | variant | lr | tokens | seeds | val loss | Δ vs the recipe's vanilla |",
+               "|---|---|---|---:|---:|---:|---:|---:|"]
+        for (recipe, variant), group in sorted(self.by_variant(rows).items(),
+                                               key=lambda kv: (kv[1][0]["params"], kv[1][0]["config"]["lr"],
+                                                               variant_order(kv[0][1]))):
             c = group[0]["config"]
-            out.append(f"| {recipe} | {variant} | {_g(c['lr'])} | {group[0]['tokens']:,} | {len(group)} | "
-                       f"{_mean_sd([r['val_loss'] for r in group])} | {_mean_sd([r['train_loss'] for r in group])} |")
-        best = min(rows, key=lambda r: r["val_loss"])
-        out += ["", f"Lowest validation loss: `{best['recipe']}` (lr {_g(best['config']['lr'])}, "
-                f"{best['val_loss']:.4f}).", ""]
-        return out
+            m = c["model"]
+            delta = summarize(paired(group, self.vanilla_of(suite, recipe))) if variant != "vanilla" else None
+            out.append(f"| {recipe} | {m['n_layers']}x{m['d_model']} ({group[0]['params'] / 1e6:.2f}M) | {variant} | "
+                       f"{_g(c['lr'])} | {group[0]['tokens']:,} | {len(group)} | "
+                       f"{_mean_sd([r['val_loss'] for r in group])} | {delta.text() if delta else ''} |")
+        out.append("")
+        shapes: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+        for r in rows:
+            if r["variant"] == "vanilla":
+                shapes[(r["params"], r["tokens"])].append(r)
+        for (params, tokens), group in sorted(shapes.items()):
+            best = min(group, key=lambda r: r["val_loss"])
+            out.append(f"Lowest vanilla validation loss at {params / 1e6:.2f}M parameters and {tokens:,} tokens: "
+                       f"`{best['recipe']}` (lr {_g(best['config']['lr'])}, {best['val_loss']:.4f}).")
+        return out + [""]
 
     def main_table(self, suite: str, rows: list[dict[str, Any]]) -> list[str]:
         out = ["### Equal parameters, equal training tokens", "",
@@ -264,7 +290,7 @@ class Report:
         if main or sweep:
             figures.append(("curves", "validation loss against training tokens (mean over seeds)",
                             self.plot_curves(plt, main + sweep)))
-        if main:
+        if any(r["variant"] != "vanilla" for r in main):
             figures.append(("delta", "paired difference to vanilla against training tokens (mean ± sd over seeds)",
                             self.plot_delta(plt, suite, main)))
             figures.append(("vs-k", "final validation loss against K (mean ± sd over seeds)",

@@ -68,7 +68,8 @@ def status_text(suite: Suite, results_path: Path, runs_root: Path) -> str:
         eta = "?" if cost is None else _hours(cost)
         lines.append(f"| {run.name} | {state} (step {step}/{run.steps}) | {run.tokens:,} | | {eta} left |")
     lines.append("")
-    summary = f"{done} of {len(suite.runs)} runs done; about {_hours(left_s)} of one process left"
+    summary = (f"{done} of {len(suite.runs)} runs done; about {_hours(left_s)} of one process left at the pace of "
+               "the finished runs (which includes whatever else shared the cores then)")
     if left_s:
         summary += f" ({_hours(left_s / 2)} with two processes, one per core)"
     if unknown:
