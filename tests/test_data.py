@@ -13,6 +13,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 from phd.cli import main
 from phd.data.build import build_shards, default_data_dir, split_source
+from phd.fsutil import OutputError
 from phd.data.corpus import clean_gutenberg, default_corpus, extract_corpus, shared_corpus_dir
 from phd.data.shards import DataError, ShardWriter, open_shards
 from phd.data.sources import Folder, JsonlFile, TextFile, resolve_input, split_chunks
@@ -222,16 +223,19 @@ def test_writer_refuses_ids_outside_the_vocabulary(tmp_path):
 def test_rebuild_replaces_data_but_never_a_foreign_directory(tmp_path, tok):
     source = [TextFile(write(tmp_path / "a.txt", prose(3)))]
     build_shards(source, tmp_path / "d", tok, progress=False)
-    build_shards(source, tmp_path / "d", tok, val_fraction=0.2, progress=False)
+    with pytest.raises(OutputError, match="already holds a phd-data; pass --overwrite"):
+        build_shards(source, tmp_path / "d", tok, val_fraction=0.2, progress=False)
+    build_shards(source, tmp_path / "d", tok, val_fraction=0.2, progress=False, overwrite=True)
     assert open_shards(tmp_path / "d").meta["val_fraction"] == 0.2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "d"], "no temporary or .old directory is left"
     before = (tmp_path / "d" / "train.bin").read_bytes()
     with pytest.raises(DataError, match="held-out split is empty"):
-        build_shards([TextFile(write(tmp_path / "w.txt", "oneword"))], tmp_path / "d", tok, progress=False)
+        build_shards([TextFile(write(tmp_path / "w.txt", "oneword"))], tmp_path / "d", tok, progress=False,
+                     overwrite=True)
     assert (tmp_path / "d" / "train.bin").read_bytes() == before, "a failed rebuild keeps the old data"
     write(tmp_path / "mine" / "notes.txt", "keep me")
-    with pytest.raises(DataError, match="not empty and not a phd data directory"):
-        build_shards(source, tmp_path / "mine", tok, progress=False)
+    with pytest.raises(OutputError, match="not empty and not written by phd"):
+        build_shards(source, tmp_path / "mine", tok, progress=False, overwrite=True)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
 

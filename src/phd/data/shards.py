@@ -18,11 +18,14 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import PHDError
+
 FORMAT = "phd-tokens-v1"
+DATA_KIND = "phd-data"  # the output-folder kind (fsutil.MARKER) of a data directory
 SPLITS = ("train", "val")
 
 
-class DataError(ValueError):
+class DataError(PHDError, ValueError):
     """Bad or missing data; the message names the file and the fix."""
 
 

@@ -23,12 +23,13 @@ import torch
 from torch import Tensor, nn
 
 from ..config import PHDConfig
+from ..errors import PHDError
 from ..model import PHDTransformer
 
 FAMILIES = {"llama": "pre", "olmo2": "post"}
 
 
-class ConversionError(ValueError):
+class ConversionError(PHDError, ValueError):
     """A checkpoint cannot be converted exactly; the message names the feature and what is supported."""
 
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..config import PHDConfig, preset_arch
+from ..errors import PHDError
 
 NAN_POLICIES = ("skip", "stop")
 DTYPES = ("auto", "float32", "bfloat16")
@@ -23,7 +25,7 @@ DEVICES = ("auto", "cpu", "cuda")
 DATA_PARALLEL = ("fsdp", "ddp")
 
 
-class TrainConfigError(ValueError):
+class TrainConfigError(PHDError, ValueError):
     """A training config value is invalid; the message names the field, the value and the fix."""
 
 
@@ -161,16 +163,20 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """The config of a dict (a run's config.json included: its `resumes` history is not a field)."""
+        data = {k: v for k, v in data.items() if k != "resumes"}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise TrainConfigError(f"unknown training config fields {unknown}; known fields: {sorted(known)}")
         return cls(**data)
 
-    def save(self, path: str | Path) -> None:
+    def save(self, path: str | Path, resumes: list[dict[str, Any]] | None = None) -> None:
+        """Write the config as JSON (atomically); a run folder's copy adds its `resumes` history."""
         path = Path(path)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        data = self.to_dict() if resumes is None else {**self.to_dict(), "resumes": resumes}
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
         tmp.replace(path)
 
 
