@@ -60,3 +60,21 @@ def test_flex_forward_matches_dense_on_cpu(T, K, W, C):
     q, k, v = (t.detach() for t in _inputs(layout)[:3])
     with torch.no_grad():
         torch.testing.assert_close(flex_attention(q, k, v, layout), dense_attention(q, k, v, layout), atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["dense", "split"])
+def test_window_bound_through_the_backends(backend):
+    """Independent of phd.masks: with W = 2 the hidden query of position 5 reads the hidden value of position 3
+    and not that of position 2 (and with chunks of 4, not position 3 either)."""
+    from phd.attention import attention
+
+    for chunk, seen, unseen in ((None, 3, 2), (4, 4, 3)):
+        layout = AttentionLayout(8, 2, 2, chunk)
+        q, k, v = (t.detach() for t in _inputs(layout)[:3])
+        query = 8 + 5  # hidden copy of position 5 in the layout [8 originals | 8 hidden]
+        base = attention(q, k, v, layout, backend)[:, :, query]
+        for position, moves in ((seen, True), (unseen, False)):
+            v2 = v.clone()
+            v2[:, :, 8 + position] += 10.0
+            changed = not torch.allclose(attention(q, k, v2, layout, backend)[:, :, query], base, atol=1e-6)
+            assert changed == moves, (chunk, position)

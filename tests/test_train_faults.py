@@ -193,3 +193,20 @@ def test_sigterm_saves_a_checkpoint_and_stops(data, tmp_path):
     assert 3 <= step < 5_000 and f"stopped: PHD-CSWA-2-4-8 step {step}" in out
     assert "SIGTERM: stopped after step" in err
     assert Trainer(config).progress.step == step
+
+
+def test_latest_moves_only_after_the_step_folder_is_in_place(data, tmp_path, monkeypatch):
+    """The commit order: a failure of the step folder's rename leaves `latest` on the previous checkpoint."""
+    trainer = Trainer(tiny_config(data, tmp_path, max_steps=4, checkpoint_every=2))
+    trainer.fit(stop_after=2)
+    real = os.replace
+
+    def failing(src, dst):
+        if Path(dst).name == "step_00000004":
+            raise OSError(errno.EIO, "rename failed")
+        real(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "replace", failing)
+    with pytest.raises(CheckpointError, match="checkpoint step_00000002 is intact"):
+        trainer.fit()
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_00000002"
