@@ -9,3 +9,7 @@ from __future__ import annotations
 
 class PHDError(Exception):
     """A problem the message explains, naming the file, field or value and the fix."""
+
+
+class InputError(PHDError, ValueError):
+    """Bad input to the API or a command (token ids, devices, numbers); the message names value and range."""

@@ -23,7 +23,7 @@ import numpy as np
 
 from ..fsutil import check_out, output_dir
 from .corpus import cache_dir, default_corpus
-from .shards import DATA_KIND, FORMAT, SPLITS, DataError, ShardWriter, open_shards, token_dtype, write_meta
+from .shards import DATA_KIND, SPLITS, DataError, ShardWriter, open_shards, token_dtype, write_meta
 from .sources import Source, TextFile, split_point
 from .tokenizer import EOS, DocTokenizer, train_tokenizer
 
@@ -179,12 +179,12 @@ def build_shards(
                 "val_fraction": val_fraction,
                 "max_chars": max_chars,
             }
-            write_meta(tmp, meta)
+            meta = write_meta(tmp, meta)
     except BaseException:
         for writer in writers.values():
             writer.abort()
         raise
-    return {"format": FORMAT, **meta}
+    return meta
 
 
 def _encode(

@@ -100,6 +100,12 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
             self.model = model_spec_from_dict(self.model)
+        for name in ("lr", "min_lr", "weight_decay", "eps", "clip"):
+            value = getattr(self, name)
+            if not (value is None and name == "clip") and not _is_number(value):
+                _fail(name, value, "must be a number" + (" or null" if name == "clip" else ""))
+        if not isinstance(self.betas, (list, tuple)) or len(self.betas) != 2 or not all(map(_is_number, self.betas)):
+            _fail("betas", self.betas, "must be two numbers in [0, 1), e.g. [0.9, 0.95]")
         self.betas = tuple(self.betas)
         for name in ("seq_len", "batch_size", "micro_batch", "eval_iters", "checkpoint_keep", "log_every"):
             _positive_int(name, getattr(self, name))
@@ -120,8 +126,10 @@ class TrainConfig:
             _fail("min_lr", self.min_lr, f"must be in [0, lr={self.lr}]")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             _fail("betas", self.betas, "must be two numbers in [0, 1)")
-        if self.weight_decay < 0:
-            _fail("weight_decay", self.weight_decay, "must be >= 0")
+        if not 0 <= self.weight_decay < math.inf:
+            _fail("weight_decay", self.weight_decay, "must be a finite number >= 0")
+        if not 0 < self.eps < math.inf:
+            _fail("eps", self.eps, "must be a finite number > 0 (AdamW's epsilon, e.g. 1e-8)")
         if self.clip is not None and not self.clip > 0:
             _fail("clip", self.clip, "must be > 0, or null to disable clipping")
         if self.nan_policy not in NAN_POLICIES:
@@ -134,7 +142,10 @@ class TrainConfig:
             _fail("device", self.device, f"allowed: {', '.join(DEVICES)}")
         if not self.data:
             _fail("data", self.data, "give the data directory written by `phd data` (data=DIR)")
-        self.model.build()  # validates the model now, with the model's own error message
+        model = self.model.build()  # validates the model now, with the model's own error message
+        if self.seq_len > model.max_seq_len:
+            _fail("seq_len", self.seq_len, f"must be <= model.max_seq_len={model.max_seq_len}; lower seq_len or "
+                  "raise model.max_seq_len")
 
     # ----- derived -----
     @property
@@ -178,6 +189,10 @@ class TrainConfig:
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(data, indent=2) + "\n")
         tmp.replace(path)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
 
 
 def _positive_int(name: str, value: Any) -> None:
