@@ -76,7 +76,7 @@ def _convert(args: argparse.Namespace) -> int:
     from .fsutil import check_out, output_dir
     from .hf import PHDForCausalLM
     from .hf.convert import from_transformers, load_transformers, to_transformers
-    from .io import load_model, write_export
+    from .io import check_finite, load_model, write_export
 
     source: Path = args.source
     from_phd = source.is_dir() and _is_phd_export(source)
@@ -110,6 +110,7 @@ def _convert(args: argparse.Namespace) -> int:
     variant = PHDConfig.parse_name(args.variant)
     hf_model, tokenizer = load_transformers(source)
     model = from_transformers(hf_model, positions=args.positions, **variant)
+    check_finite(model.state_dict(), source)
     with output_dir(out, kind, args.overwrite, [source]) as tmp:
         if target == "phd":
             write_export(model, tmp)
