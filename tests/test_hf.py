@@ -332,31 +332,31 @@ def test_non_finite_weights_are_refused(tmp_path) -> None:
     assert not (tmp_path / "out").exists()
 
 
-def test_gguf_of_another_architecture_or_incomplete_is_one_line(tmp_path) -> None:
+def _write_gguf(path, arch: str, tensors: dict, fields=()) -> None:
     gguf = pytest.importorskip("gguf")
-    pytest.importorskip("accelerate")
-    writer = gguf.GGUFWriter(str(tmp_path / "gpt2.gguf"), "gpt2")
-    writer.add_block_count(1)
-    writer.add_tensor("token_embd.weight", torch.zeros(8, 4).numpy())
+    writer = gguf.GGUFWriter(str(path), arch)
+    for field in fields:
+        writer.add_key_value(field.name, field.contents(), field.types[0],
+                             sub_type=field.types[-1] if len(field.types) > 1 else None)
+    for name, value in tensors.items():
+        writer.add_tensor(name, value.detach().numpy())
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def test_gguf_of_another_architecture_or_incomplete_is_one_line(tmp_path) -> None:
+    gguf = pytest.importorskip("gguf")
+    pytest.importorskip("accelerate")
+    _write_gguf(tmp_path / "gpt2.gguf", "gpt2", {"token_embd.weight": torch.zeros(8, 4)})
     with pytest.raises(SystemExit, match="holds a 'gpt2' GGUF model; phd converts 'llama' and 'olmo2'"):
         phd_main(["convert", str(tmp_path / "gpt2.gguf"), str(tmp_path / "out")])
     hf = tiny_transformers("llama", tie=True)
     write_tiny_gguf(tmp_path / "full.gguf", hf)
-    reader = gguf.GGUFReader(str(tmp_path / "full.gguf"))
-    writer = gguf.GGUFWriter(str(tmp_path / "embd.gguf"), "llama")
-    for field in reader.fields.values():
-        if field.name.startswith("llama.") or field.name.startswith("tokenizer."):
-            writer.add_key_value(field.name, field.contents(), field.types[0],
-                                 sub_type=field.types[-1] if len(field.types) > 1 else None)
-    writer.add_tensor("token_embd.weight", hf.model.embed_tokens.weight.detach().numpy())
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    fields = [f for f in gguf.GGUFReader(str(tmp_path / "full.gguf")).fields.values()
+              if f.name.startswith(("llama.", "tokenizer."))]
+    _write_gguf(tmp_path / "embd.gguf", "llama", {"token_embd.weight": hf.model.embed_tokens.weight}, fields)
     with pytest.raises(SystemExit, match="does not hold a complete model: missing"):
         phd_main(["convert", str(tmp_path / "embd.gguf"), str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()

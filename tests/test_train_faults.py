@@ -90,20 +90,31 @@ def test_vocab_mismatches_fail_before_training(tmp_path):
     assert not (tmp_path / "run").exists() and not (tmp_path / "run2").exists()
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
+DAMAGES = {  # what a disk or a hand does to a committed checkpoint -> the error that names it
+    "flip": r"__0_0.distcp does not match its sha256", "truncate": r"__0_0.distcp does not match its sha256",
+    "delete": r"__0_0.distcp is missing", "meta-flip": r"meta.json is corrupted",
+    "meta-no-checksums": r"meta.json has no checksums", "meta-not-json": r"meta.json lacks step",
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
 def test_corrupted_checkpoint_is_detected_and_named(data, tmp_path, damage):
     Trainer(tiny_config(data, tmp_path, max_steps=2, checkpoint_every=2)).fit()
-    shard = tmp_path / "checkpoints" / "step_00000002" / "__0_0.distcp"
-    raw = bytearray(shard.read_bytes())
-    if damage == "flip":
-        raw[len(raw) // 2] ^= 0xFF
-        shard.write_bytes(bytes(raw))
+    step = tmp_path / "checkpoints" / "step_00000002"
+    path = step / ("meta.json" if damage.startswith("meta") else "__0_0.distcp")
+    raw = bytearray(path.read_bytes())
+    if damage in ("flip", "meta-flip"):
+        raw[len(raw) // 2 if damage == "flip" else 5] ^= 0xFF  # meta: invalid UTF-8 inside the JSON
+        path.write_bytes(bytes(raw))
     elif damage == "truncate":
-        shard.write_bytes(bytes(raw[: len(raw) // 3]))
+        path.write_bytes(bytes(raw[: len(raw) // 3]))
+    elif damage == "delete":
+        path.unlink()
+    elif damage == "meta-no-checksums":
+        path.write_text(json.dumps({k: v for k, v in json.loads(raw).items() if k != "checksums"}))
     else:
-        shard.unlink()
-    message = "is missing" if damage == "delete" else "does not match its sha256"
-    with pytest.raises(CheckpointError, match=rf"__0_0.distcp {message}"):
+        path.write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match=DAMAGES[damage]):
         Trainer(tiny_config(data, tmp_path, max_steps=4))
 
 
@@ -131,22 +142,6 @@ def test_full_disk_during_save_keeps_the_previous_checkpoint(data, tmp_path, mon
     assert resumed.progress.step == 2
     resumed.fit()
     assert resumed.progress.step == 6
-
-
-@pytest.mark.parametrize("damage", ["flip", "no-checksums", "not-json"])
-def test_a_damaged_meta_json_is_one_clear_error(data, tmp_path, damage):
-    Trainer(tiny_config(data, tmp_path, max_steps=2, checkpoint_every=2)).fit()
-    meta = tmp_path / "checkpoints" / "step_00000002" / "meta.json"
-    raw = bytearray(meta.read_bytes())
-    if damage == "flip":
-        raw[5] ^= 0xFF  # invalid UTF-8 inside the JSON
-        meta.write_bytes(bytes(raw))
-    elif damage == "no-checksums":
-        meta.write_text(json.dumps({k: v for k, v in json.loads(raw).items() if k != "checksums"}))
-    else:
-        meta.write_text("[1, 2]")
-    with pytest.raises(CheckpointError, match=r"meta.json (is corrupted|has no checksums|lacks step)"):
-        Trainer(tiny_config(data, tmp_path, max_steps=4))
 
 
 def test_sigkill_during_save_leaves_the_previous_checkpoint(data, tmp_path):
