@@ -114,3 +114,21 @@ def test_auto_on_cuda_probes_flex_once_and_says_which(capsys):
     assert attn.resolve_backend("auto", torch.device("cuda"), needs_grad=True) == first in ("flex", "split")
     said = [line for line in capsys.readouterr().err.splitlines() if "attn_backend=auto" in line]
     assert len(said) <= 1 and (not said or first in said[0])  # said once per process (maybe by an earlier test)
+
+
+@pytest.mark.parametrize("backend", ["dense", "split"])
+def test_window_bound_through_the_backends(backend):
+    """Independent of phd.masks: with W = 2 the hidden query of position 5 reads the hidden value of position 3
+    and not that of position 2 (and with chunks of 4, not position 3 either)."""
+    from phd.attention import attention
+
+    for chunk, seen, unseen in ((None, 3, 2), (4, 4, 3)):
+        layout = AttentionLayout(8, 2, 2, chunk)
+        q, k, v = (t.detach() for t in attention_inputs(layout)[:3])
+        query = 8 + 5  # hidden copy of position 5 in the layout [8 originals | 8 hidden]
+        base = attention(q, k, v, layout, backend)[:, :, query]
+        for position, moves in ((seen, True), (unseen, False)):
+            v2 = v.clone()
+            v2[:, :, 8 + position] += 10.0
+            changed = not torch.allclose(attention(q, k, v2, layout, backend)[:, :, query], base, atol=1e-6)
+            assert changed == moves, (chunk, position)

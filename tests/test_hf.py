@@ -306,3 +306,57 @@ def test_gguf_file_converts_with_the_original_logits(tmp_path) -> None:
     ids = torch.randint(0, VOCAB, (2, 30))
     with torch.no_grad():
         torch.testing.assert_close(native(ids).logits, hf(ids).logits, atol=1e-4, rtol=0)
+
+
+def test_a_checkpoint_missing_a_weight_is_refused(tmp_path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tiny_transformers("llama", tie=False).save_pretrained(tmp_path / "llama")
+    weights = tmp_path / "llama" / "model.safetensors"
+    state = load_file(weights)
+    del state["model.layers.0.mlp.up_proj.weight"]
+    state["model.extra.weight"] = torch.zeros(2)
+    save_file(state, weights, metadata={"format": "pt"})
+    with pytest.raises(SystemExit, match=r"missing model.layers.0.mlp.up_proj.weight \(1\); unexpected model.extra"):
+        phd_main(["convert", str(tmp_path / "llama"), str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_non_finite_weights_are_refused(tmp_path) -> None:
+    hf = tiny_transformers("llama", tie=False)
+    with torch.no_grad():
+        hf.model.norm.weight[0] = float("inf")
+    hf.save_pretrained(tmp_path / "llama")
+    with pytest.raises(SystemExit, match="NaN or inf weights in norm.weight"):
+        phd_main(["convert", str(tmp_path / "llama"), str(tmp_path / "out"), "--to", "phd-hf"])
+    assert not (tmp_path / "out").exists()
+
+
+def _write_gguf(path, arch: str, tensors: dict, fields=()) -> None:
+    gguf = pytest.importorskip("gguf")
+    writer = gguf.GGUFWriter(str(path), arch)
+    for field in fields:
+        writer.add_key_value(field.name, field.contents(), field.types[0],
+                             sub_type=field.types[-1] if len(field.types) > 1 else None)
+    for name, value in tensors.items():
+        writer.add_tensor(name, value.detach().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_gguf_of_another_architecture_or_incomplete_is_one_line(tmp_path) -> None:
+    gguf = pytest.importorskip("gguf")
+    pytest.importorskip("accelerate")
+    _write_gguf(tmp_path / "gpt2.gguf", "gpt2", {"token_embd.weight": torch.zeros(8, 4)})
+    with pytest.raises(SystemExit, match="holds a 'gpt2' GGUF model; phd converts 'llama' and 'olmo2'"):
+        phd_main(["convert", str(tmp_path / "gpt2.gguf"), str(tmp_path / "out")])
+    hf = tiny_transformers("llama", tie=True)
+    write_tiny_gguf(tmp_path / "full.gguf", hf)
+    fields = [f for f in gguf.GGUFReader(str(tmp_path / "full.gguf")).fields.values()
+              if f.name.startswith(("llama.", "tokenizer."))]
+    _write_gguf(tmp_path / "embd.gguf", "llama", {"token_embd.weight": hf.model.embed_tokens.weight}, fields)
+    with pytest.raises(SystemExit, match="does not hold a complete model: missing"):
+        phd_main(["convert", str(tmp_path / "embd.gguf"), str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()

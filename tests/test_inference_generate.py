@@ -200,3 +200,26 @@ def test_cli_errors(tmp_path, capsys, extra, message):
     _, _, export = _export(tmp_path)
     assert main(["generate", "--checkpoint", str(export), *extra]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_temperature_applies_before_top_p():
+    """p = (0.73, 0.27) at temperature 1 keeps both tokens under top_p 0.75; at temperature 0.25 the first
+    holds 0.98 of the mass, so top_p keeps it alone: the second token must never be drawn."""
+    logits = torch.tensor([[1.0, 0.0]]).expand(4000, 2)
+    draws = sample(logits, SamplingConfig(temperature=0.25, top_p=0.75), torch.Generator().manual_seed(0))
+    assert draws.unique().tolist() == [0]
+
+
+def test_repetition_penalty_sees_generated_tokens_through_generate():
+    """generate() equals a hand-written greedy loop whose penalty covers the prompt and every generated token."""
+    from phd.inference import generate
+
+    model, prompt = _model(seed=3), torch.tensor([[5, 6, 7]])
+    seq = prompt.clone()
+    with torch.no_grad():
+        for _ in range(16):
+            logits = model(seq).logits[:, -1].float()
+            seen = torch.zeros_like(logits, dtype=torch.bool).scatter(1, seq, True)
+            logits = torch.where(seen, torch.where(logits > 0, logits / 3.0, logits * 3.0), logits)
+            seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(generate(model, prompt, 16, repetition_penalty=3.0), seq)

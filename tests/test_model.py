@@ -101,3 +101,25 @@ def test_bf16_autocast_training_step_runs_and_matches_fp32_roughly():
 def test_bad_input_shape_is_named():
     with pytest.raises(ValueError, match="batch, seq_len"):
         _model()(torch.zeros(5, dtype=torch.long))
+
+
+def test_rope_positions_are_the_spec_table():
+    """Spec section 4, by hand for K = 3, T = 4: copy s of position n at K*n + s - 1 (expanded), n (shared), in the
+    training layout [originals | hidden, position-major]; decoding continues the same table."""
+    from phd.inference import generate
+
+    table = {
+        "expanded": [0, 3, 6, 9, 1, 2, 4, 5, 7, 8, 10, 11],
+        "shared": [0, 1, 2, 3, 0, 0, 1, 1, 2, 2, 3, 3],
+    }
+    for positions, expected in table.items():
+        model = _model("PHD-CSWA-3-2-4", positions=positions)
+        seen: list[list[int]] = []
+        real = model.rope
+        model.rope = lambda p, real=real, seen=seen: seen.append(p.flatten().tolist()) or real(p)
+        model(_ids(T=4))
+        assert seen == [expected], positions
+        seen.clear()
+        generate(model, _ids(batch=1, T=4), max_new_tokens=2)
+        used = sorted({p for call in seen for p in call})
+        assert used == (list(range(15)) if positions == "expanded" else list(range(5))), positions

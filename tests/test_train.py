@@ -90,6 +90,40 @@ def test_loader_ranks_partition_the_global_batch():
     assert single.state.epoch == 2
 
 
+def test_every_epoch_visits_every_window_once_in_a_new_order():
+    """24 windows, 3 full batches of 8 per epoch: none dropped, and each epoch shuffled differently."""
+    seq_len = 4
+    loader = TokenLoader(np.arange(24 * seq_len + 1, dtype=np.int64), seq_len, 8, 4, seed=5)
+    epochs = []
+    for _ in range(3):
+        order = [int(x[0]) // seq_len for _ in range(3) for x, _ in loader.next_step() for x in x]
+        assert sorted(order) == list(range(24)), "every full batch of the epoch, each window once"
+        epochs.append(order)
+    assert epochs[0] != epochs[1] != epochs[2] != epochs[0]
+
+
+def test_weight_decay_only_on_matrices():
+    from phd.model import PHDTransformer
+    from phd.train.optim import build_optimizer
+
+    cfg = tiny_config(Path("unused"), Path("unused"), model={
+        "preset": "cpu-1m", "variant": "PHD-CSWA-2-4-8", "qk_norm": True, "norm": "post"})
+    model = PHDTransformer(cfg.model.build())
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay = {g["weight_decay"]: {names[id(p)] for p in g["params"]} for g in build_optimizer(model, cfg).param_groups}
+    gains = {n for n, p in model.named_parameters() if "norm" in n}
+    assert gains and len(gains) == sum(p.dim() == 1 for p in model.parameters())
+    assert decay[0.0] == gains and decay[cfg.weight_decay] == set(names.values()) - gains
+
+
+def test_accumulated_micro_batches_equal_one_big_batch(data, tmp_path):
+    """The same 8 sequences as 1 x 8 or 4 x 2 micro-batches: the same mean loss and the same gradient norm."""
+    big = Trainer(tiny_config(data, tmp_path / "a", micro_batch=8, max_steps=1, clip=None))
+    small = Trainer(tiny_config(data, tmp_path / "b", micro_batch=2, max_steps=1, clip=None))
+    a, b = big.train_step(), small.train_step()
+    assert a.loss == pytest.approx(b.loss, rel=1e-5) and a.grad_norm == pytest.approx(b.grad_norm, rel=1e-4)
+
+
 def test_loader_state_restores_the_exact_batches():
     tokens = np.random.default_rng(0).integers(0, 300, 5_000)
     a = TokenLoader(tokens, 32, 8, 4, seed=1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import subprocess
@@ -20,6 +21,7 @@ from phd.model import PHDTransformer
 from phd.train import Trainer, TrainingError
 from phd.train import checkpoint as ckpt
 from phd.train.checkpoint import load_checkpoint, verify
+from phd.train.trainer import StopSignal
 
 
 @pytest.fixture(scope="module")
@@ -88,36 +90,51 @@ def test_vocab_mismatches_fail_before_training(tmp_path):
     assert not (tmp_path / "run").exists() and not (tmp_path / "run2").exists()
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
+DAMAGES = {  # what a disk or a hand does to a committed checkpoint -> the error that names it
+    "flip": r"__0_0.distcp does not match its sha256", "truncate": r"__0_0.distcp does not match its sha256",
+    "delete": r"__0_0.distcp is missing", "meta-flip": r"meta.json is corrupted",
+    "meta-no-checksums": r"meta.json has no checksums", "meta-not-json": r"meta.json lacks step",
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
 def test_corrupted_checkpoint_is_detected_and_named(data, tmp_path, damage):
     Trainer(tiny_config(data, tmp_path, max_steps=2, checkpoint_every=2)).fit()
-    shard = tmp_path / "checkpoints" / "step_00000002" / "__0_0.distcp"
-    raw = bytearray(shard.read_bytes())
-    if damage == "flip":
-        raw[len(raw) // 2] ^= 0xFF
-        shard.write_bytes(bytes(raw))
+    step = tmp_path / "checkpoints" / "step_00000002"
+    path = step / ("meta.json" if damage.startswith("meta") else "__0_0.distcp")
+    raw = bytearray(path.read_bytes())
+    if damage in ("flip", "meta-flip"):
+        raw[len(raw) // 2 if damage == "flip" else 5] ^= 0xFF  # meta: invalid UTF-8 inside the JSON
+        path.write_bytes(bytes(raw))
     elif damage == "truncate":
-        shard.write_bytes(bytes(raw[: len(raw) // 3]))
+        path.write_bytes(bytes(raw[: len(raw) // 3]))
+    elif damage == "delete":
+        path.unlink()
+    elif damage == "meta-no-checksums":
+        path.write_text(json.dumps({k: v for k, v in json.loads(raw).items() if k != "checksums"}))
     else:
-        shard.unlink()
-    message = "is missing" if damage == "delete" else "does not match its sha256"
-    with pytest.raises(CheckpointError, match=rf"__0_0.distcp {message}"):
+        path.write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match=DAMAGES[damage]):
         Trainer(tiny_config(data, tmp_path, max_steps=4))
 
 
 def test_full_disk_during_save_keeps_the_previous_checkpoint(data, tmp_path, monkeypatch):
+    """A real ENOSPC inside DCP's own writer (its shard file is /dev/full), so the real CheckpointException, a
+    BaseException, travels the real path."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("needs /dev/full")
     trainer = Trainer(tiny_config(data, tmp_path, max_steps=6, checkpoint_every=2))
     real_save = ckpt._dcp_save
 
     def full_disk(state, path):
         if trainer.progress.step == 4:
-            (path / "__0_0.distcp").write_bytes(b"partial")
-            raise OSError(errno.ENOSPC, "No space left on device")
+            (path / "__0_0.distcp").symlink_to("/dev/full")
         real_save(state, path)
 
     monkeypatch.setattr(ckpt, "_dcp_save", full_disk)
-    with pytest.raises(CheckpointError, match="no space left on device.*checkpoint step_00000002 is intact"):
+    with pytest.raises(CheckpointError, match="no space left on device.*checkpoint step_00000002 is intact") as err:
         trainer.fit()
+    assert type(err.value.__cause__).__name__ == "CheckpointException"
     root = tmp_path / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000002"]
     monkeypatch.setattr(ckpt, "_dcp_save", real_save)
@@ -171,10 +188,38 @@ def test_resume_with_another_data_order_warns(data, tmp_path, capsys):
     assert "warning: the data order differs" in err and "seq_len: 32 then, 16 now, seed: 0 then, 1 now" in err
 
 
-def test_sigterm_saves_a_checkpoint_and_stops(data, tmp_path):
-    """What a scheduler does before preempting a job: SIGTERM, then the run resumes from where it stopped."""
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_sigterm_and_ctrl_c_save_a_checkpoint_and_stop(data, tmp_path, signum):
+    """What a scheduler does before preempting a job (SIGTERM), or a user's Ctrl-C: the run stops after the
+    current step with a checkpoint, and resumes from it."""
     config = tiny_config(data, tmp_path / "run", max_steps=5_000, checkpoint_every=0)
     config.save(tmp_path / "run.json")
+    proc, out, err = _interrupt(tmp_path, [signum])
+    assert proc.returncode == 0, err
+    latest = (tmp_path / "run" / "checkpoints" / "latest").read_text().strip()
+    step = verify(tmp_path / "run" / "checkpoints" / latest)["step"]
+    assert 3 <= step < 5_000 and f"stopped: PHD-CSWA-2-4-8 step {step}" in out
+    assert f"{signum.name}: stopped after step" in err
+    assert Trainer(config).progress.step == step
+
+
+def test_a_second_ctrl_c_aborts():
+    """The first Ctrl-C asks for a stop with a checkpoint; a second one raises KeyboardInterrupt at once (the
+    `phd` command turns it into "interrupted", exit 130); the previous handlers come back afterwards."""
+    before = signal.getsignal(signal.SIGINT)
+    messages: list[str] = []
+    with pytest.raises(KeyboardInterrupt), StopSignal(distributed=False, log=messages.append) as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)
+        assert stop.requested() and stop.name == "SIGINT" and "Ctrl-C again to abort" in messages[0]
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)
+        pytest.fail("the second Ctrl-C did not abort")
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def _interrupt(tmp_path: Path, signals: list[signal.Signals]) -> tuple[subprocess.Popen, str, str]:
+    """Start `phd train run.json`, send `signals` (back to back) once 3 steps are logged, wait for the end."""
     metrics = tmp_path / "run" / "metrics.jsonl"
     proc = subprocess.Popen(
         [sys.executable, "-m", "phd.cli", "train", str(tmp_path / "run.json")],
@@ -183,13 +228,26 @@ def test_sigterm_saves_a_checkpoint_and_stops(data, tmp_path):
     try:
         while proc.poll() is None and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
             time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
+        for signum in signals:
+            proc.send_signal(signum)
         out, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
-    assert proc.returncode == 0, err
-    latest = (tmp_path / "run" / "checkpoints" / "latest").read_text().strip()
-    step = verify(tmp_path / "run" / "checkpoints" / latest)["step"]
-    assert 3 <= step < 5_000 and f"stopped: PHD-CSWA-2-4-8 step {step}" in out
-    assert "SIGTERM: stopped after step" in err
-    assert Trainer(config).progress.step == step
+    return proc, out, err
+
+
+def test_latest_moves_only_after_the_step_folder_is_in_place(data, tmp_path, monkeypatch):
+    """The commit order: a failure of the step folder's rename leaves `latest` on the previous checkpoint."""
+    trainer = Trainer(tiny_config(data, tmp_path, max_steps=4, checkpoint_every=2))
+    trainer.fit(stop_after=2)
+    real = os.replace
+
+    def failing(src, dst):
+        if Path(dst).name == "step_00000004":
+            raise OSError(errno.EIO, "rename failed")
+        real(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "replace", failing)
+    with pytest.raises(CheckpointError, match="checkpoint step_00000002 is intact"):
+        trainer.fit()
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_00000002"

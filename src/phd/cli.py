@@ -37,8 +37,13 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from .errors import PHDError
+
     try:
         return int(args.func(args) or 0)
+    except PHDError as err:  # bad input or state a command did not report itself: one line, no traceback
+        print(f"phd {args.command}: error: {err}", file=sys.stderr)
+        return 1
     except ModuleNotFoundError as err:
         if "pip install" not in str(err):  # a missing optional extra: say which, without a traceback
             raise

@@ -13,12 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .errors import PHDError
+
 POSITIONS = ("expanded", "shared")
 NORMS = ("pre", "post")
 BACKENDS = ("auto", "dense", "split", "flex")
 
 
-class ConfigError(ValueError):
+class ConfigError(PHDError, ValueError):
     """A config value is invalid; the message names the field, the value and what is allowed."""
 
 

@@ -32,6 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="PHD variant of the converted model, e.g. PHD-CSWA-2-16-32 (default: vanilla, K = 1)")
     p.add_argument("--positions", choices=("shared", "expanded"), default="shared",
                    help="RoPE positions of the copies (spec section 4); 'shared' keeps the checkpoint's positions")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT when it holds a conversion of the same kind already (never anything else)")
     p.add_argument("--check", action="store_true",
                    help="compare the logits of the converted model with the source on a sample (K = 1 only)")
     p.set_defaults(func=run)
@@ -54,12 +56,16 @@ def _max_diff(a, b) -> float:
     return float((a.float() - b.float()).abs().max())
 
 
+# The output-folder kind (fsutil.MARKER) each target writes; --overwrite replaces only the same kind.
+KINDS = {"phd": "phd-export", "hf": "hf-model", "phd-hf": "phd-hf-model"}
+
+
 def run(args: argparse.Namespace) -> int:
-    from .io import CheckpointError
+    from .errors import PHDError
 
     try:
         return _convert(args)
-    except (ValueError, CheckpointError, FileNotFoundError) as err:  # ConversionError, ConfigError: bad input
+    except (PHDError, FileNotFoundError) as err:  # ConversionError, ConfigError, OutputError: bad input
         raise SystemExit(f"phd convert: {err}") from None
 
 
@@ -67,13 +73,16 @@ def _convert(args: argparse.Namespace) -> int:
     import torch
 
     from .config import PHDConfig
+    from .fsutil import check_out, output_dir
     from .hf import PHDForCausalLM
     from .hf.convert import from_transformers, load_transformers, to_transformers
-    from .io import load_model, save_model
+    from .io import check_finite, load_model, write_export
 
     source: Path = args.source
     from_phd = source.is_dir() and _is_phd_export(source)
     target = args.to or ("hf" if from_phd else "phd")
+    kind, out = KINDS[target], args.out
+    check_out(out, kind, args.overwrite, [source])  # before loading anything
     sample = torch.arange(64).remainder(97)[None] + 3
 
     if from_phd:
@@ -85,9 +94,10 @@ def _convert(args: argparse.Namespace) -> int:
             hf_model = to_transformers(model, **_special_tokens(tokenizer))
         else:
             hf_model = PHDForCausalLM.from_native(model, **_special_tokens(tokenizer))
-        hf_model.save_pretrained(args.out)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(args.out)
+        with output_dir(out, kind, args.overwrite, [source]) as tmp:
+            hf_model.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
         print(f"wrote {args.out} ({type(hf_model).__name__}, {model.config.name})")
         if args.check:
             with torch.no_grad():
@@ -100,14 +110,14 @@ def _convert(args: argparse.Namespace) -> int:
     variant = PHDConfig.parse_name(args.variant)
     hf_model, tokenizer = load_transformers(source)
     model = from_transformers(hf_model, positions=args.positions, **variant)
-    if target == "phd":
-        save_model(model, args.out)
+    check_finite(model.state_dict(), source)
+    with output_dir(out, kind, args.overwrite, [source]) as tmp:
+        if target == "phd":
+            write_export(model, tmp)
+        else:
+            PHDForCausalLM.from_native(model, **_special_tokens(tokenizer)).save_pretrained(tmp)
         if tokenizer is not None:
-            tokenizer.save_pretrained(args.out)
-    else:
-        PHDForCausalLM.from_native(model, **_special_tokens(tokenizer)).save_pretrained(args.out)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(args.out)
+            tokenizer.save_pretrained(tmp)
     print(f"wrote {args.out} ({target}, {model.config.name}, {model.num_params() / 1e6:.1f}M parameters)")
     if args.check:
         if model.config.repeat_k != 1:

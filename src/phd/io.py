@@ -8,45 +8,59 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
 
 from .config import PHDConfig
-from .fsutil import sha256_file, swap_in_dir
+from .errors import PHDError
+from .fsutil import output_dir, sha256_file
 from .model import PHDTransformer
 
+EXPORT_KIND = "phd-export"
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 TOKENIZER = "tokenizer.json"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(PHDError, RuntimeError):
     """A checkpoint is missing, truncated or corrupted; the message names the file."""
 
 
-def save_model(model: PHDTransformer, out_dir: str | Path, tokenizer: str | Path | None = None) -> Path:
-    """Write an export atomically: a temporary sibling directory, renamed over `out_dir` when complete."""
+def save_model(
+    model: PHDTransformer, out_dir: str | Path, tokenizer: str | Path | None = None, overwrite: bool = False,
+    sources: Iterable[Path] = (),
+) -> Path:
+    """Write an export atomically under phd's output rule (fsutil): refused over a folder phd did not write,
+    replaced only with `overwrite`, never into or over one of `sources`."""
+    out_dir = Path(out_dir)
+    with output_dir(out_dir, EXPORT_KIND, overwrite, sources) as tmp:
+        write_export(model, tmp, tokenizer)
+    return out_dir
+
+
+def write_export(model: PHDTransformer, folder: Path, tokenizer: str | Path | None = None) -> None:
+    """The export's files (weights, config, checksums, tokenizer) into an existing folder; finite weights only."""
     from safetensors.torch import save_file
 
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-        if model.config.tie_embeddings:
-            state.pop("lm_head.weight", None)
-        save_file(state, tmp / WEIGHTS, metadata={"format": "pt", "variant": model.config.name})
-        model.config.save(tmp / CONFIG)
-        if tokenizer is not None:
-            shutil.copyfile(tokenizer, tmp / TOKENIZER)
-        (tmp / "checksums.json").write_text(json.dumps({WEIGHTS: sha256_file(tmp / WEIGHTS)}, indent=2) + "\n")
-        swap_in_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    check_finite(state, f"the {model.config.name} model to export")
+    save_file(state, folder / WEIGHTS, metadata={"format": "pt", "variant": model.config.name})
+    model.config.save(folder / CONFIG)
+    if tokenizer is not None:
+        shutil.copyfile(tokenizer, folder / TOKENIZER)
+    (folder / "checksums.json").write_text(json.dumps({WEIGHTS: sha256_file(folder / WEIGHTS)}, indent=2) + "\n")
+
+
+def check_finite(state: Mapping[str, torch.Tensor], where: str | Path) -> None:
+    """Refuse weights holding NaN or inf (they would train, generate or export garbage without a word)."""
+    bad = [name for name, value in state.items() if value.is_floating_point() and not bool(value.isfinite().all())]
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise CheckpointError(f"{where} holds NaN or inf weights in {shown}; use another checkpoint")
 
 
 def resolve_export(path: str | Path) -> Path:
@@ -77,6 +91,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", verify: boo
         state = load_file(root / WEIGHTS, device=str(device))
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{root / WEIGHTS} cannot be read ({err}): corrupted or truncated") from None
+    check_finite(state, root / WEIGHTS)
     with torch.device("meta"):
         model = PHDTransformer(config)
     model = model.to_empty(device=device)

@@ -17,7 +17,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import attention, resolve_backend
+from .checks import check_token_ids
 from .config import PHDConfig
+from .errors import InputError
 from .masks import AttentionLayout
 
 
@@ -211,8 +213,14 @@ class PHDTransformer(nn.Module):
         ignore_index: int = -100,
     ) -> CausalLMOutput:
         """Logits [B, T, vocab] of the final copies; the mean next-token loss when targets [B, T] are given."""
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise InputError(f"input_ids must be [batch, seq_len] with seq_len >= 1, got {tuple(input_ids.shape)}")
+        if input_ids.shape[1] > self.config.max_seq_len:
+            raise InputError(
+                f"input_ids hold {input_ids.shape[1]} tokens, more than max_seq_len={self.config.max_seq_len}; "
+                "shorten the input or build the model with a larger max_seq_len"
+            )
+        check_token_ids(input_ids, self.config.vocab_size, "input_ids")
         layout = self.layout(input_ids.shape[1])
         h = self.final_copies(self.hidden_states(input_ids, backend), layout)
         logits = self.lm_head(self.norm(h))

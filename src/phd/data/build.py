@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from ..fsutil import swap_in_dir
+from ..fsutil import check_out, output_dir
 from .corpus import cache_dir, default_corpus
-from .shards import FORMAT, SPLITS, DataError, ShardWriter, open_shards, token_dtype, write_meta
+from .shards import DATA_KIND, SPLITS, DataError, ShardWriter, open_shards, token_dtype, write_meta
 from .sources import Source, TextFile, split_point
 from .tokenizer import EOS, DocTokenizer, train_tokenizer
 
@@ -101,15 +99,6 @@ class _Progress:
             self.bar.close()
 
 
-def _check_out(out: Path) -> None:
-    """Refuse, before any work, to replace a file or a directory that is not phd data."""
-    if out.exists():
-        if not out.is_dir():
-            raise DataError(f"--out {out} is a file; pass a directory")
-        if any(out.iterdir()) and not (out / "meta.json").exists():
-            raise DataError(f"--out {out} is not empty and not a phd data directory; pass a new or empty directory")
-
-
 def build_shards(
     sources: Sequence[Source],
     out: str | Path,
@@ -119,10 +108,12 @@ def build_shards(
     max_chars: int | None = None,
     special_tokens: Sequence[str] = (EOS,),
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Tokenize `sources` into a data directory `out` (replaced atomically) and return its meta.json content.
+    """Tokenize `sources` into a data directory `out` and return its meta.json content.
 
-    Trains a byte-level BPE of `vocab_size` on the train split unless `tokenizer` is given.
+    Trains a byte-level BPE of `vocab_size` on the train split unless `tokenizer` is given. `out` follows
+    phd's output rule (fsutil): an existing phd data folder is replaced, atomically, only with `overwrite`.
     """
     if not sources:
         raise DataError("no input: pass text files, folders, JSON Lines, datasets, or use the default corpus")
@@ -131,7 +122,8 @@ def build_shards(
     if max_chars is not None and max_chars <= 0:
         raise DataError(f"--max-chars {max_chars} must be positive")
     out = Path(out)
-    _check_out(out)
+    inputs = [Path(s.path) for s in sources if getattr(s, "path", None) is not None]
+    check_out(out, DATA_KIND, overwrite, inputs)  # before minutes of work
     reports, limits, cuts = [], [], []
     for source in sources:
         chars = source.scan()
@@ -154,48 +146,45 @@ def build_shards(
         texts = (text for _, split, text, _ in stream("training tokenizer") if split == "train" and text)
         tokenizer = train_tokenizer(texts, vocab_size, special_tokens)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     writers: dict[str, ShardWriter] = {}
     try:
-        writers = {split: ShardWriter(tmp, split, tokenizer.vocab_size) for split in SPLITS}
-        batch: list[tuple[int, str, str, bool]] = []
-        batch_chars = 0
-        for item in stream("tokenizing"):
-            batch.append(item)
-            batch_chars += len(item[2])
-            if batch_chars >= BATCH_CHARS:
-                _encode(batch, tokenizer, writers, reports)
-                batch, batch_chars = [], 0
-        _encode(batch, tokenizer, writers, reports)
-        for writer in writers.values():
-            writer.close()
-        totals = {split: _total(reports, split) for split in SPLITS}
-        if val_fraction > 0 and totals["val"].tokens == 0:
-            raise DataError(
-                "the held-out split is empty: the inputs are too short to hold out "
-                f"{val_fraction:.0%}; give more text or raise --val-fraction"
-            )
-        tokenizer.save(tmp / "tokenizer.json")
-        meta = {
-            "dtype": token_dtype(tokenizer.vocab_size).name,
-            "vocab_size": tokenizer.vocab_size,
-            "eos_id": tokenizer.eos_id,
-            "eos_token": tokenizer.eos_token,
-            "splits": {split: asdict(totals[split]) for split in SPLITS},
-            "sources": [asdict(r) for r in reports],
-            "tokenizer": tokenizer.source,
-            "val_fraction": val_fraction,
-            "max_chars": max_chars,
-        }
-        write_meta(tmp, meta)
-        swap_in_dir(tmp, out)
+        with output_dir(out, DATA_KIND, overwrite, inputs) as tmp:
+            writers = {split: ShardWriter(tmp, split, tokenizer.vocab_size) for split in SPLITS}
+            batch: list[tuple[int, str, str, bool]] = []
+            batch_chars = 0
+            for item in stream("tokenizing"):
+                batch.append(item)
+                batch_chars += len(item[2])
+                if batch_chars >= BATCH_CHARS:
+                    _encode(batch, tokenizer, writers, reports)
+                    batch, batch_chars = [], 0
+            _encode(batch, tokenizer, writers, reports)
+            for writer in writers.values():
+                writer.close()
+            totals = {split: _total(reports, split) for split in SPLITS}
+            if val_fraction > 0 and totals["val"].tokens == 0:
+                raise DataError(
+                    "the held-out split is empty: the inputs are too short to hold out "
+                    f"{val_fraction:.0%}; give more text or raise --val-fraction"
+                )
+            tokenizer.save(tmp / "tokenizer.json")
+            meta = {
+                "dtype": token_dtype(tokenizer.vocab_size).name,
+                "vocab_size": tokenizer.vocab_size,
+                "eos_id": tokenizer.eos_id,
+                "eos_token": tokenizer.eos_token,
+                "splits": {split: asdict(totals[split]) for split in SPLITS},
+                "sources": [asdict(r) for r in reports],
+                "tokenizer": tokenizer.source,
+                "val_fraction": val_fraction,
+                "max_chars": max_chars,
+            }
+            meta = write_meta(tmp, meta)
     except BaseException:
         for writer in writers.values():
             writer.abort()
-        shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {"format": FORMAT, **meta}
+    return meta
 
 
 def _encode(

@@ -18,7 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "inputs", nargs="*", metavar="INPUT",
         help="text/Markdown files, *.jsonl, folders, saved Hugging Face datasets, or hf:NAME (hub)",
     )
-    parser.add_argument("--out", required=True, help="data directory to write (replaced if it holds phd data)")
+    parser.add_argument("--out", required=True, help="data directory to write (new or empty)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out when it holds phd data already")
     parser.add_argument("--default-corpus", action="store_true", help="add the default English corpus to the inputs")
     parser.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary to train (default 8192)")
     parser.add_argument(
@@ -37,9 +38,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..errors import PHDError
     from .build import build_shards
     from .corpus import default_corpus
-    from .shards import DataError
     from .sources import TextFile, resolve_input
     from .tokenizer import EOS, load_tokenizer
 
@@ -61,8 +62,9 @@ def run(args: argparse.Namespace) -> int:
             max_chars=args.max_chars,
             special_tokens=(EOS, *args.special_token),
             progress=not args.quiet,
+            overwrite=args.overwrite,
         )
-    except DataError as err:
+    except PHDError as err:
         print(f"phd data: error: {err}", file=sys.stderr)
         return 1
     print(summary(meta, args.out, time.perf_counter() - start))

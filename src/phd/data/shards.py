@@ -18,11 +18,15 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import PHDError
+from ..fsutil import sha256_file
+
 FORMAT = "phd-tokens-v1"
+DATA_KIND = "phd-data"  # the output-folder kind (fsutil.MARKER) of a data directory
 SPLITS = ("train", "val")
 
 
-class DataError(ValueError):
+class DataError(PHDError, ValueError):
     """Bad or missing data; the message names the file and the fix."""
 
 
@@ -106,11 +110,14 @@ class ShardWriter:
         self._tmp.unlink(missing_ok=True)
 
 
-def write_meta(root: Path, meta: dict[str, Any]) -> None:
-    meta = {"format": FORMAT, **meta}
+def write_meta(root: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """meta.json, with the sha256 of every split file written so far (checked by open_shards)."""
+    sums = {f"{s}.bin": sha256_file(root / f"{s}.bin") for s in SPLITS if (root / f"{s}.bin").exists()}
+    meta = {"format": FORMAT, **meta, "sha256": sums}
     tmp = root / "meta.json.tmp"
     tmp.write_text(json.dumps(meta, indent=2) + "\n")
     os.replace(tmp, root / "meta.json")
+    return meta
 
 
 def open_shards(root: str | Path) -> TokenShards:
@@ -119,7 +126,10 @@ def open_shards(root: str | Path) -> TokenShards:
     meta_path = root / "meta.json"
     if not meta_path.exists():
         raise DataError(f"{root} has no meta.json: it is not a phd data directory; create one with `phd data`")
-    meta = json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise DataError(f"{meta_path} is corrupted ({err}); re-run `phd data`") from None
     if meta.get("format") != FORMAT:
         raise DataError(f"{meta_path}: format {meta.get('format')!r} is not {FORMAT!r}; re-run `phd data`")
     dtype = np.dtype(meta["dtype"])
@@ -132,5 +142,8 @@ def open_shards(root: str | Path) -> TokenShards:
         size = path.stat().st_size // dtype.itemsize
         if size != expected:
             raise DataError(f"{path} holds {size} tokens but meta.json says {expected}: truncated; re-run `phd data`")
+        expected_sum = meta.get("sha256", {}).get(path.name)  # absent in data written before checksums
+        if expected_sum and sha256_file(path) != expected_sum:
+            raise DataError(f"{path} does not match its sha256 in meta.json: corrupted; re-run `phd data`")
         arrays[split] = np.memmap(path, dtype=dtype, mode="r") if size else np.zeros(0, dtype=dtype)
     return TokenShards(root, meta, arrays["train"], arrays["val"])

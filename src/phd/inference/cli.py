@@ -6,6 +6,8 @@ import argparse
 import sys
 import time
 
+from ..checks import positive_int
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate text from an exported model, streamed to the terminal")
@@ -14,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--prompt", help="prompt text, encoded with the checkpoint's tokenizer.json")
     src.add_argument("--prompt-ids", help="prompt as comma-separated token ids (bypasses the tokenizer)")
     p.add_argument("--tokenizer", help="tokenizer.json (default: the one beside the checkpoint)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=positive_int, default=128)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95; 1 = off)")
@@ -24,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="stop token (text of one token, or #ID); repeatable; default: the tokenizer's end-of-text")
     p.add_argument("--prefill", choices=("bounded", "full"), default="bounded",
                    help="bounded (default): hidden tokens only where needed; full: the paper's K-fold prefill")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="torch CPU threads (default: torch's choice; 1 is faster for small models on a busy machine)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
@@ -73,6 +75,7 @@ class _TextStream:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from ..checks import resolve_device
     from ..io import CheckpointError, load_model, load_tokenizer, resolve_export
     from .generate import generate_stream
     from .sampling import SamplingConfig
@@ -80,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        model = load_model(args.checkpoint, device=args.device).to(getattr(torch, args.dtype))
+        model = load_model(args.checkpoint, device=resolve_device(args.device)).to(getattr(torch, args.dtype))
         tokenizer = None
         if args.prompt is not None or args.tokenizer:
             tokenizer = load_tokenizer(args.tokenizer or resolve_export(args.checkpoint))

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..attention import attention
+from ..checks import check_token_ids
 from ..masks import allowed
 from .cache import PHDCache
 
@@ -54,19 +55,6 @@ def _rope(model, pos: Tensor, copy: Tensor) -> tuple[Tensor, Tensor]:
 # ----------------------------------------------------------------------------------------------------------
 # Input checks
 # ----------------------------------------------------------------------------------------------------------
-
-
-def check_token_ids(token_ids: Tensor, vocab_size: int, what: str) -> None:
-    if token_ids.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"{what} must hold integer token ids (int64), got dtype {token_ids.dtype}")
-    if token_ids.numel():
-        low, high = int(token_ids.min()), int(token_ids.max())
-        if low < 0 or high >= vocab_size:
-            bad = low if low < 0 else high
-            raise ValueError(
-                f"{what} holds token id {bad}, outside the vocabulary [0, {vocab_size}); "
-                "encode with the model's own tokenizer"
-            )
 
 
 def _right_pad(input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:

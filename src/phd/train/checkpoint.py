@@ -14,9 +14,11 @@ and names the damaged file. DCP reshards on load, so a run saved by N processes 
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -29,7 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import SHAPE_FIELDS, PHDConfig
-from ..fsutil import sha256_file
+from ..fsutil import fsync_dir, sha256_file
 from ..io import CONFIG, TOKENIZER, CheckpointError
 from .parallelize import any_rank, unwrap
 
@@ -37,6 +39,7 @@ LATEST = "latest"
 META = "meta.json"
 PREFIX = "step_"
 TMP_PREFIX = ".tmp-"
+STEP_NAME = re.compile(rf"{PREFIX}\d{{8}}")
 # Test hook: "STEP:SECONDS" sleeps in the middle of the save of that step (DCP files written, not committed),
 # so a test can SIGKILL the process there deterministically.
 SLEEP_ENV = "PHD_TEST_SAVE_SLEEP"
@@ -46,22 +49,14 @@ def step_dir_name(step: int) -> str:
     return f"{PREFIX}{step:08d}"
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _barrier() -> None:
@@ -129,6 +124,8 @@ class Checkpointer:
         self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, model_config: PHDConfig,
         trainer_state: dict[str, Any], world: int,
     ) -> Path:
+        from torch.distributed.checkpoint.api import CheckpointException
+
         name = step_dir_name(step)
         final, tmp = self.root / name, self.root / f"{TMP_PREFIX}{name}"
         previous = self.latest()
@@ -142,7 +139,7 @@ class Checkpointer:
             _test_sleep(step, tmp)
             if self.rank == 0:
                 self._commit(tmp, final, step, world, model_config, trainer_state)
-        except Exception as err:  # noqa: BLE001 - reported below, on every rank
+        except (Exception, CheckpointException) as err:  # noqa: BLE001 - reported below, on every rank
             error = err
         if any_rank(error is not None):
             if self.rank == 0:
@@ -176,7 +173,7 @@ class Checkpointer:
         if final.exists():  # the same step saved again after a resume: replace it whole
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         _write_atomic(self.root / LATEST, final.name + "\n")
         self._prune(keep=final)
 
@@ -187,11 +184,20 @@ class Checkpointer:
 
 
 def latest_checkpoint(root: Path) -> Path | None:
-    """The committed checkpoint the `latest` marker in `root` names, or None for a fresh run."""
+    """The committed checkpoint the `latest` marker in `root` names, or None for a fresh run.
+
+    The name must be a step_NNNNNNNN folder of `root` itself: a marker naming anything else (`../other/...`,
+    an absolute path) is refused, so a run never resumes from outside its own folder."""
     marker = root / LATEST
     if not marker.exists():
         return None
-    path = root / marker.read_text().strip()
+    name = marker.read_text(errors="replace").strip()
+    if not STEP_NAME.fullmatch(name):
+        raise CheckpointError(
+            f"{marker} names {name!r}, not a step_NNNNNNNN folder of {root}; write the name of one of its step_* "
+            f"folders into it, or delete it to start over"
+        )
+    path = root / name
     if not (path / META).exists():
         raise CheckpointError(
             f"{marker} names {path.name}, which is missing or incomplete; delete {marker} to start over or "
@@ -200,34 +206,54 @@ def latest_checkpoint(root: Path) -> Path | None:
     return path
 
 
-def check_model_config(saved: PHDConfig, current: PHDConfig, where: Path | str) -> None:
-    """Refuse to load weights into a model of another shape or PHD variant, naming every differing field."""
-    diff = saved.differences(current, SHAPE_FIELDS)
+# Model fields a resume may change: the attention backend computes the same function.
+RESUME_FREE_FIELDS = ("attn_backend",)
+
+
+def check_model_config(
+    saved: PHDConfig, current: PHDConfig, where: Path | str, fields: tuple[str, ...] | None = SHAPE_FIELDS
+) -> None:
+    """Refuse to load weights into a model of another shape or PHD variant (`fields`; None: every field but
+    RESUME_FREE_FIELDS, what a resume checks, since rope_theta or norm_eps change the trained function too)."""
+    if fields is None:
+        fields = tuple(f.name for f in dataclasses.fields(saved) if f.name not in RESUME_FREE_FIELDS)
+    diff = saved.differences(current, fields)
     if diff:
-        fields = ", ".join(f"{k}: {a!r} there vs {b!r} here" for k, (a, b) in diff.items())
+        fields_text = ", ".join(f"{k}: {a!r} there vs {b!r} here" for k, (a, b) in diff.items())
         raise CheckpointError(
-            f"{where} holds a {saved.name} model that does not match this run's {current.name} model ({fields}); "
-            "use the same model config, or start a new run directory"
+            f"{where} holds a {saved.name} model that does not match this run's {current.name} model "
+            f"({fields_text}); use the same model config, or start a new run directory"
         )
 
 
 def verify(path: Path) -> dict[str, Any]:
-    """meta.json of a committed checkpoint, after checking every file against its sha256."""
+    """meta.json of a committed checkpoint, after checking every file against its sha256.
+
+    Only plain file names of the checkpoint's own folder are read (a name with a separator or `..` is refused).
+    """
     meta_path = path / META
     if not meta_path.exists():
         raise CheckpointError(f"{path} has no {META}: the save never completed; use an earlier checkpoint")
+    hint = "resume from an earlier step_* folder (write its name into checkpoints/latest)"
     try:
         meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{meta_path} is corrupted ({err})") from None
-    for name, expected in meta["checksums"].items():
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{meta_path} is corrupted ({err}); {hint}") from None
+    sums = meta.get("checksums") if isinstance(meta, dict) else None
+    missing = [k for k in ("step", "model", "trainer", "world") if not isinstance(meta, dict) or k not in meta]
+    if not isinstance(sums, dict) or not sums or missing:
+        what = f"lacks {', '.join(missing)}" if missing else "has no checksums"
+        raise CheckpointError(f"{meta_path} {what}: not a complete phd checkpoint; {hint}")
+    for name, expected in sums.items():
+        if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+            raise CheckpointError(f"{meta_path} lists {name!r}, not a file name of {path}; the checkpoint is not "
+                                  f"phd's; {hint}")
         file = path / name
-        if not file.exists():
+        if not file.is_file():
             raise CheckpointError(f"{file} is missing: checkpoint {path.name} is incomplete")
         if sha256_file(file) != expected:
             raise CheckpointError(
-                f"{file} does not match its sha256 in {META}: checkpoint {path.name} is truncated or corrupted; "
-                "resume from an earlier step_* folder (write its name into checkpoints/latest)"
+                f"{file} does not match its sha256 in {META}: checkpoint {path.name} is truncated or corrupted; {hint}"
             )
     return meta
 
@@ -240,7 +266,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
     meta = verify(path)
-    check_model_config(PHDConfig.from_dict(meta["model"]), unwrap(model).config, path)
+    check_model_config(PHDConfig.from_dict(meta["model"]), unwrap(model).config, path, fields=None)
     state = _state(model, optimizer)
     _dcp_load(state, path)
     if optimizer is None:
@@ -253,9 +279,14 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     return meta
 
 
-def _is_enospc(err: BaseException) -> bool:
+def _is_enospc(err: BaseException | None) -> bool:
+    """ENOSPC anywhere in the chain, including the per-rank failures DCP's CheckpointException wraps."""
     while err is not None:
         if isinstance(err, OSError) and err.errno == errno.ENOSPC or "No space left" in str(err):
+            return True
+        failures = getattr(err, "failures", None)  # {rank: (exception, traceback summary)}
+        causes = [f[0] if isinstance(f, tuple) else f for f in (failures or {}).values()]
+        if any(_is_enospc(cause) for cause in causes):
             return True
         err = err.__cause__ or err.__context__
     return False

@@ -54,22 +54,21 @@ def run(args: argparse.Namespace) -> int:
     if any(a in ("-h", "--help") for a in args.args):
         print(USAGE)
         return 0
-    from ..data.shards import DataError
-    from ..io import CheckpointError
-    from .config import TrainConfigError, build_config
+    from ..errors import PHDError
+    from .config import build_config
     from .parallelize import init_distributed, shutdown_distributed
-    from .trainer import TrainingError, train
+    from .trainer import train
 
     try:
         path, overrides = split_args(args.args)
         cfg = build_config(path, overrides)
         info = init_distributed(cfg.device)
-    except (TrainConfigError, DataError, RuntimeError) as err:
+    except (PHDError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:
         summary = train(cfg, info)
-    except (TrainConfigError, DataError, CheckpointError, TrainingError) as err:
+    except PHDError as err:
         print(f"error (rank {info.rank}): {err}", file=sys.stderr)
         return 1
     finally:
@@ -77,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
     if info.is_main and summary["stopped"]:
         print(f"stopped: {format_summary(summary)}; checkpoint saved in {cfg.out}/checkpoints; run again to resume")
     elif info.is_main:
-        print(f"done: {format_summary(summary)}; model exported to {cfg.out}/model")
+        exported = f"model exported to {summary['exported']}" if summary["exported"] else "nothing exported"
+        print(f"done: {format_summary(summary)}; {exported}")
     return 0
 
 

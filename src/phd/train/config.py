@@ -10,12 +10,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..config import PHDConfig, preset_arch
+from ..errors import PHDError
 
 NAN_POLICIES = ("skip", "stop")
 DTYPES = ("auto", "float32", "bfloat16")
@@ -23,7 +25,7 @@ DEVICES = ("auto", "cpu", "cuda")
 DATA_PARALLEL = ("fsdp", "ddp")
 
 
-class TrainConfigError(ValueError):
+class TrainConfigError(PHDError, ValueError):
     """A training config value is invalid; the message names the field, the value and the fix."""
 
 
@@ -98,6 +100,12 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
             self.model = model_spec_from_dict(self.model)
+        for name in ("lr", "min_lr", "weight_decay", "eps", "clip"):
+            value = getattr(self, name)
+            if not (value is None and name == "clip") and not _is_number(value):
+                _fail(name, value, "must be a number" + (" or null" if name == "clip" else ""))
+        if not isinstance(self.betas, (list, tuple)) or len(self.betas) != 2 or not all(map(_is_number, self.betas)):
+            _fail("betas", self.betas, "must be two numbers in [0, 1), e.g. [0.9, 0.95]")
         self.betas = tuple(self.betas)
         for name in ("seq_len", "batch_size", "micro_batch", "eval_iters", "checkpoint_keep", "log_every"):
             _positive_int(name, getattr(self, name))
@@ -118,8 +126,10 @@ class TrainConfig:
             _fail("min_lr", self.min_lr, f"must be in [0, lr={self.lr}]")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             _fail("betas", self.betas, "must be two numbers in [0, 1)")
-        if self.weight_decay < 0:
-            _fail("weight_decay", self.weight_decay, "must be >= 0")
+        if not 0 <= self.weight_decay < math.inf:
+            _fail("weight_decay", self.weight_decay, "must be a finite number >= 0")
+        if not 0 < self.eps < math.inf:
+            _fail("eps", self.eps, "must be a finite number > 0 (AdamW's epsilon, e.g. 1e-8)")
         if self.clip is not None and not self.clip > 0:
             _fail("clip", self.clip, "must be > 0, or null to disable clipping")
         if self.nan_policy not in NAN_POLICIES:
@@ -132,7 +142,10 @@ class TrainConfig:
             _fail("device", self.device, f"allowed: {', '.join(DEVICES)}")
         if not self.data:
             _fail("data", self.data, "give the data directory written by `phd data` (data=DIR)")
-        self.model.build()  # validates the model now, with the model's own error message
+        model = self.model.build()  # validates the model now, with the model's own error message
+        if self.seq_len > model.max_seq_len:
+            _fail("seq_len", self.seq_len, f"must be <= model.max_seq_len={model.max_seq_len}; lower seq_len or "
+                  "raise model.max_seq_len")
 
     # ----- derived -----
     @property
@@ -161,17 +174,25 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """The config of a dict (a run's config.json included: its `resumes` history is not a field)."""
+        data = {k: v for k, v in data.items() if k != "resumes"}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise TrainConfigError(f"unknown training config fields {unknown}; known fields: {sorted(known)}")
         return cls(**data)
 
-    def save(self, path: str | Path) -> None:
+    def save(self, path: str | Path, resumes: list[dict[str, Any]] | None = None) -> None:
+        """Write the config as JSON (atomically); a run folder's copy adds its `resumes` history."""
         path = Path(path)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        data = self.to_dict() if resumes is None else {**self.to_dict(), "resumes": resumes}
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
         tmp.replace(path)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
 
 
 def _positive_int(name: str, value: Any) -> None:

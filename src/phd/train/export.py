@@ -30,11 +30,12 @@ def find_checkpoint(run_dir: str | Path, step: int | None = None) -> Path:
     return path
 
 
-def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
-    """Load the model weights of `checkpoint` (checksums verified) and write them with save_model."""
+def export_checkpoint(checkpoint: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+    """Load the model weights of `checkpoint` (checksums verified) and write them with save_model (never into or
+    over the checkpoint)."""
     checkpoint = Path(checkpoint)
     config = PHDConfig.load(checkpoint / "config.json")
     model = PHDTransformer(config)
     load_checkpoint(checkpoint, model)
     tokenizer = checkpoint / TOKENIZER
-    return save_model(model, out, tokenizer if tokenizer.exists() else None)
+    return save_model(model, out, tokenizer if tokenizer.exists() else None, overwrite, [checkpoint])

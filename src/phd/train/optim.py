@@ -32,3 +32,26 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, cfg) / cfg.lr)
+
+
+# The TrainConfig fields that set the optimiser and schedule; on resume they follow the new config (apply_config).
+OPTIM_FIELDS = ("lr", "min_lr", "warmup_steps", "total_steps", "betas", "eps", "weight_decay")
+
+
+def optim_settings(cfg: TrainConfig) -> dict:
+    """The values of OPTIM_FIELDS, as saved in a checkpoint to report what a resume changes."""
+    return {name: list(v) if isinstance(v := getattr(cfg, name), tuple) else v for name in OPTIM_FIELDS}
+
+
+def apply_config(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
+                 cfg: TrainConfig) -> None:
+    """After loading a checkpoint's optimiser and scheduler state, make them follow `cfg` exactly: the state
+    carries the old base lr, betas, eps and weight decay, which would silently rescale the new schedule. From
+    here the lr of step s is lr_at(s, cfg), the same value LambdaLR computes."""
+    decay, _ = optimizer.param_groups
+    for group in optimizer.param_groups:
+        group["initial_lr"], group["betas"], group["eps"] = cfg.lr, tuple(cfg.betas), cfg.eps
+        group["weight_decay"] = cfg.weight_decay if group is decay else 0.0
+    scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
+    for group, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
+        group["lr"] = base * fn(scheduler.last_epoch)

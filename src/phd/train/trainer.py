@@ -27,18 +27,20 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..config import PHDConfig
 from ..data.shards import DataError, TokenShards, open_shards
+from ..errors import PHDError
+from ..fsutil import DirLock, LockedError
 from ..io import load_model, save_model
 from ..model import PHDTransformer
 from .checkpoint import Checkpointer, check_model_config, load_checkpoint
 from .config import TrainConfig
 from .loader import TokenLoader, eval_batches
-from .optim import build_optimizer, build_scheduler
+from .optim import apply_config, build_optimizer, build_scheduler, optim_settings
 from .parallelize import DistInfo, any_rank, parallelize
 
 METRICS = "metrics.jsonl"
 
 
-class TrainingError(RuntimeError):
+class TrainingError(PHDError, RuntimeError):
     """Training cannot continue (non-finite loss under nan_policy=stop, too many skipped steps...)."""
 
 
@@ -87,24 +89,31 @@ def resolve_bf16(dtype: str, device: torch.device) -> bool:
 
 
 class StopSignal:
-    """Turns SIGTERM into a request to stop after the current step. Every rank asks every step (one tiny
-    all-reduce), so all ranks stop, and save, at the same step even if the signal reached them at different
-    times."""
+    """Turns SIGTERM and Ctrl-C (SIGINT) into a request to stop after the current step and save; a second
+    Ctrl-C aborts at once. Every rank asks every step (one tiny all-reduce), so all ranks stop, and save, at the
+    same step even if the signal reached them at different times."""
 
-    def __init__(self, distributed: bool) -> None:
-        self.distributed, self.flag, self.previous = distributed, False, None
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, distributed: bool, log=print) -> None:
+        self.distributed, self.flag, self.previous, self.log = distributed, False, {}, log
+        self.name = "SIGTERM"
 
     def __enter__(self) -> StopSignal:
         if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGTERM, self._handle)
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
     def _handle(self, signum: int, frame: object) -> None:
-        self.flag = True
+        if signum == signal.SIGINT and self.flag:
+            raise KeyboardInterrupt
+        self.flag, self.name = True, signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            self.log("Ctrl-C: stopping after this step with a checkpoint (Ctrl-C again to abort without saving)")
 
     def requested(self) -> bool:
         return any_rank(self.flag) if self.distributed else self.flag
@@ -132,21 +141,38 @@ class Trainer:
         self.autocast = self.bf16 and not (fsdp and self.info.device.type == "cuda")
         if self.info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.checkpointer = Checkpointer(
-            self.run_dir, cfg.checkpoint_keep, self.info.rank, self.shards.tokenizer_path
-        )
-        latest = self.checkpointer.latest()
+        self.lock = DirLock(self.run_dir)
+        self._lock()
+        try:
+            self.checkpointer = Checkpointer(
+                self.run_dir, cfg.checkpoint_keep, self.info.rank, self.shards.tokenizer_path
+            )
+            latest = self.checkpointer.latest()
 
-        self.model = self._build_model(cfg.init_from if latest is None else None)
-        self.optimizer = build_optimizer(self.model, cfg)
-        self.scheduler = build_scheduler(self.optimizer, cfg)
-        self.progress = Progress()
-        self.resumed_from: Path | None = None
-        if latest is not None:
-            self._resume(latest)
+            self.model = self._build_model(cfg.init_from if latest is None else None)
+            self.optimizer = build_optimizer(self.model, cfg)
+            self.scheduler = build_scheduler(self.optimizer, cfg)
+            self.progress = Progress()
+            self.resumed_from: Path | None = None
+            if latest is not None:
+                self._resume(latest)
+            if self.info.is_main:
+                self._record_config()
+                self._truncate_metrics()
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _lock(self) -> None:
+        """One process (job) per run folder: rank 0 holds RUN/train.lock from here to the end of fit()."""
+        error: LockedError | None = None
         if self.info.is_main:
-            cfg.save(self.run_dir / "config.json")
-            self._truncate_metrics()
+            try:
+                self.lock.acquire()
+            except LockedError as err:
+                error = err
+        if any_rank(error is not None):
+            raise error or LockedError(f"{self.run_dir} is in use by another process (see rank 0's error)")
 
     def _build_model(self, init_from: str | None) -> torch.nn.Module:
         """Same seeded init on every rank (or the weights of an export), then parallelize."""
@@ -168,14 +194,22 @@ class Trainer:
         return {
             "step": p.step, "tokens": p.tokens, "skipped": p.skipped, "loader": self.loader.state_dict(),
             "scheduler": self.scheduler.state_dict(), "data": self._data_fingerprint(),
+            "optim": optim_settings(self.cfg),
         }
 
     def _data_fingerprint(self) -> dict[str, Any]:
         return {"train_tokens": len(self.shards.train), "seq_len": self.cfg.seq_len, "seed": self.cfg.seed}
 
     def _resume(self, path: Path) -> None:
+        """Restore everything; refuse a model that differs in any field or a run already past its end; apply
+        optimiser and schedule settings as the new config says (logged)."""
         meta = load_checkpoint(path, self.model, self.optimizer)
         state = meta["trainer"]
+        if state["step"] > self.cfg.total_steps:
+            raise TrainingError(
+                f"{path} is at step {state['step']}, past this config's end at step {self.cfg.total_steps} "
+                "(max_steps / max_tokens): raise them to continue, or export that step with `phd export`"
+            )
         changed = {k: (v, state.get("data", {}).get(k)) for k, v in self._data_fingerprint().items()}
         changed = {k: pair for k, pair in changed.items() if pair[0] != pair[1]}
         if changed:
@@ -184,9 +218,31 @@ class Trainer:
                       "new order, so it will not repeat an uninterrupted run exactly")
         self.loader.load_state_dict(state["loader"])
         self.scheduler.load_state_dict(state["scheduler"])
+        apply_config(self.optimizer, self.scheduler, self.cfg)
+        saved = state.get("optim", {})
+        optim = {k: (saved.get(k), v) for k, v in optim_settings(self.cfg).items() if saved.get(k, v) != v}
+        if optim:
+            what = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in optim.items())
+            self._log(f"resume changes the optimiser/schedule ({what}): from step {state['step'] + 1} on, the lr "
+                      "and AdamW settings are exactly the new config's")
         self.progress = Progress(step=state["step"], tokens=state["tokens"], skipped=state["skipped"])
         self.resumed_from = path
         self._log(f"resumed from {path} (step {state['step']}, saved by {meta['world']} process(es))")
+
+    def _record_config(self) -> None:
+        """config.json: the config being trained from now on, plus one history entry per resume (its step and
+        what it changed), so the folder says what every step was trained with."""
+        path = self.run_dir / "config.json"
+        history: list[dict[str, Any]] = []
+        if self.resumed_from is not None:
+            old: dict[str, Any] = {}
+            with contextlib.suppress(OSError, ValueError):
+                old = json.loads(path.read_text())
+            history = list(old.pop("resumes", []))
+            new = self.cfg.to_dict()
+            diff = {k: [old.get(k), new[k]] for k in new if k in old and old[k] != new[k] and k != "progress"}
+            history.append({"step": self.progress.step, "time": time.time(), "changed": diff})
+        self.cfg.save(path, resumes=history)
 
     def save_checkpoint(self) -> Path:
         return self.checkpointer.save(
@@ -229,7 +285,7 @@ class Trainer:
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip or math.inf)
         if hasattr(norm, "full_tensor"):
             norm = norm.full_tensor()
-        lr = self.scheduler.get_last_lr()[0]
+        lr = self.optimizer.param_groups[0]["lr"]  # what this step's update uses
         loss_f, norm_f = float(loss_value), float(norm)
         step = self.progress.step + 1
         skipped = not (math.isfinite(loss_f) and math.isfinite(norm_f))
@@ -289,9 +345,16 @@ class Trainer:
     def fit(self, stop_after: int | None = None) -> dict[str, Any]:
         """Train to cfg.total_steps (or stop after step `stop_after`, as an interruption would), then export.
 
-        SIGTERM (what schedulers send before preempting a job) ends the run after the current step, with a
-        checkpoint to resume from.
+        SIGTERM (what schedulers send before preempting a job) or Ctrl-C ends the run after the current step,
+        with a checkpoint to resume from. The run folder's lock is released when fit returns.
         """
+        self._lock()
+        try:
+            return self._fit(stop_after)
+        finally:
+            self.lock.release()
+
+    def _fit(self, stop_after: int | None) -> dict[str, Any]:
         cfg, p = self.cfg, self.progress
         total = cfg.total_steps
         end = min(total, stop_after) if stop_after else total
@@ -301,7 +364,7 @@ class Trainer:
         window_time, window_tokens = 0.0, 0
         last: StepResult | None = None
         stopped = False
-        with StopSignal(self.info.distributed) as stop:
+        with StopSignal(self.info.distributed, self._log) as stop:
             while p.step < end and not stopped:
                 t0 = time.perf_counter()
                 last = self.train_step()
@@ -328,19 +391,18 @@ class Trainer:
                 if due or stopped:
                     self.save_checkpoint()
                 if stopped:
-                    self._log(f"SIGTERM: stopped after step {last.step} with a checkpoint; run again to resume")
+                    self._log(f"{stop.name}: stopped after step {last.step} with a checkpoint; run again to resume")
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{last.loss:.4f}", tok_s=f"{trained_tokens / train_time:,.0f}")
         if bar is not None:
             bar.close()
-        if p.step == total:
-            self.export(self.run_dir / "model")
+        exported = self.export(self.run_dir / "model") if p.step == total else None
         return {
             "step": p.step, "tokens": p.tokens, "train_loss": last.loss if last else None, "val_loss": val_loss,
             "tok_per_s": trained_tokens / train_time if train_time else None, "train_time": train_time,
             "params": self.model_config.num_params(), "skipped": p.skipped, "variant": self.model_config.name,
-            "stopped": stopped,
+            "stopped": stopped, "exported": str(exported) if exported else None,
         }
 
     def export(self, out: Path) -> Path | None:
@@ -353,7 +415,7 @@ class Trainer:
         model = PHDTransformer(self.model_config)
         model.load_state_dict(state)
         tokenizer = self.shards.tokenizer_path
-        return save_model(model, out, tokenizer if tokenizer.exists() else None)
+        return save_model(model, out, tokenizer if tokenizer.exists() else None, overwrite=True)
 
     # ----- output -----
     def _bar(self, total: int):

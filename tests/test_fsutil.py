@@ -1,0 +1,161 @@
+"""phd's output rule through the real commands: nothing a user owns is deleted or overwritten (`phd data`,
+`phd export`, `phd convert`), backups and temp folders are handled, finished folders have normal permissions."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+from train_utils import make_data, one_thread, tiny_config  # noqa: F401 (autouse fixture)
+
+from phd import fsutil
+from phd.cli import main
+from phd.fsutil import MARKER, TMP_TAG, OutputError, output_dir
+from phd.train import Trainer
+
+DEAD_PID = 4_194_304 + 4321  # above Linux's largest pid_max: never a live process
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def user_folder(path: Path) -> Path:
+    (path / "sub").mkdir(parents=True)
+    (path / "notes.txt").write_text("keep me")
+    (path / "sub" / "data.csv").write_text("a,b\n1,2\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("text") / "book.txt"
+    path.write_text("".join(f"Line {i} of a small book, with words and more words.\n\n" for i in range(400)))
+    return path
+
+
+def data_cmd(text: Path, out: Path, *extra: str) -> list[str]:
+    return ["data", str(text), "--out", str(out), "--vocab-size", "300", "--quiet", *extra]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("run")
+    Trainer(tiny_config(make_data(root / "data"), root / "run", max_steps=2, checkpoint_every=2)).fit()
+    return root / "run"
+
+
+def test_data_never_replaces_a_user_folder(text, tmp_path, capsys):
+    mine = user_folder(tmp_path / "mine")
+    before = tree(mine)
+    for extra in ((), ("--overwrite",)):
+        assert main(data_cmd(text, mine, *extra)) == 1
+        err = capsys.readouterr().err
+        assert "not empty and not written by phd" in err and len(err.strip().splitlines()) == 1
+    assert tree(mine) == before
+
+
+def test_data_replaces_its_own_output_only_with_overwrite(text, tmp_path, capsys):
+    out, sibling = tmp_path / "d", user_folder(tmp_path / "d.old")
+    assert main(data_cmd(text, out)) == 0
+    mode = stat.S_IMODE(out.stat().st_mode)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert mode == 0o777 & ~umask, f"normal permissions, not mkdtemp's 0700: {oct(mode)}"
+    assert (out / MARKER).exists()
+    first = tree(out)
+    assert main(data_cmd(text, out, "--val-fraction", "0.2")) == 1
+    assert "already holds a phd-data; pass --overwrite" in capsys.readouterr().err
+    assert tree(out) == first
+    assert main(data_cmd(text, out, "--val-fraction", "0.2", "--overwrite")) == 0
+    assert tree(out) != first
+    assert (sibling / "notes.txt").read_text() == "keep me", "a sibling <out>.old is the user's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "d.old"], "no backup or temp folder is left"
+
+
+def test_data_refuses_a_checkpoint_and_an_out_inside_its_input(text, run, tmp_path, capsys):
+    step = run / "checkpoints" / "step_00000002"
+    before = tree(step)
+    assert main(data_cmd(text, step, "--overwrite")) == 1
+    assert "not written by phd" in capsys.readouterr().err
+    assert tree(step) == before
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "a.txt").write_text(text.read_text())
+    assert main(["data", str(folder), "--out", str(folder / "out"), "--quiet"]) == 1
+    assert "inside it" in capsys.readouterr().err and not (folder / "out").exists()
+
+
+def test_export_needs_overwrite_and_never_writes_into_the_run(run, tmp_path, capsys):
+    out = tmp_path / "export"
+    assert main(["export", str(run), "--out", str(out)]) == 0
+    assert main(["export", str(run), "--out", str(out)]) == 1
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert main(["export", str(run), "--out", str(out), "--overwrite"]) == 0
+    checkpoints = tree(run / "checkpoints")
+    for bad in (run / "checkpoints", run / "checkpoints" / "step_00000002"):
+        assert main(["export", str(run), "--out", str(bad), "--overwrite"]) == 1
+    assert tree(run / "checkpoints") == checkpoints
+
+
+def test_convert_refuses_its_source_and_another_kind(run, tmp_path):
+    pytest.importorskip("transformers")
+    model = run / "model"
+    before = tree(model)
+    for argv in (["convert", str(model), str(model), "--to", "phd-hf", "--overwrite"],
+                 ["convert", str(model), str(model / "hf"), "--to", "hf"]):
+        with pytest.raises(SystemExit, match="is the source"):
+            main(argv)
+    assert main(["convert", str(model), str(tmp_path / "hf"), "--to", "phd-hf"]) == 0
+    with pytest.raises(SystemExit, match="phd phd-hf-model output, not hf-model"):
+        main(["convert", str(model), str(tmp_path / "hf"), "--to", "hf", "--overwrite"])
+    assert tree(model) == before
+
+
+def test_leftovers_of_a_killed_command_are_cleaned_or_restored(tmp_path):
+    out = tmp_path / "out"
+    with output_dir(out, "phd-data") as tmp:
+        (tmp / "a").write_text("old")
+    stale = tmp_path / f".out.phd-tmp-{DEAD_PID}-0000"
+    user_folder(stale)
+    live = tmp_path / f".out.phd-tmp-{os.getpid()}-0000"  # another command of this process, still working
+    live.mkdir()
+    with output_dir(out, "phd-data", overwrite=True) as tmp:
+        (tmp / "a").write_text("new")
+    assert not stale.exists() and live.exists() and (out / "a").read_text() == "new"
+    # killed between the two renames: the old folder is the backup and `out` is gone -> restored
+    backup = tmp_path / f".out.phd-old-{DEAD_PID}-0000"
+    os.replace(out, backup)
+    with pytest.raises(OutputError, match="already holds a phd-data"):
+        output_dir(out, "phd-data").__enter__()
+    assert (out / "a").read_text() == "new" and not backup.exists()
+
+
+def test_a_failure_keeps_the_old_folder_and_leaves_no_temp(tmp_path):
+    out = tmp_path / "out"
+    with output_dir(out, "phd-export") as tmp:
+        (tmp / "a").write_text("old")
+    with pytest.raises(RuntimeError, match="boom"), output_dir(out, "phd-export", overwrite=True) as tmp:
+        (tmp / "a").write_text("half")
+        raise RuntimeError("boom")
+    assert (out / "a").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_failed_publishing_rename_restores_the_old_folder(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    with output_dir(out, "phd-export") as tmp:
+        (tmp / "a").write_text("old")
+    real = os.replace
+
+    def failing(src, dst):
+        if TMP_TAG in Path(src).name:
+            raise OSError("disk gone")
+        real(src, dst)
+
+    monkeypatch.setattr(fsutil.os, "replace", failing)
+    with pytest.raises(OSError, match="disk gone"), output_dir(out, "phd-export", overwrite=True) as tmp:
+        (tmp / "a").write_text("new")
+    assert (out / "a").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
