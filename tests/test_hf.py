@@ -12,37 +12,7 @@ from phd.cli import main as phd_main  # noqa: E402
 from phd.convert import ConversionError, from_transformers, to_transformers  # noqa: E402
 from phd.hf import PHDForCausalLM, PHDHFConfig  # noqa: E402
 
-VOCAB = 101
-
-
-def tiny_transformers(family: str = "llama", tie: bool = True, seed: int = 0, **overrides) -> torch.nn.Module:
-    """A randomly initialised transformers model with GQA (4 query / 2 kv heads) and non-trivial norm weights."""
-    torch.manual_seed(seed)
-    fields = dict(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, tie_word_embeddings=tie, rms_norm_eps=1e-6, max_position_embeddings=256,
-        rope_parameters={"rope_type": "default", "rope_theta": 5000.0}, bos_token_id=1, eos_token_id=2,
-        pad_token_id=0,
-    )
-    fields.update(overrides)
-    if family == "llama":
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**fields))
-    else:
-        model = transformers.Olmo2ForCausalLM(transformers.Olmo2Config(**fields))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.uniform_(0.5, 1.5)
-            else:
-                p.normal_(0, 0.15)
-    return model.eval()
-
-
-def left_padded(prompts: list[list[int]], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, prompts))
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    return ids, mask
+from hf_utils import VOCAB, left_padded, tiny_phd, tiny_transformers  # noqa: E402
 
 
 # ----- conversion parity -----
@@ -110,13 +80,6 @@ def test_conversion_refuses_other_families() -> None:
 # ----- the PHD transformers model -----
 
 
-def tiny_phd(variant: str = "PHD-CSWA-3-2-4", tie: bool = True, seed: int = 0) -> phd.PHDTransformer:
-    torch.manual_seed(seed)
-    config = phd.PHDConfig.from_name(variant, vocab_size=VOCAB, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
-                                     d_ff=96, tie_embeddings=tie, init_std=0.15, max_seq_len=256)
-    return phd.PHDTransformer(config).eval()
-
-
 @pytest.mark.parametrize("tie", [True, False])
 def test_save_pretrained_from_pretrained_round_trip(tmp_path, tie: bool) -> None:
     native = tiny_phd(tie=tie)
@@ -154,66 +117,6 @@ def test_attention_mask_with_holes_is_refused() -> None:
     model = PHDForCausalLM.from_native(tiny_phd())
     with pytest.raises(ValueError, match="one contiguous run"):
         model(torch.ones(1, 4, dtype=torch.long), attention_mask=torch.tensor([[1, 0, 1, 1]]))
-
-
-# ----- generate() -----
-
-
-def test_generate_at_k1_equals_transformers_llama_generate() -> None:
-    hf = tiny_transformers("llama")
-    model = PHDForCausalLM.from_native(from_transformers(hf), eos_token_id=2, pad_token_id=0)
-    ids, mask = left_padded([[5, 6, 7, 8, 9, 10], [11, 12, 13]])
-    expected = hf.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False)
-    got = model.generate(ids, attention_mask=mask, max_new_tokens=16)
-    assert torch.equal(got, expected)
-
-
-@pytest.mark.parametrize("variant", ["PHD-CSWA-3-2-4", "PHD-SWA-2-3-inf", "PHD-3"])
-def test_generate_equals_native_generate_row_by_row(variant: str) -> None:
-    native = tiny_phd(variant)
-    model = PHDForCausalLM.from_native(native, eos_token_id=2, pad_token_id=0)
-    prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [14, 15, 16, 17]]
-    ids, mask = left_padded(prompts)
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=20)
-    for row, prompt in enumerate(prompts):
-        alone = phd.generate(native, torch.tensor(prompt), 20, stop_tokens=[2], pad_id=0)
-        new = out[row, ids.shape[1]:].tolist()
-        expected = alone[len(prompt):].tolist()
-        assert new == expected + [0] * (len(new) - len(expected))
-
-
-def test_generate_pads_a_row_after_its_end_of_sequence_token() -> None:
-    native = tiny_phd()
-    prompts = [[5, 6, 7, 8], [9, 10, 11, 12, 13, 14]]
-    first = int(native(torch.tensor([prompts[0]])).logits[0, -1].argmax())
-    model = PHDForCausalLM.from_native(native, eos_token_id=first, pad_token_id=0)
-    ids, mask = left_padded(prompts)
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=8)
-    width = ids.shape[1]
-    assert out[0, width] == first and (out[0, width + 1:] == 0).all()
-    alone = phd.generate(native, torch.tensor(prompts[1]), 8, stop_tokens=[first], pad_id=0)
-    assert out[1, width:].tolist()[: len(alone) - len(prompts[1])] == alone[len(prompts[1]):].tolist()
-
-
-def test_sampling_follows_the_native_sampler_with_the_same_seed() -> None:
-    native = tiny_phd()
-    model = PHDForCausalLM.from_native(native, eos_token_id=2, pad_token_id=0)
-    prompt = torch.tensor([[5, 6, 7, 8]])
-    got = model.generate(prompt, max_new_tokens=12, do_sample=True, temperature=0.9, top_k=20, top_p=0.95, seed=3)
-    expected = phd.generate(native, prompt, 12, temperature=0.9, top_k=20, top_p=0.95, seed=3, stop_tokens=[2],
-                            pad_id=0)
-    assert got.tolist() == expected.tolist()
-
-
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(num_beams=2), "num_beams=1"),
-    (dict(output_scores=True), "does not support \\['output_scores'\\]"),
-    (dict(streamer=object()), "does not support \\['streamer'\\]"),
-])
-def test_generate_refuses_what_it_does_not_implement(kwargs: dict, message: str) -> None:
-    model = PHDForCausalLM.from_native(tiny_phd())
-    with pytest.raises(ValueError, match=message):
-        model.generate(torch.tensor([[5, 6]]), max_new_tokens=2, **kwargs)
 
 
 # ----- phd convert -----
