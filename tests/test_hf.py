@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
 
+from hf_utils import VOCAB, left_padded, tiny_phd, tiny_transformers  # noqa: E402
+
 import phd  # noqa: E402
 from phd.cli import main as phd_main  # noqa: E402
 from phd.convert import ConversionError, from_transformers, to_transformers  # noqa: E402
 from phd.hf import PHDForCausalLM, PHDHFConfig  # noqa: E402
-
-from hf_utils import VOCAB, left_padded, tiny_phd, tiny_transformers  # noqa: E402
-
 
 # ----- conversion parity -----
 
@@ -209,3 +214,67 @@ def test_gguf_file_converts_with_the_original_logits(tmp_path) -> None:
     ids = torch.randint(0, VOCAB, (2, 30))
     with torch.no_grad():
         torch.testing.assert_close(native(ids).logits, hf(ids).logits, atol=1e-4, rtol=0)
+
+
+# ----- a --to phd-hf folder: trust_remote_code in a fresh process, and the phd CLI -----
+
+LOAD_SCRIPT = """
+import sys, torch, transformers
+torch.set_num_threads(1)
+assert "phd.hf" not in sys.modules
+model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
+ids = torch.tensor([[5, 6, 7, 8, 9]])
+print(type(model).__name__, model.generate(ids, max_new_tokens=8, do_sample=False)[0].tolist())
+"""
+
+
+def _python(tmp_path, script: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(Path(phd.__file__).parents[1]), "HF_MODULES_CACHE": str(tmp_path / "hfm"),
+           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_phd_hf_folder_loads_with_trust_remote_code_in_a_fresh_process(tmp_path) -> None:
+    tiny_transformers("llama").save_pretrained(tmp_path / "llama")
+    out = tmp_path / "phd-hf"
+    args = ["convert", str(tmp_path / "llama"), str(out), "--to", "phd-hf", "--variant", "PHD-CSWA-2-3-5"]
+    assert phd_main(args) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_phd.PHDForCausalLM"
+    assert (out / "modeling_phd.py").exists() and (out / "configuration_phd.py").exists()
+    native = phd.io.load_model(out)
+    expected = phd.generate(native, torch.tensor([5, 6, 7, 8, 9]), 8, stop_tokens=[2]).tolist()
+    run = _python(tmp_path, LOAD_SCRIPT, str(out))
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == f"PHDForCausalLM {expected + [0] * (13 - len(expected))}"
+    # without the phd package: one line says what to install
+    missing = _python(tmp_path, "import sys; sys.modules['phd'] = None\n" + LOAD_SCRIPT, str(out))
+    assert missing.returncode != 0
+    assert 'this PHD model needs the phd package with its transformers extra: pip install "phd[hf]"' in missing.stderr
+
+
+def test_cli_takes_a_phd_hf_folder(tmp_path, capsys) -> None:
+    from train_utils import make_data
+
+    llama = tiny_transformers("llama", vocab_size=300)
+    llama.save_pretrained(tmp_path / "llama")
+    folder = tmp_path / "phd-hf"
+    assert phd_main(["convert", str(tmp_path / "llama"), str(folder), "--to", "phd-hf"]) == 0
+    data = make_data(tmp_path / "data")
+    out = tmp_path / "loss.json"
+    assert phd_main(["eval", str(folder), "--data", str(data), "--seq-len", "32", "--max-tokens", "128",
+                     "--out", str(out), "--quiet"]) == 0
+    assert json.loads(out.read_text())["loss"]["loss"] > 0
+    capsys.readouterr()
+    assert phd_main(["generate", "--checkpoint", str(folder), "--prompt-ids", "5,6,7", "--temperature", "0",
+                     "--max-new-tokens", "4"]) == 0
+    expected = phd.generate(from_transformers(llama), torch.tensor([5, 6, 7]), 4, stop_tokens=[2])
+    assert capsys.readouterr().out.split() == [str(t) for t in expected[3:].tolist()]
+    assert phd_main(["convert", str(folder), str(tmp_path / "back"), "--to", "hf"]) == 0
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back")
+    assert phd_main(["convert", str(folder), str(tmp_path / "native"), "--to", "phd"]) == 0
+    native = phd.io.load_model(tmp_path / "native")
+    ids = torch.randint(0, 300, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, llama(ids).logits, atol=1e-4, rtol=0)
+        torch.testing.assert_close(native(ids).logits, llama(ids).logits, atol=1e-4, rtol=0)

@@ -10,13 +10,13 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from hf_utils import VOCAB, left_padded, tiny_phd, tiny_transformers  # noqa: E402
+from train_utils import one_thread  # noqa: E402, F401 (autouse fixture)
+
 import phd  # noqa: E402
 from phd.convert import from_transformers  # noqa: E402
 from phd.hf import PHDForCausalLM  # noqa: E402
 from phd.hf.cache import PHDHFCache  # noqa: E402
-
-from hf_utils import VOCAB, left_padded, tiny_phd, tiny_transformers  # noqa: E402
-from train_utils import one_thread  # noqa: E402, F401 (autouse fixture)
 
 EOS, PAD = 2, 0
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [14, 15, 16, 17]]
@@ -177,7 +177,7 @@ def test_k1_scores_equal_transformers_llama(llama_pair) -> None:
                 output_scores=True, output_logits=True)
     expected, got = llama.generate(ids, **args), model.generate(ids, **args)
     assert got.sequences.tolist() == expected.sequences.tolist() and len(got.scores) == 6
-    for ours, theirs in zip(got.logits, expected.logits):
+    for ours, theirs in zip(got.logits, expected.logits, strict=True):
         torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
 
 

@@ -151,7 +151,7 @@ class PHDForCausalLM(PHDPreTrainedModel, GenerationMixin):
         if input_ids is None:
             raise ValueError("PHDForCausalLM needs input_ids: every token is repeated K times from its embedding")
         if inputs_embeds is not None:
-            raise ValueError("PHDForCausalLM takes no inputs_embeds: a PHD model repeats each token's embedding K times")
+            raise ValueError("PHDForCausalLM takes no inputs_embeds: a PHD model repeats each token's embedding")
         for name, why in _REFUSED.items():
             if kwargs.get(name) is not None and kwargs.get(name) is not False:
                 raise ValueError(f"PHDForCausalLM.forward does not take {name}: {why}")
