@@ -1,7 +1,11 @@
-"""PHD-Transformer config for transformers' `trust_remote_code=True`: the installed `phd` package's PHDHFConfig."""
+"""PHD-Transformer config for transformers' `trust_remote_code=True`: the installed `phd` package's PHDHFConfig.
+
+The one import of `phd` for both remote files (modeling_phd.py takes it from here), guarded so that a missing
+package is one line saying what to install.
+"""
 
 try:
-    from phd.hf.configuration import PHDHFConfig as _PHDHFConfig
+    import phd.hf as phd_hf
 except ModuleNotFoundError as err:
     if not (err.name or "").startswith("phd"):
         raise
@@ -10,5 +14,5 @@ except ModuleNotFoundError as err:
     ) from None
 
 
-class PHDHFConfig(_PHDHFConfig):
+class PHDHFConfig(phd_hf.PHDHFConfig):
     pass
