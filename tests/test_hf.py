@@ -2,48 +2,23 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
 
+from hf_utils import VOCAB, left_padded, tiny_phd, tiny_transformers  # noqa: E402
+
 import phd  # noqa: E402
 from phd.cli import main as phd_main  # noqa: E402
 from phd.convert import ConversionError, from_transformers, to_transformers  # noqa: E402
 from phd.hf import PHDForCausalLM, PHDHFConfig  # noqa: E402
-
-VOCAB = 101
-
-
-def tiny_transformers(family: str = "llama", tie: bool = True, seed: int = 0, **overrides) -> torch.nn.Module:
-    """A randomly initialised transformers model with GQA (4 query / 2 kv heads) and non-trivial norm weights."""
-    torch.manual_seed(seed)
-    fields = dict(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, tie_word_embeddings=tie, rms_norm_eps=1e-6, max_position_embeddings=256,
-        rope_parameters={"rope_type": "default", "rope_theta": 5000.0}, bos_token_id=1, eos_token_id=2,
-        pad_token_id=0,
-    )
-    fields.update(overrides)
-    if family == "llama":
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**fields))
-    else:
-        model = transformers.Olmo2ForCausalLM(transformers.Olmo2Config(**fields))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.uniform_(0.5, 1.5)
-            else:
-                p.normal_(0, 0.15)
-    return model.eval()
-
-
-def left_padded(prompts: list[list[int]], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, prompts))
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    return ids, mask
-
 
 # ----- conversion parity -----
 
@@ -110,13 +85,6 @@ def test_conversion_refuses_other_families() -> None:
 # ----- the PHD transformers model -----
 
 
-def tiny_phd(variant: str = "PHD-CSWA-3-2-4", tie: bool = True, seed: int = 0) -> phd.PHDTransformer:
-    torch.manual_seed(seed)
-    config = phd.PHDConfig.from_name(variant, vocab_size=VOCAB, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
-                                     d_ff=96, tie_embeddings=tie, init_std=0.15, max_seq_len=256)
-    return phd.PHDTransformer(config).eval()
-
-
 @pytest.mark.parametrize("tie", [True, False])
 def test_save_pretrained_from_pretrained_round_trip(tmp_path, tie: bool) -> None:
     native = tiny_phd(tie=tie)
@@ -154,66 +122,6 @@ def test_attention_mask_with_holes_is_refused() -> None:
     model = PHDForCausalLM.from_native(tiny_phd())
     with pytest.raises(ValueError, match="one contiguous run"):
         model(torch.ones(1, 4, dtype=torch.long), attention_mask=torch.tensor([[1, 0, 1, 1]]))
-
-
-# ----- generate() -----
-
-
-def test_generate_at_k1_equals_transformers_llama_generate() -> None:
-    hf = tiny_transformers("llama")
-    model = PHDForCausalLM.from_native(from_transformers(hf), eos_token_id=2, pad_token_id=0)
-    ids, mask = left_padded([[5, 6, 7, 8, 9, 10], [11, 12, 13]])
-    expected = hf.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False)
-    got = model.generate(ids, attention_mask=mask, max_new_tokens=16)
-    assert torch.equal(got, expected)
-
-
-@pytest.mark.parametrize("variant", ["PHD-CSWA-3-2-4", "PHD-SWA-2-3-inf", "PHD-3"])
-def test_generate_equals_native_generate_row_by_row(variant: str) -> None:
-    native = tiny_phd(variant)
-    model = PHDForCausalLM.from_native(native, eos_token_id=2, pad_token_id=0)
-    prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [14, 15, 16, 17]]
-    ids, mask = left_padded(prompts)
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=20)
-    for row, prompt in enumerate(prompts):
-        alone = phd.generate(native, torch.tensor(prompt), 20, stop_tokens=[2], pad_id=0)
-        new = out[row, ids.shape[1]:].tolist()
-        expected = alone[len(prompt):].tolist()
-        assert new == expected + [0] * (len(new) - len(expected))
-
-
-def test_generate_pads_a_row_after_its_end_of_sequence_token() -> None:
-    native = tiny_phd()
-    prompts = [[5, 6, 7, 8], [9, 10, 11, 12, 13, 14]]
-    first = int(native(torch.tensor([prompts[0]])).logits[0, -1].argmax())
-    model = PHDForCausalLM.from_native(native, eos_token_id=first, pad_token_id=0)
-    ids, mask = left_padded(prompts)
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=8)
-    width = ids.shape[1]
-    assert out[0, width] == first and (out[0, width + 1:] == 0).all()
-    alone = phd.generate(native, torch.tensor(prompts[1]), 8, stop_tokens=[first], pad_id=0)
-    assert out[1, width:].tolist()[: len(alone) - len(prompts[1])] == alone[len(prompts[1]):].tolist()
-
-
-def test_sampling_follows_the_native_sampler_with_the_same_seed() -> None:
-    native = tiny_phd()
-    model = PHDForCausalLM.from_native(native, eos_token_id=2, pad_token_id=0)
-    prompt = torch.tensor([[5, 6, 7, 8]])
-    got = model.generate(prompt, max_new_tokens=12, do_sample=True, temperature=0.9, top_k=20, top_p=0.95, seed=3)
-    expected = phd.generate(native, prompt, 12, temperature=0.9, top_k=20, top_p=0.95, seed=3, stop_tokens=[2],
-                            pad_id=0)
-    assert got.tolist() == expected.tolist()
-
-
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(num_beams=2), "num_beams=1"),
-    (dict(output_scores=True), "does not support \\['output_scores'\\]"),
-    (dict(streamer=object()), "does not support \\['streamer'\\]"),
-])
-def test_generate_refuses_what_it_does_not_implement(kwargs: dict, message: str) -> None:
-    model = PHDForCausalLM.from_native(tiny_phd())
-    with pytest.raises(ValueError, match=message):
-        model.generate(torch.tensor([[5, 6]]), max_new_tokens=2, **kwargs)
 
 
 # ----- phd convert -----
@@ -360,3 +268,67 @@ def test_gguf_of_another_architecture_or_incomplete_is_one_line(tmp_path) -> Non
     with pytest.raises(SystemExit, match="does not hold a complete model: missing"):
         phd_main(["convert", str(tmp_path / "embd.gguf"), str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
+
+
+# ----- a --to phd-hf folder: trust_remote_code in a fresh process, and the phd CLI -----
+
+LOAD_SCRIPT = """
+import sys, torch, transformers
+torch.set_num_threads(1)
+assert "phd.hf" not in sys.modules
+model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
+ids = torch.tensor([[5, 6, 7, 8, 9]])
+print(type(model).__name__, model.generate(ids, max_new_tokens=8, do_sample=False)[0].tolist())
+"""
+
+
+def _python(tmp_path, script: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(Path(phd.__file__).parents[1]), "HF_MODULES_CACHE": str(tmp_path / "hfm"),
+           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_phd_hf_folder_loads_with_trust_remote_code_in_a_fresh_process(tmp_path) -> None:
+    tiny_transformers("llama").save_pretrained(tmp_path / "llama")
+    out = tmp_path / "phd-hf"
+    args = ["convert", str(tmp_path / "llama"), str(out), "--to", "phd-hf", "--variant", "PHD-CSWA-2-3-5"]
+    assert phd_main(args) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_phd.PHDForCausalLM"
+    assert (out / "modeling_phd.py").exists() and (out / "configuration_phd.py").exists()
+    native = phd.io.load_model(out)
+    expected = phd.generate(native, torch.tensor([5, 6, 7, 8, 9]), 8, stop_tokens=[2]).tolist()
+    run = _python(tmp_path, LOAD_SCRIPT, str(out))
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == f"PHDForCausalLM {expected + [0] * (13 - len(expected))}"
+    # without the phd package: one line says what to install
+    missing = _python(tmp_path, "import sys; sys.modules['phd'] = None\n" + LOAD_SCRIPT, str(out))
+    assert missing.returncode != 0
+    assert 'this PHD model needs the phd package with its transformers extra: pip install "phd[hf]"' in missing.stderr
+
+
+def test_cli_takes_a_phd_hf_folder(tmp_path, capsys) -> None:
+    from train_utils import make_data
+
+    llama = tiny_transformers("llama", vocab_size=300)
+    llama.save_pretrained(tmp_path / "llama")
+    folder = tmp_path / "phd-hf"
+    assert phd_main(["convert", str(tmp_path / "llama"), str(folder), "--to", "phd-hf"]) == 0
+    data = make_data(tmp_path / "data")
+    out = tmp_path / "loss.json"
+    assert phd_main(["eval", str(folder), "--data", str(data), "--seq-len", "32", "--max-tokens", "128",
+                     "--out", str(out), "--quiet"]) == 0
+    assert json.loads(out.read_text())["loss"]["loss"] > 0
+    capsys.readouterr()
+    assert phd_main(["generate", "--checkpoint", str(folder), "--prompt-ids", "5,6,7", "--temperature", "0",
+                     "--max-new-tokens", "4"]) == 0
+    expected = phd.generate(from_transformers(llama), torch.tensor([5, 6, 7]), 4, stop_tokens=[2])
+    assert capsys.readouterr().out.split() == [str(t) for t in expected[3:].tolist()]
+    assert phd_main(["convert", str(folder), str(tmp_path / "back"), "--to", "hf"]) == 0
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back")
+    assert phd_main(["convert", str(folder), str(tmp_path / "native"), "--to", "phd"]) == 0
+    native = phd.io.load_model(tmp_path / "native")
+    ids = torch.randint(0, 300, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, llama(ids).logits, atol=1e-4, rtol=0)
+        torch.testing.assert_close(native(ids).logits, llama(ids).logits, atol=1e-4, rtol=0)

@@ -46,6 +46,15 @@ def _is_phd_export(path: Path) -> bool:
     return config.is_file() and "repeat_k" in json.loads(config.read_text()) and (path / "model.safetensors").exists()
 
 
+def _is_phd_hf(path: Path) -> bool:
+    """A PHDForCausalLM folder (`--to phd-hf`), as opposed to a native export."""
+    import json
+
+    from .hfnames import is_transformers_config
+
+    return is_transformers_config(json.loads((path / "config.json").read_text()))
+
+
 def _special_tokens(tokenizer) -> dict[str, int | None]:
     if tokenizer is None:
         return {}
@@ -86,10 +95,18 @@ def _convert(args: argparse.Namespace) -> int:
     sample = torch.arange(64).remainder(97)[None] + 3
 
     if from_phd:
-        if target == "phd":
+        from_phd_hf = _is_phd_hf(source)
+        if target == "phd" and not from_phd_hf:
             raise SystemExit(f"{source} is already a phd export; choose --to hf or --to phd-hf")
         model = load_model(source)
         tokenizer = _load_tokenizer(source)
+        if target == "phd":  # a PHDForCausalLM folder back to the native export
+            with output_dir(out, kind, args.overwrite, [source]) as tmp:
+                write_export(model, tmp)
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(tmp)
+            print(f"wrote {args.out} (phd, {model.config.name})")
+            return 0
         if target == "hf":
             hf_model = to_transformers(model, **_special_tokens(tokenizer))
         else:

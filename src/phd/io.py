@@ -81,7 +81,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", verify: boo
     from safetensors.torch import load_file
 
     root = resolve_export(path)
-    config = PHDConfig.load(root / CONFIG)
+    config, prefix = _read_config(root / CONFIG)
     sums = root / "checksums.json"
     if verify and sums.exists():
         expected = json.loads(sums.read_text()).get(WEIGHTS)
@@ -97,13 +97,26 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", verify: boo
     model = model.to_empty(device=device)
     if config.tie_embeddings:
         model.lm_head.weight = model.embed.weight
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing, unexpected = model.load_state_dict({k.removeprefix(prefix): v for k, v in state.items()}, strict=False)
     missing = [m for m in missing if not (config.tie_embeddings and m == "lm_head.weight")]
     if missing or unexpected:
         raise CheckpointError(
             f"{root / WEIGHTS} does not fit {config.name}: missing {missing}, unexpected {unexpected}"
         )
     return model.eval()
+
+
+def _read_config(file: Path) -> tuple[PHDConfig, str]:
+    """The native config of an export, or of a PHDForCausalLM folder (`--to phd-hf`, weights under `model.`)."""
+    from .hfnames import config_from_transformers_fields, is_transformers_config
+
+    try:
+        fields = json.loads(file.read_text())
+    except (OSError, ValueError):
+        fields = {}  # PHDConfig.load says what is wrong
+    if is_transformers_config(fields):
+        return config_from_transformers_fields(fields), "model."
+    return PHDConfig.load(file), ""
 
 
 def load_tokenizer(path: str | Path):

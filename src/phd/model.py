@@ -10,6 +10,7 @@ Inference (prefill, decode_step, the cache) lives in `phd.inference` and reuses 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -150,6 +151,9 @@ class PHDTransformer(nn.Module):
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        # Activation checkpointing: checkpoint_fn(block, *args) recomputes a block in the backward pass (set by
+        # `phd train` and by transformers' gradient_checkpointing_enable); None runs blocks plainly.
+        self.checkpoint_fn: Callable[..., Tensor] | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -204,8 +208,10 @@ class PHDTransformer(nn.Module):
         pos, copy = layout.index(input_ids.device)
         cos, sin = self.rope(self.token_positions(pos, copy))
         h = self.expand_tokens(self.embed(input_ids), layout)
+        checkpoint = self.checkpoint_fn if torch.is_grad_enabled() else None
         for block in self.layers:
-            h = block(h, cos, sin, layout, backend)
+            h = block(h, cos, sin, layout, backend) if checkpoint is None else checkpoint(block, h, cos, sin, layout,
+                                                                                           backend)
         return h
 
     def forward(

@@ -60,6 +60,7 @@ def _tokenizer(path: Path | None):
     """
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+    from .. import hf  # noqa: F401 (registers model_type "phd": a PHDForCausalLM folder's config needs no remote code)
     from ..data.tokenizer import EOS_CANDIDATES
 
     if path is None:

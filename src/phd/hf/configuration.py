@@ -11,22 +11,7 @@ from typing import Any
 from transformers import PreTrainedConfig
 
 from ..config import PHDConfig
-
-# transformers name -> native PHDConfig name, for the fields whose names differ.
-_RENAMED = {
-    "hidden_size": "d_model",
-    "num_hidden_layers": "n_layers",
-    "num_attention_heads": "n_heads",
-    "num_key_value_heads": "n_kv_heads",
-    "intermediate_size": "d_ff",
-    "tie_word_embeddings": "tie_embeddings",
-    "rms_norm_eps": "norm_eps",
-    "initializer_range": "init_std",
-    "max_position_embeddings": "max_seq_len",
-}
-# Native fields stored under their own names.
-_SAME = ("vocab_size", "repeat_k", "window", "chunk", "positions", "naive", "norm", "qk_norm", "rope_theta",
-         "attn_backend")
+from ..hfnames import RENAMED, SAME, config_from_transformers_fields
 
 
 class PHDHFConfig(PreTrainedConfig):
@@ -57,19 +42,18 @@ class PHDHFConfig(PreTrainedConfig):
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
+    use_cache: bool = True
 
     def __post_init__(self, **kwargs: Any) -> None:
         super().__post_init__(**kwargs)
         self.to_phd()  # validates every field with the native rules and their error messages
 
     def to_phd(self) -> PHDConfig:
-        fields = {native: getattr(self, hf) for hf, native in _RENAMED.items()}
-        fields.update({name: getattr(self, name) for name in _SAME})
-        return PHDConfig(**fields)
+        return config_from_transformers_fields({name: getattr(self, name) for name in (*RENAMED, *SAME)})
 
     @classmethod
     def from_phd(cls, config: PHDConfig, **special_tokens: Any) -> PHDHFConfig:
         """The transformers config of a native config; `special_tokens` sets bos/eos/pad_token_id."""
-        fields = {hf: getattr(config, native) for hf, native in _RENAMED.items()}
-        fields.update({name: getattr(config, name) for name in _SAME})
+        fields = {hf: getattr(config, native) for hf, native in RENAMED.items()}
+        fields.update({name: getattr(config, name) for name in SAME})
         return cls(**fields, **special_tokens)

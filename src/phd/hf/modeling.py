@@ -1,7 +1,8 @@
 """`PHDForCausalLM`: a thin transformers adapter over the native `PHDTransformer`.
 
 The weights live in `self.model`, a plain `PHDTransformer`; this class only translates the transformers calling
-convention (attention masks, shifted labels, `generate`) to the native one.
+convention (attention masks, shifted labels, the `Cache`) to the native one. Generation is transformers' own
+`GenerationMixin.generate`, decoding through `PHDHFCache` (the native PHD cache and engine).
 
 Padding: the PHD rule never lets a token see a later position, so a right-padded row gives its real tokens exactly
 the outputs of the unpadded row. A left-padded batch (the transformers convention for generation) is therefore
@@ -10,7 +11,8 @@ moved to the right, run without any mask, and moved back: every row sees positio
 
 from __future__ import annotations
 
-import copy
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +21,7 @@ from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..model import PHDTransformer
+from .cache import PHDHFCache
 from .configuration import PHDHFConfig
 
 
@@ -52,7 +55,7 @@ class PHDPreTrainedModel(PreTrainedModel):
     config_class = PHDHFConfig
     config: PHDHFConfig
     base_model_prefix = "model"
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True
     _no_split_modules = ["Block"]
 
     @torch.no_grad()
@@ -62,19 +65,16 @@ class PHDPreTrainedModel(PreTrainedModel):
             module.reset_parameters()
 
 
-class PHDForCausalLM(PHDPreTrainedModel, GenerationMixin):
-    """Causal LM with the transformers interface; `generate()` runs the native PHD cache (see `generate`)."""
+# forward() keywords that ask for something a PHD forward does not compute.
+_REFUSED = {
+    "position_ids": "positions follow from each row's tokens (left padding is moved away), not from position_ids",
+    "output_attentions": "attention weights are not returned",
+    "output_hidden_states": "hidden states are not returned",
+}
 
-    # GenerationConfig fields generate() honours.
-    _GENERATION_FIELDS = ("max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p",
-                          "repetition_penalty", "eos_token_id", "pad_token_id", "num_beams", "num_return_sequences",
-                          "bos_token_id", "use_cache")
-    # GenerationConfig fields that would change the result and that generate() does not implement: refused when set
-    # (typical_p also counts as unset at 1.0, its "off" value).
-    _UNSUPPORTED_GENERATION = ("return_dict_in_generate", "output_scores", "output_logits", "output_attentions",
-                               "output_hidden_states", "min_new_tokens", "min_length", "no_repeat_ngram_size",
-                               "bad_words_ids", "suppress_tokens", "begin_suppress_tokens", "stop_strings",
-                               "penalty_alpha", "typical_p", "epsilon_cutoff", "eta_cutoff", "min_p")
+
+class PHDForCausalLM(PHDPreTrainedModel, GenerationMixin):
+    """Causal LM with the transformers interface, a `PHDHFCache` in forward, and transformers' own generate()."""
 
     _tied_weights_keys = {"model.lm_head.weight": "model.embed.weight"}
 
@@ -104,115 +104,138 @@ class PHDForCausalLM(PHDPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value: torch.nn.Linear) -> None:
         self.model.lm_head = value
 
+    def resize_token_embeddings(self, *args: Any, **kwargs: Any) -> torch.nn.Embedding:
+        """transformers' resize, then the native config follows (the engine checks token ids against it)."""
+        embeddings = super().resize_token_embeddings(*args, **kwargs)
+        self.model.config = self.config.to_phd()
+        return embeddings
+
+    # transformers' activation-checkpointing switch (gradient_checkpointing_enable, Trainer) sets these two; the
+    # native model's own switch (`checkpoint_fn`, also what `phd train` sets) does the work.
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return self.model.checkpoint_fn is not None
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, enable: bool) -> None:
+        function: Callable | None = getattr(self, "_gradient_checkpointing_func", None)
+        self.model.checkpoint_fn = function if enable else None
+
+    def save_pretrained(self, save_directory: Any, *args: Any, **kwargs: Any) -> None:
+        """transformers' save, plus the configuration / modeling files `trust_remote_code=True` loads."""
+        from .remote_code import AUTO_MAP, write_remote_code
+
+        self.config.auto_map = dict(AUTO_MAP)
+        super().save_pretrained(save_directory, *args, **kwargs)
+        write_remote_code(save_directory)
+
     def forward(
         self,
         input_ids: Tensor | None = None,
         attention_mask: Tensor | None = None,
+        past_key_values: PHDHFCache | None = None,
         labels: Tensor | None = None,
-        past_key_values: object | None = None,
         inputs_embeds: Tensor | None = None,
         use_cache: bool | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int = 0,
-        **kwargs: object,
+        **kwargs: Any,
     ) -> CausalLMOutputWithPast:
-        """Logits [B, T, vocab] of the full training-time forward; `labels` as in transformers (shifted inside).
+        """Logits [B, T, vocab]; with `labels` the mean next-token loss (shifted inside, -100 ignored).
 
-        Positions where `attention_mask` is 0 get logits 0 and are left out of the loss.
+        Without a cache it is the full training-time forward. With `use_cache` (default in eval mode without
+        labels, like Llama) the prompt fills a new `PHDHFCache`, returned as `past_key_values`; passing it back
+        decodes the new tokens against it, each at its row's next position. Positions where `attention_mask` is
+        0 get logits 0 and no loss.
         """
         if input_ids is None:
             raise ValueError("PHDForCausalLM needs input_ids: every token is repeated K times from its embedding")
-        if inputs_embeds is not None or past_key_values is not None:
+        if inputs_embeds is not None:
+            raise ValueError("PHDForCausalLM takes no inputs_embeds: a PHD model repeats each token's embedding")
+        for name, why in _REFUSED.items():
+            if kwargs.get(name) is not None and kwargs.get(name) is not False:
+                raise ValueError(f"PHDForCausalLM.forward does not take {name}: {why}")
+        cache = past_key_values
+        if cache is not None and not isinstance(cache, PHDHFCache):
             raise ValueError(
-                "PHDForCausalLM.forward takes neither inputs_embeds nor past_key_values: it is the full training-time "
-                "forward; use generate() for cached decoding"
+                f"past_key_values is a {type(cache).__name__}; a PHD model decodes with its own cache: pass "
+                "use_cache=True (it returns a PHDHFCache) or a PHDHFCache, or none"
             )
-        if attention_mask is None:
-            logits = self.model(input_ids).logits
-            keep = None
-        else:
-            starts, _ = padding_offsets(attention_mask)
-            right = shift_rows(input_ids, starts, fill=0)
-            logits = shift_rows(self.model(right).logits, -starts, fill=0.0)
-            keep = attention_mask.to(torch.bool)
+        if use_cache is None:
+            use_cache = cache is not None or (self.config.use_cache and not self.training and labels is None)
+        if cache is None and use_cache:
+            cache = PHDHFCache(self.model.config)
+        if cache is not None and cache.is_initialized:
+            _check_continuation(cache, input_ids, attention_mask, kwargs.get("cache_position"))
+            logits = cache.append(self.model, input_ids)
+        elif cache is not None and not torch.is_grad_enabled():  # one pass fills the cache and gives the logits
+            every = logits_to_keep != 1 or labels is not None
+            logits = cache.prefill(self.model, input_ids, attention_mask, all_logits=every)
+            logits = _back_to_padding(logits, attention_mask) if every else logits[:, None]
+        else:  # gradients need the autograd forward; the engine (inference mode) then fills the cache
+            logits = self._forward_full(input_ids, attention_mask)
+            if cache is not None:
+                cache.prefill(self.model, input_ids, attention_mask, all_logits=False)
         loss = None
         if labels is not None:
-            targets = labels[:, 1:].clone()
-            if keep is not None:
-                targets = targets.masked_fill(~keep[:, 1:] | ~keep[:, :-1], -100)
-            loss = F.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100
-            )
+            loss = self._loss(logits, labels, attention_mask, kwargs.get("num_items_in_batch"))
         if logits_to_keep:
             logits = logits[:, -logits_to_keep:]
-        return CausalLMOutputWithPast(loss=loss, logits=logits)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache if use_cache else None)
 
-    @torch.no_grad()
-    def generate(
-        self,
-        input_ids: Tensor | None = None,
-        attention_mask: Tensor | None = None,
-        generation_config: GenerationConfig | None = None,
-        seed: int | None = None,
-        **kwargs: object,
-    ) -> Tensor:
-        """Greedy or sampled decoding with the PHD KV cache (`phd.generate`): prefill once, then one step per token.
-
-        Memory is a vanilla KV cache plus the hidden window (spec section 6), not K times the cache. Takes
-        transformers' usual arguments (max_new_tokens / max_length, do_sample, temperature, top_k, top_p,
-        repetition_penalty, eos_token_id, pad_token_id) and a left- or right-padded batch with its
-        attention_mask; returns [B, T + new] like transformers: each row's input, then its new tokens, then
-        pad_token_id after its end-of-sequence token. Beam search and logits processors are not supported.
-        """
-        from ..inference import generate as phd_generate
-
-        if input_ids is None:
-            raise ValueError("generate() needs input_ids (the prompt token ids, [batch, seq_len])")
-        config = copy.deepcopy(generation_config or self.generation_config)
-        unknown = config.update(**kwargs)
-        if unknown:
-            raise ValueError(
-                f"generate() does not support {sorted(unknown)}: PHDForCausalLM.generate takes input_ids, "
-                f"attention_mask, seed and the GenerationConfig fields {list(self._GENERATION_FIELDS)}"
-            )
-        if (config.num_beams or 1) != 1 or (config.num_return_sequences or 1) != 1:
-            raise ValueError("beam search / several sequences per prompt are not supported: use num_beams=1")
-        unsupported = [
-            name for name in self._UNSUPPORTED_GENERATION
-            if getattr(config, name, None) and not (name == "typical_p" and config.typical_p == 1.0)
-        ]
-        if unsupported:
-            raise ValueError(
-                f"generate() does not support {unsupported}: it returns the token ids of greedy or sampled decoding "
-                f"and honours only {list(self._GENERATION_FIELDS)}"
-            )
-        b, t = input_ids.shape
-        if config.max_new_tokens is not None:
-            max_new = config.max_new_tokens
-        else:
-            max_new = max((config.max_length or 20) - t, 0)
-        eos = config.eos_token_id if config.eos_token_id is not None else self.config.eos_token_id
-        stops = [] if eos is None else ([int(eos)] if isinstance(eos, int) else [int(e) for e in eos])
-        pad = config.pad_token_id if config.pad_token_id is not None else (stops[0] if stops else 0)
+    def _forward_full(self, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
         if attention_mask is None:
-            starts = torch.zeros(b, dtype=torch.long, device=input_ids.device)
-            lengths = torch.full((b,), t, dtype=torch.long, device=input_ids.device)
-        else:
-            starts, lengths = padding_offsets(attention_mask)
-        sampled = bool(config.do_sample)
-        out = phd_generate(
-            self.model,
-            shift_rows(input_ids, starts, fill=pad),
-            max_new,
-            temperature=float(config.temperature or 1.0) if sampled else 0.0,
-            top_k=(config.top_k or None) if sampled else None,
-            top_p=(config.top_p if config.top_p is not None and config.top_p < 1 else None) if sampled else None,
-            repetition_penalty=float(config.repetition_penalty or 1.0),
-            stop_tokens=stops,
-            seed=seed,
-            lengths=lengths,
-            pad_id=pad,
+            return self.model(input_ids).logits
+        starts, _ = padding_offsets(attention_mask)
+        return shift_rows(self.model(shift_rows(input_ids, starts, fill=0)).logits, -starts, fill=0.0)
+
+    @staticmethod
+    def _loss(logits: Tensor, labels: Tensor, attention_mask: Tensor | None, num_items: Any) -> Tensor:
+        targets = labels[:, 1:].clone()
+        if attention_mask is not None:
+            keep = attention_mask.to(torch.bool)
+            targets = targets.masked_fill(~keep[:, 1:] | ~keep[:, :-1], -100)
+        flat = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+        if num_items is None:
+            return F.cross_entropy(flat, targets.reshape(-1), ignore_index=-100)
+        # Trainer's gradient accumulation: the sum over the accumulated batches' tokens, divided once
+        total = F.cross_entropy(flat, targets.reshape(-1), ignore_index=-100, reduction="sum")
+        return total / torch.as_tensor(num_items, device=total.device)
+
+    def _prepare_cache_for_generation(
+        self, generation_config: GenerationConfig, model_kwargs: dict, *args: Any, **kwargs: Any
+    ) -> None:
+        """transformers' generate() would make a DynamicCache: a PHD model decodes with a `PHDHFCache`, sized to
+        the generation's max_length (it still grows if needed)."""
+        if model_kwargs.get("past_key_values") is not None or generation_config.use_cache is False:
+            return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        if generation_config.cache_implementation not in (None, "dynamic"):
+            raise ValueError(
+                f"cache_implementation={generation_config.cache_implementation!r} is not available for PHD models: "
+                "they decode with their own cache (PHDHFCache); leave cache_implementation unset"
+            )
+        model_kwargs["past_key_values"] = PHDHFCache(self.model.config, max_len=generation_config.max_length)
+
+
+def _check_continuation(cache: PHDHFCache, input_ids: Tensor, attention_mask: Tensor | None,
+                        cache_position: Tensor | None) -> None:
+    """New tokens after a filled cache: no padding among them, and at the columns the cache expects."""
+    n = input_ids.shape[1]
+    if attention_mask is not None and not bool(attention_mask[:, -n:].bool().all()):
+        raise ValueError(
+            "attention_mask marks padding among the new tokens: after the prompt, every new token is real "
+            "(pad the prompt instead, on the left)"
         )
-        steps = out.shape[1] - t
-        new = torch.gather(out, 1, lengths[:, None] + torch.arange(steps, device=out.device))
-        return torch.cat([input_ids, new], dim=1)
+    if cache_position is not None and int(cache_position.reshape(-1)[0]) != cache.columns:
+        raise ValueError(
+            f"cache_position starts at {int(cache_position.reshape(-1)[0])} but the cache has seen {cache.columns} "
+            "columns: pass the tokens that follow what the cache holds"
+        )
+
+
+def _back_to_padding(logits: Tensor, attention_mask: Tensor | None) -> Tensor:
+    """Logits of right-moved rows [B, T, V] back to the input's padding layout (padding positions: 0)."""
+    if attention_mask is None:
+        return logits
+    starts, _ = padding_offsets(attention_mask)
+    return shift_rows(logits, -starts, fill=0.0)

@@ -59,16 +59,14 @@ class PHDCache:
         k = cfg.repeat_k
         if cfg.naive or k == 1:
             ring = 0
-            orig = max_len * k
-            slot = torch.arange(orig, device=device)
-            slot_pos, slot_copy = slot // k, slot % k + 1
+            slot_pos, slot_copy = _original_slots(cfg, 0, max_len, device)
         else:
             ring = ((cfg.window or 0) + 1) * (k - 1)
-            orig = max_len
             ring_copy = torch.arange(ring, device=device) % (k - 1) + 2
-            slot_pos = torch.cat([torch.full((ring,), -1, device=device), torch.arange(orig, device=device)])
-            slot_copy = torch.cat([ring_copy, torch.ones(orig, dtype=torch.long, device=device)])
-        shape = (batch_size, cfg.n_kv_heads, ring + orig, cfg.head_dim)
+            orig_pos, orig_copy = _original_slots(cfg, 0, max_len, device)
+            slot_pos = torch.cat([torch.full((ring,), -1, device=device), orig_pos])
+            slot_copy = torch.cat([ring_copy, orig_copy])
+        shape = (batch_size, cfg.n_kv_heads, slot_pos.shape[0], cfg.head_dim)
         return cls(
             config=cfg,
             keys=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)],
@@ -114,6 +112,33 @@ class PHDCache:
         self.lengths.zero_()
         self.max_length = 0
 
+    @torch.no_grad()
+    def select_rows(self, index: Tensor) -> None:
+        """Keep rows `index` [N] in this order (beam reordering, repeating or dropping rows); N may differ from B."""
+        index = index.to(self.lengths.device)
+        self.keys = [t.index_select(0, index) for t in self.keys]
+        self.values = [t.index_select(0, index) for t in self.values]
+        self.slot_pos = self.slot_pos.index_select(0, index)
+        self.lengths = self.lengths.index_select(0, index)
+        self.max_length = int(self.lengths.max()) if self.lengths.numel() else 0
+
+    @torch.no_grad()
+    def grow(self, max_len: int) -> None:
+        """Room for `max_len` tokens per row: more original slots appended (the slot layout is unchanged)."""
+        if max_len <= self.max_len:
+            return
+        pos, copy = _original_slots(self.config, self.max_len, max_len, self.lengths.device)
+        extra = pos.shape[0]
+
+        def widen(t: Tensor) -> Tensor:
+            return torch.cat([t, t.new_zeros(*t.shape[:2], extra, t.shape[3])], dim=2)
+
+        self.keys = [widen(t) for t in self.keys]
+        self.values = [widen(t) for t in self.values]
+        self.slot_pos = torch.cat([self.slot_pos, pos.expand(self.batch_size, -1)], dim=1)
+        self.slot_copy = torch.cat([self.slot_copy, copy])
+        self.max_len = max_len
+
     def orig_slot(self, pos: Tensor, copy: Tensor | int = 1) -> Tensor:
         """Physical slot of original (pos, 1), or of (pos, copy) for naive repetition."""
         if self.config.naive:
@@ -150,3 +175,10 @@ class PHDCache:
         if cfg.naive:  # plain causal attention over the interleaved sequence
             return kp * cfg.repeat_k + kc <= qp * cfg.repeat_k + qc
         return allowed(qp, qc, kp, kc, cfg.window, cfg.chunk) & (kp >= 0)
+
+
+def _original_slots(cfg: PHDConfig, start: int, stop: int, device: torch.device | str) -> tuple[Tensor, Tensor]:
+    """(position, copy) of the original slots for positions start..stop-1 (naive / K = 1: all K copies)."""
+    k = cfg.repeat_k if (cfg.naive or cfg.repeat_k == 1) else 1
+    slot = torch.arange(start * k, stop * k, device=device)
+    return slot // k, slot % k + 1

@@ -249,8 +249,10 @@ def _prefill_bounded(model, ids: Tensor, lengths: Tensor, cache: PHDCache) -> Te
     return model.lm_head(model.norm(h_final))
 
 
-def _prefill_full(model, ids: Tensor, lengths: Tensor, cache: PHDCache) -> Tensor:
-    """The training-time forward over all K*T tokens (the paper's prefill), filling the cache on the way."""
+def _prefill_full(model, ids: Tensor, lengths: Tensor, cache: PHDCache, all_logits: bool = False) -> Tensor:
+    """The training-time forward over all K*T tokens (the paper's prefill), filling the cache on the way.
+
+    all_logits: logits [B, T, vocab] of every position (copy K of each), else [B, vocab] of each row's last."""
     cfg = model.config
     b, t = ids.shape
     k = cfg.repeat_k
@@ -278,17 +280,21 @@ def _prefill_full(model, ids: Tensor, lengths: Tensor, cache: PHDCache) -> Tenso
             gather = ring_index[:, None, :, None].expand(-1, k_all.shape[1], -1, k_all.shape[-1])
             cache.write(i, ring_slots, k_all.gather(2, gather), v_all.gather(2, gather))
         h = block.mlp_residual(block.attn_residual(h, block.attn.output(attention(q, k_all, v_all, layout, backend))))
+    if all_logits:
+        return model.lm_head(model.norm(model.final_copies(h, layout)))
     h_final = h.gather(1, final_index[:, None, None].expand(-1, 1, h.shape[-1]))[:, 0]
     return model.lm_head(model.norm(h_final))
 
 
 @torch.inference_mode()
 def prefill(model, input_ids: Tensor, cache: PHDCache, lengths: Tensor | None = None,
-            attention_mask: Tensor | None = None, mode: str = "bounded") -> Tensor:
+            attention_mask: Tensor | None = None, mode: str = "bounded", all_logits: bool = False) -> Tensor:
     """Fill an (emptied) cache with the prompts; logits [B, vocab] for the token after each prompt.
 
     input_ids [B, T], right-padded when `lengths` [B] is given; or any padding side with `attention_mask`.
     mode: "bounded" (hidden tokens only where the future needs them) or "full" (the paper's K-fold prefill).
+    all_logits: logits [B, T, vocab] of every position instead, rows moved to the right (as `lengths` says);
+    it needs the full prefill, which then computes them at no extra cost.
     """
     if mode not in PREFILL_MODES:
         raise ValueError(f"mode={mode!r} is unknown: use 'bounded' (default) or 'full' (the paper's prefill)")
@@ -296,8 +302,8 @@ def prefill(model, input_ids: Tensor, cache: PHDCache, lengths: Tensor | None = 
         raise ValueError("the cache was made for another model config; make it with model.new_cache(...)")
     ids, lengths = _prompt_lengths(model, input_ids, cache, lengths, attention_mask)
     cache.reset()
-    if mode == "full" or (model.config.naive and model.config.repeat_k > 1):
-        logits = _prefill_full(model, ids, lengths, cache)
+    if mode == "full" or all_logits or (model.config.naive and model.config.repeat_k > 1):
+        logits = _prefill_full(model, ids, lengths, cache, all_logits)
     else:
         logits = _prefill_bounded(model, ids, lengths, cache)
     cache.lengths.copy_(lengths)

@@ -2,12 +2,13 @@
 
 `parallelize` applies, in torchtitan's order: activation checkpointing per block, then `torch.compile` per
 block, then FSDP2 (`fully_shard` on every block and on the root), or DDP as the replicated reference. The
-model file knows nothing of this.
+model file knows nothing of this beyond its `checkpoint_fn` switch.
 """
 
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 from dataclasses import dataclass
 
@@ -72,11 +73,11 @@ def shutdown_distributed() -> None:
 
 
 def apply_activation_checkpointing(model: nn.Module) -> None:
-    """Recompute each block's activations in the backward pass (memory for compute)."""
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    """Recompute each block's activations in the backward pass (memory for compute): the model's own switch,
+    the one transformers' gradient_checkpointing_enable sets too."""
+    from torch.utils.checkpoint import checkpoint
 
-    for i, block in enumerate(model.layers):
-        model.layers[i] = checkpoint_wrapper(block, preserve_rng_state=False)
+    model.checkpoint_fn = functools.partial(checkpoint, use_reentrant=False, preserve_rng_state=False)
 
 
 def apply_compile(model: nn.Module, backend: str = "inductor") -> None:
