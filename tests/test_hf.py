@@ -332,3 +332,15 @@ def test_cli_takes_a_phd_hf_folder(tmp_path, capsys) -> None:
     with torch.no_grad():
         torch.testing.assert_close(back(ids).logits, llama(ids).logits, atol=1e-4, rtol=0)
         torch.testing.assert_close(native(ids).logits, llama(ids).logits, atol=1e-4, rtol=0)
+
+
+def test_transformers_config_carries_every_native_field() -> None:
+    import dataclasses
+
+    from phd.hfnames import RENAMED, SAME
+
+    names = {f.name for f in dataclasses.fields(PHDHFConfig)}
+    assert set(RENAMED) | set(SAME) <= names
+    assert set(RENAMED.values()) | set(SAME) == {f.name for f in dataclasses.fields(phd.PHDConfig)}
+    native = phd.PHDConfig.preset("cpu-1m", "PHD-CSWA-3-16-32", qk_norm=True, init_std=0.01)
+    assert PHDHFConfig.from_phd(native).to_phd() == native

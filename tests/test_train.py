@@ -48,6 +48,18 @@ def test_overrides_file_and_dotted_keys(tmp_path, data):
     assert TrainConfig.from_dict(json.loads((tmp_path / "saved.json").read_text())) == cfg
 
 
+def test_command_line_variant_overrides_win_over_the_file(tmp_path, data):
+    path = tmp_path / "run.json"
+    model = {"preset": "cpu-1m", "variant": "PHD-SWA-3-16-inf"}
+    path.write_text(json.dumps({"data": str(data), "max_steps": 1, "model": model}))
+    assert build_config(path, {"model.window": 4}).model.build().name == "PHD-SWA-3-4-inf"
+    assert build_config(path, {"model.variant": "PHD-2"}).model.build().name == "PHD-2"
+    path.write_text(json.dumps({"data": str(data), "max_steps": 1, "model": {**model, "window": 4}}))
+    with pytest.raises(TrainConfigError, match="window=4 contradicts variant 'PHD-SWA-3-16-inf'"):
+        build_config(path, {})
+    assert build_config(path, {"model.variant": "PHD-CSWA-2-8-16"}).model.build().name == "PHD-CSWA-2-8-16"
+
+
 @pytest.mark.parametrize(
     "override, field",
     [({"micro_batch": 3}, "micro_batch"), ({"nan_policy": "ignore"}, "nan_policy"), ({"min_lr": 1.0}, "min_lr"),
