@@ -28,7 +28,7 @@ from phd.hf import PHDForCausalLM, PHDHFConfig  # noqa: E402
 def test_k1_conversion_matches_transformers_logits(family: str, tie: bool) -> None:
     hf = tiny_transformers(family, tie)
     model = from_transformers(hf)
-    assert model.config.is_vanilla and model.config.tie_embeddings == tie
+    assert model.config.repeat_k == 1 and model.config.is_causal and model.config.tie_embeddings == tie
     assert model.config.norm == ("pre" if family == "llama" else "post") and model.config.n_kv_heads == 2
     ids = torch.randint(0, VOCAB, (3, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

@@ -101,8 +101,9 @@ class PHDConfig:
         return self.d_model // self.n_heads
 
     @property
-    def is_vanilla(self) -> bool:
-        return self.repeat_k == 1
+    def is_causal(self) -> bool:
+        """Plain causal attention over the tokens: vanilla (K = 1) or naive repetition; no hidden window."""
+        return self.naive or self.repeat_k == 1
 
     @property
     def name(self) -> str:

@@ -126,7 +126,7 @@ class Trainer:
         self.model_config = cfg.model.build()
         self.shards = open_shards(cfg.data)
         check_vocab(self.shards, self.model_config)
-        self.accum = cfg.grad_accum(self.info.world)
+        cfg.grad_accum(self.info.world)  # refuses a process count that does not divide the batch
         if cfg.eval_every and len(self.shards.val) <= cfg.seq_len:
             raise DataError(
                 f"the val split of {cfg.data} holds {len(self.shards.val)} tokens, not one sequence of seq_len+1="
