@@ -11,12 +11,13 @@ import torch
 from train_utils import make_data, one_thread, tiny_config  # noqa: F401 (autouse fixture)
 
 from phd.cli import main
+from phd.eval.perplexity import eval_batches
 from phd.io import load_model, resolve_export, save_model
 from phd.study.runner import read_results
 from phd.train import TrainConfigError, Trainer, build_config
 from phd.train.checkpoint import verify
 from phd.train.config import TrainConfig, parse_overrides
-from phd.train.loader import TokenLoader, eval_batches
+from phd.train.loader import TokenLoader
 from phd.train.optim import lr_at
 
 
@@ -162,6 +163,21 @@ def test_eval_batches_cover_the_same_windows_at_any_world_size():
     everything = eval_batches(tokens, 16, 10_000, 4, rank=0, world=1)  # more asked than held: all of them, once
     assert weighted(everything) == [16 * i for i in range(available)]
 
+
+
+def test_phd_eval_prints_the_val_loss_phd_train_reported(data, tmp_path, capsys):
+    """One validation-loss function: `phd eval --sequences eval_iters*batch_size` on the export of a run scores the
+    windows the trainer scored, and reports its final val loss."""
+    cfg = tiny_config(data, tmp_path / "run", max_steps=4, eval_every=2, eval_iters=2)
+    summary = Trainer(cfg).fit()
+    sequences = cfg.eval_iters * cfg.batch_size
+    args = ["eval", str(tmp_path / "run" / "model"), "--data", str(data), "--seq-len", str(cfg.seq_len),
+            "--sequences", str(sequences), "--batch-size", "5", "--out", str(tmp_path / "eval.json")]
+    assert main(args) == 0
+    loss = json.loads((tmp_path / "eval.json").read_text())["loss"]
+    assert (loss["windows"], loss["tokens"]) == (sequences, sequences * cfg.seq_len)
+    assert loss["loss"] == pytest.approx(summary["val_loss"], abs=1e-5)
+    assert f"val loss {summary['val_loss']:.4f}" in capsys.readouterr().out
 
 # ----- the loop -----
 
