@@ -89,3 +89,38 @@ def test_paper_presets_match_spec_section_7():
 def test_unknown_preset():
     with pytest.raises(ConfigError, match="cpu-1m"):
         PHDConfig.preset("tiny")
+
+
+# ----- one builder, one precedence: preset < variant name < explicit fields -----
+
+
+def test_explicit_fields_win_over_preset_and_agree_with_the_name():
+    cfg = PHDConfig.build("cpu-1m", "PHD-SWA-3-16-inf", d_model=64, max_seq_len=99, window=16)
+    assert (cfg.d_model, cfg.max_seq_len, cfg.vocab_size, cfg.repeat_k, cfg.window) == (64, 99, 2048, 3, 16)
+    assert PHDConfig.build("cpu-1m", window=4, repeat_k=2).name == "PHD-SWA-2-4-inf"
+    assert PHDConfig.build("cpu-1m").name == "vanilla"
+
+
+@pytest.mark.parametrize(
+    "variant, field, value, named",
+    [("PHD-SWA-3-16-inf", "window", 4, 16), ("vanilla", "repeat_k", 3, 1), ("PHD-CSWA-3-16-32", "chunk", None, 32),
+     ("repeat-2", "naive", False, True)],
+)
+def test_a_variant_field_that_contradicts_the_name_is_an_error(variant, field, value, named):
+    message = rf"{field}={value!r} contradicts variant '{variant}', which sets {field}={named!r}: drop {field}"
+    with pytest.raises(ConfigError, match=message):
+        PHDConfig.from_name(variant, preset="cpu-1m", **{field: value})
+    with pytest.raises(ConfigError, match=message):
+        PHDConfig.preset("cpu-1m", variant, **{field: value})
+
+
+def test_every_builder_gives_the_same_config():
+    from phd.train.config import ModelSpec, TrainConfigError
+
+    fields = dict(d_model=64, window=16, positions="shared")
+    expected = PHDConfig.build("cpu-1m", "PHD-SWA-3-16-inf", **fields)
+    assert PHDConfig.from_name("PHD-SWA-3-16-inf", preset="cpu-1m", **fields) == expected
+    assert PHDConfig.preset("cpu-1m", "PHD-SWA-3-16-inf", **fields) == expected
+    assert ModelSpec("cpu-1m", "PHD-SWA-3-16-inf", fields).build() == expected
+    with pytest.raises(TrainConfigError, match="window=4 contradicts variant 'PHD-SWA-3-16-inf'"):
+        ModelSpec("cpu-1m", "PHD-SWA-3-16-inf", {"window": 4}).build()

@@ -28,7 +28,7 @@ from phd.hf import PHDForCausalLM, PHDHFConfig  # noqa: E402
 def test_k1_conversion_matches_transformers_logits(family: str, tie: bool) -> None:
     hf = tiny_transformers(family, tie)
     model = from_transformers(hf)
-    assert model.config.is_vanilla and model.config.tie_embeddings == tie
+    assert model.config.repeat_k == 1 and model.config.is_causal and model.config.tie_embeddings == tie
     assert model.config.norm == ("pre" if family == "llama" else "post") and model.config.n_kv_heads == 2
     ids = torch.randint(0, VOCAB, (3, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -332,3 +332,15 @@ def test_cli_takes_a_phd_hf_folder(tmp_path, capsys) -> None:
     with torch.no_grad():
         torch.testing.assert_close(back(ids).logits, llama(ids).logits, atol=1e-4, rtol=0)
         torch.testing.assert_close(native(ids).logits, llama(ids).logits, atol=1e-4, rtol=0)
+
+
+def test_transformers_config_carries_every_native_field() -> None:
+    import dataclasses
+
+    from phd.hfnames import RENAMED, SAME
+
+    names = {f.name for f in dataclasses.fields(PHDHFConfig)}
+    assert set(RENAMED) | set(SAME) <= names
+    assert set(RENAMED.values()) | set(SAME) == {f.name for f in dataclasses.fields(phd.PHDConfig)}
+    native = phd.PHDConfig.preset("cpu-1m", "PHD-CSWA-3-16-32", qk_norm=True, init_std=0.01)
+    assert PHDHFConfig.from_phd(native).to_phd() == native

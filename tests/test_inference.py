@@ -153,7 +153,7 @@ def test_errors_name_the_problem():
     cache = model.new_cache(2, 8)
     with pytest.raises(ValueError, match="empty: call prefill"):
         model.decode_step(torch.tensor([1, 2]), cache)
-    with pytest.raises(ValueError, match="prompt has 9 tokens but the cache holds at most max_len=8"):
+    with pytest.raises(ValueError, match="prompt has 9 tokens but the cache holds at most capacity=8"):
         model.prefill(torch.ones(2, 9, dtype=torch.long), cache)
     with pytest.raises(ValueError, match="prompt is empty"):
         model.prefill(torch.ones(2, 0, dtype=torch.long), cache)

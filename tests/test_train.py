@@ -11,12 +11,13 @@ import torch
 from train_utils import make_data, one_thread, tiny_config  # noqa: F401 (autouse fixture)
 
 from phd.cli import main
+from phd.eval.perplexity import eval_batches
 from phd.io import load_model, resolve_export, save_model
 from phd.study.runner import read_results
 from phd.train import TrainConfigError, Trainer, build_config
 from phd.train.checkpoint import verify
 from phd.train.config import TrainConfig, parse_overrides
-from phd.train.loader import TokenLoader, eval_batches
+from phd.train.loader import TokenLoader
 from phd.train.optim import lr_at
 
 
@@ -46,6 +47,18 @@ def test_overrides_file_and_dotted_keys(tmp_path, data):
     assert cfg.lr == 1e-3 and cfg.compile and cfg.clip is None
     cfg.save(tmp_path / "saved.json")
     assert TrainConfig.from_dict(json.loads((tmp_path / "saved.json").read_text())) == cfg
+
+
+def test_command_line_variant_overrides_win_over_the_file(tmp_path, data):
+    path = tmp_path / "run.json"
+    model = {"preset": "cpu-1m", "variant": "PHD-SWA-3-16-inf"}
+    path.write_text(json.dumps({"data": str(data), "max_steps": 1, "model": model}))
+    assert build_config(path, {"model.window": 4}).model.build().name == "PHD-SWA-3-4-inf"
+    assert build_config(path, {"model.variant": "PHD-2"}).model.build().name == "PHD-2"
+    path.write_text(json.dumps({"data": str(data), "max_steps": 1, "model": {**model, "window": 4}}))
+    with pytest.raises(TrainConfigError, match="window=4 contradicts variant 'PHD-SWA-3-16-inf'"):
+        build_config(path, {})
+    assert build_config(path, {"model.variant": "PHD-CSWA-2-8-16"}).model.build().name == "PHD-CSWA-2-8-16"
 
 
 @pytest.mark.parametrize(
@@ -150,6 +163,21 @@ def test_eval_batches_cover_the_same_windows_at_any_world_size():
     everything = eval_batches(tokens, 16, 10_000, 4, rank=0, world=1)  # more asked than held: all of them, once
     assert weighted(everything) == [16 * i for i in range(available)]
 
+
+
+def test_phd_eval_prints_the_val_loss_phd_train_reported(data, tmp_path, capsys):
+    """One validation-loss function: `phd eval --sequences eval_iters*batch_size` on the export of a run scores the
+    windows the trainer scored, and reports its final val loss."""
+    cfg = tiny_config(data, tmp_path / "run", max_steps=4, eval_every=2, eval_iters=2)
+    summary = Trainer(cfg).fit()
+    sequences = cfg.eval_iters * cfg.batch_size
+    args = ["eval", str(tmp_path / "run" / "model"), "--data", str(data), "--seq-len", str(cfg.seq_len),
+            "--sequences", str(sequences), "--batch-size", "5", "--out", str(tmp_path / "eval.json")]
+    assert main(args) == 0
+    loss = json.loads((tmp_path / "eval.json").read_text())["loss"]
+    assert (loss["windows"], loss["tokens"]) == (sequences, sequences * cfg.seq_len)
+    assert loss["loss"] == pytest.approx(summary["val_loss"], abs=1e-5)
+    assert f"val loss {summary['val_loss']:.4f}" in capsys.readouterr().out
 
 # ----- the loop -----
 

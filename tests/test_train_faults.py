@@ -144,13 +144,33 @@ def test_full_disk_during_save_keeps_the_previous_checkpoint(data, tmp_path, mon
     assert resumed.progress.step == 6
 
 
+# `phd train` whose step-4 save sleeps after the DCP files are written and before the commit (the test seam is
+# the checkpoint module's `_dcp_save`), so the test can SIGKILL it there deterministically.
+SLEEPY_SAVE = """
+import sys, time
+from phd.cli import main
+from phd.train import checkpoint
+
+real_save = checkpoint._dcp_save
+
+def sleepy_save(state, path):
+    real_save(state, path)
+    if path.name.endswith("step_00000004"):
+        print("[test hook] sleeping in the save of step 4", file=sys.stderr, flush=True)
+        time.sleep(120)
+
+checkpoint._dcp_save = sleepy_save
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def test_sigkill_during_save_leaves_the_previous_checkpoint(data, tmp_path):
     """A real process killed with SIGKILL while its step-4 save is half done (DCP files written, not committed)."""
     config = tiny_config(data, tmp_path / "run", max_steps=6, checkpoint_every=2)
     config.save(tmp_path / "run.json")
-    env = {**os.environ, ckpt.SLEEP_ENV: "4:120", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "phd.cli", "train", str(tmp_path / "run.json")], env=env,
+        [sys.executable, "-c", SLEEPY_SAVE, "train", str(tmp_path / "run.json")], env=env,
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     try:

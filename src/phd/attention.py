@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .masks import AttentionLayout
+from .masks import AttentionLayout, allowed
 
 BAND_BLOCK = 32  # hidden query rows per band block: each row looks at BAND_BLOCK + band_width keys
 
@@ -204,8 +204,6 @@ def _make_band_plan(layout: AttentionLayout, device: torch.device):
     block b reads the padded hidden keys [b*BAND_BLOCK - pad, (b+1)*BAND_BLOCK) with pad = W*(K-1) + K - 2.
     The mask comes from `allowed`; rows past the end (padding) see every key, and are dropped.
     """
-    from .masks import allowed
-
     t, k = layout.seq_len, layout.repeat_k
     rows = t * (k - 1)
     pad = (layout.window or 0) * (k - 1) + k - 2

@@ -101,8 +101,9 @@ class PHDConfig:
         return self.d_model // self.n_heads
 
     @property
-    def is_vanilla(self) -> bool:
-        return self.repeat_k == 1
+    def is_causal(self) -> bool:
+        """Plain causal attention over the tokens: vanilla (K = 1) or naive repetition; no hidden window."""
+        return self.naive or self.repeat_k == 1
 
     @property
     def name(self) -> str:
@@ -155,19 +156,33 @@ class PHDConfig:
         )
 
     @classmethod
-    def from_name(cls, name: str, **arch: Any) -> PHDConfig:
-        """Config for a paper variant name; `arch` gives the sizes, or `preset=` one of PRESETS."""
-        fields: dict[str, Any] = {}
-        preset = arch.pop("preset", None)
-        if preset is not None:
-            fields.update(preset_arch(preset))
-        fields.update(arch)
-        fields.update(cls.parse_name(name))
-        return cls(**fields)
+    def build(cls, preset: str | None = None, variant: str | None = None, **fields: Any) -> PHDConfig:
+        """The one way to assemble a config: preset < variant name < explicit fields.
+
+        An explicit variant field (repeat_k, window, chunk, naive) that contradicts the variant name of the same
+        call raises ConfigError instead of silently winning or losing.
+        """
+        merged = preset_arch(preset) if preset is not None else {}
+        if variant is not None:
+            named = cls.parse_name(variant)
+            for key in VARIANT_FIELDS:
+                if key in fields and fields[key] != named[key]:
+                    raise ConfigError(
+                        f"{key}={fields[key]!r} contradicts variant {variant!r}, which sets {key}={named[key]!r}: "
+                        f"drop {key}, or give the variant name that has it"
+                    )
+            merged.update(named)
+        merged.update(fields)
+        return cls(**merged)
 
     @classmethod
-    def preset(cls, preset: str, variant: str = "vanilla", **overrides: Any) -> PHDConfig:
-        return cls.from_name(variant, preset=preset, **overrides)
+    def from_name(cls, name: str, preset: str | None = None, **fields: Any) -> PHDConfig:
+        """Config for a paper variant name; `fields` give the sizes, or `preset=` one of PRESETS."""
+        return cls.build(preset, name, **fields)
+
+    @classmethod
+    def preset(cls, preset: str, variant: str | None = None, **fields: Any) -> PHDConfig:
+        return cls.build(preset, variant, **fields)
 
     def with_variant(self, name: str) -> PHDConfig:
         """The same architecture with another variant (for side-by-side baselines)."""
@@ -210,6 +225,9 @@ class PHDConfig:
         names = fields or tuple(f.name for f in dataclasses.fields(self))
         return {n: (getattr(self, n), getattr(other, n)) for n in names if getattr(self, n) != getattr(other, n)}
 
+
+# The fields a variant name sets (`parse_name`).
+VARIANT_FIELDS = ("repeat_k", "window", "chunk", "naive")
 
 SHAPE_FIELDS = (
     "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "repeat_k", "window", "chunk",

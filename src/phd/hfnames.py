@@ -6,6 +6,7 @@ phd-hf`) back into the native model with them, so the CLI needs no transformers 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from .config import PHDConfig
@@ -23,9 +24,21 @@ RENAMED = {
     "initializer_range": "init_std",
     "max_position_embeddings": "max_seq_len",
 }
-# Native fields stored under their own names.
-SAME = ("vocab_size", "repeat_k", "window", "chunk", "positions", "naive", "norm", "qk_norm", "rope_theta",
-        "attn_backend")
+# Native fields stored under their own names: every other PHDConfig field.
+SAME = tuple(f.name for f in dataclasses.fields(PHDConfig) if f.name not in RENAMED.values())
+# Defaults of the transformers config for the fields PHDConfig requires (a bench-100m sized model).
+REQUIRED_DEFAULTS = {"vocab_size": 32000, "d_model": 768, "n_layers": 12, "n_heads": 12, "n_kv_heads": 12,
+                     "d_ff": 2048}
+
+
+def transformers_fields() -> dict[str, tuple[Any, Any]]:
+    """transformers name -> (annotation, default) of every PHDConfig field, so the two configs cannot drift."""
+    theirs = {native: hf for hf, native in RENAMED.items()}
+    out = {}
+    for f in dataclasses.fields(PHDConfig):
+        default = REQUIRED_DEFAULTS[f.name] if f.default is dataclasses.MISSING else f.default
+        out[theirs.get(f.name, f.name)] = (f.type, default)
+    return out
 
 
 def is_transformers_config(fields: dict[str, Any]) -> bool:

@@ -112,7 +112,7 @@ def _with_variant(model, name: str):
 def _hidden_share(cfg, t: int) -> float:
     from ..inference.engine import hidden_widths
 
-    if cfg.repeat_k == 1 or cfg.naive:
+    if cfg.is_causal:
         return 0.0
     span = (t - 1) % cfg.chunk + 1 if cfg.chunk else None  # the chunk holding the last token, as prefill does
     return sum(outs for _, outs in hidden_widths(cfg, t, span)) * (cfg.repeat_k - 1) / (t * cfg.n_layers)
@@ -257,7 +257,7 @@ def _decode_cache(model, batch: int, ctx: int, max_len: int):
 
     cache = model.new_cache(batch, max_len)
     cache.lengths.fill_(ctx)
-    cache.max_length = ctx
+    cache.longest = ctx
     if cache.ring_slots:
         slots = torch.arange(cache.ring_slots, device=cache.slot_pos.device)
         cache.slot_pos[:, : cache.ring_slots] = ctx - 1 - slots // (model.config.repeat_k - 1)

@@ -32,6 +32,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="val", choices=("val", "train"), help="split of --data to score (val)")
     p.add_argument("--seq-len", type=positive_int, default=512, help="window length for the loss (512)")
     p.add_argument("--max-tokens", type=positive_int, default=None, help="score at most this many tokens of the split")
+    p.add_argument("--sequences", type=positive_int, default=None,
+                   help="score this many windows spread over the split, as `phd train` does for its val loss "
+                        "(eval_iters * batch_size; with its seq_len the two print the same loss); default: all")
     p.add_argument("--tasks", default=None,
                    help="comma-separated lm-eval tasks, or 'paper' (hellaswag, arc_easy, arc_challenge, piqa, "
                         "winogrande, commonsense_qa, mmlu, lambada_openai)")
@@ -146,7 +149,8 @@ def _evaluate(args: argparse.Namespace) -> int:
                 f"{args.data} was tokenized with {shards.vocab_size} ids but the model has vocab_size="
                 f"{model.config.vocab_size}: tokenize the text with the model's tokenizer (phd data --tokenizer MODEL)"
             )
-        result = evaluate_loss(model, shards.split(args.split), args.seq_len, args.batch_size, args.max_tokens)
+        result = evaluate_loss(model, shards.split(args.split), args.seq_len, args.batch_size, args.max_tokens,
+                               args.sequences)
         report["loss"] = {"data": str(args.data), "split": args.split, **result.to_dict()}
         print(f"{args.split} loss {result.loss:.4f}  perplexity {result.perplexity:.2f}  "
               f"({result.tokens:,} tokens, {result.windows} windows of {result.seq_len})")

@@ -1,14 +1,21 @@
-"""Validation loss and perplexity of a model on a token split (the shard format of `phd.data.shards`)."""
+"""Validation loss and perplexity of a model on a token split (the shard format of `phd.data.shards`).
+
+One implementation for `phd train` (its val loss, at any process count) and `phd eval`, so the two report the
+same number for the same model, windows and seq_len.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import Tensor, nn
 
+from ..data.shards import DataError
 from ..model import PHDTransformer
 
 
@@ -24,6 +31,54 @@ class LossResult:
         return asdict(self)
 
 
+def eval_batches(
+    tokens: np.ndarray, seq_len: int, num_sequences: int, micro_batch: int, rank: int, world: int
+) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """This rank's share of `num_sequences` windows spread evenly over the validation split (all of them when it
+    holds no more), as (inputs, targets, weight). Spread, not the first ones: the split is the tail of every source
+    in turn, and the loss should weigh them all.
+
+    Windows are dealt to ranks round-robin; a rank short of windows pads with weight-0 copies so that every
+    rank runs the same number of forward passes (FSDP's collectives need it). The weighted mean over all
+    ranks is therefore the same at any process count.
+    """
+    available = max(len(tokens) - 1, 0) // seq_len
+    n = min(num_sequences, available)
+    if n == 0:
+        raise DataError(f"the val split holds {len(tokens)} tokens, not one sequence of {seq_len + 1}")
+    chosen = [i * available // n for i in range(n)]
+    mine = chosen[rank::world]
+    per_rank = -(-n // world)
+    steps = -(-per_rank // micro_batch)
+    weights = [1.0] * len(mine) + [0.0] * (steps * micro_batch - len(mine))
+    mine = mine + [0] * (steps * micro_batch - len(mine))
+    out = []
+    for s in range(steps):
+        idx = mine[s * micro_batch : (s + 1) * micro_batch]
+        windows = np.stack([np.asarray(tokens[i * seq_len : i * seq_len + seq_len + 1], dtype=np.int64) for i in idx])
+        batch = torch.from_numpy(windows)
+        out.append((batch[:, :-1], batch[:, 1:], torch.tensor(weights[s * micro_batch : (s + 1) * micro_batch])))
+    return out
+
+
+@torch.no_grad()
+def loss_sums(
+    model: nn.Module, batches: list[tuple[Tensor, Tensor, Tensor]], device: torch.device, autocast: bool = False
+) -> Tensor:
+    """[sum of weight * mean next-token loss of each window, sum of weights] in float64: one rank's share of the
+    validation loss (sum the shares over ranks, then divide). `autocast` runs the forward in bfloat16."""
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
+    for inputs, targets, weight in batches:
+        ctx = torch.autocast(device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+        with ctx:
+            logits = model(inputs.to(device)).logits
+        per_token = F.cross_entropy(logits.float().transpose(1, 2), targets.to(device), reduction="none")  # [B, T]
+        w = weight.to(device, torch.float64)
+        sums[0] += (per_token.double().mean(1) * w).sum()
+        sums[1] += w.sum()
+    return sums
+
+
 @torch.no_grad()
 def evaluate_loss(
     model: PHDTransformer,
@@ -31,29 +86,25 @@ def evaluate_loss(
     seq_len: int = 512,
     batch_size: int = 8,
     max_tokens: int | None = None,
+    num_sequences: int | None = None,
 ) -> LossResult:
-    """Mean loss over consecutive non-overlapping windows of seq_len + 1 tokens from the start of `tokens`.
+    """Mean loss over non-overlapping windows of seq_len + 1 tokens of `tokens`.
 
     Each window predicts its last seq_len tokens from the ones before (documents are concatenated with their
-    separator, as in training). `max_tokens` caps the number of predicted tokens (whole windows); the same
-    arguments always score the same tokens, so runs are comparable.
+    separator, as in training). `max_tokens` keeps the first windows (whole ones) up to that many predicted
+    tokens; `num_sequences` scores that many windows spread evenly over what is kept, as `phd train` does for
+    its val loss (eval_iters * batch_size). The same arguments always score the same tokens.
     """
     if seq_len < 1 or batch_size < 1:
         raise ValueError(f"seq_len={seq_len} and batch_size={batch_size} must both be >= 1")
-    windows = (len(tokens) - 1) // seq_len
+    available = (len(tokens) - 1) // seq_len
     if max_tokens is not None:
-        windows = min(windows, max(max_tokens // seq_len, 1))
-    if windows < 1:
+        available = min(available, max(max_tokens // seq_len, 1))
+    if available < 1:
         raise ValueError(f"the split has {len(tokens)} tokens: too few for one window of seq_len={seq_len} + 1")
+    windows = available if num_sequences is None else min(available, num_sequences)
     model.eval()
-    device = model.embed.weight.device
-    total, count = 0.0, 0
-    for start in range(0, windows, batch_size):
-        rows = range(start, min(start + batch_size, windows))
-        batch = np.stack([np.asarray(tokens[r * seq_len: r * seq_len + seq_len + 1], dtype=np.int64) for r in rows])
-        ids = torch.from_numpy(batch).to(device)
-        logits = model(ids[:, :-1]).logits.float()
-        total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"))
-        count += ids[:, 1:].numel()
-    loss = total / count
-    return LossResult(loss=loss, perplexity=math.exp(loss), tokens=count, windows=windows, seq_len=seq_len)
+    batches = eval_batches(tokens[: available * seq_len + 1], seq_len, windows, batch_size, rank=0, world=1)
+    sums = loss_sums(model, batches, model.embed.weight.device)
+    loss = float(sums[0] / sums[1])
+    return LossResult(loss=loss, perplexity=math.exp(loss), tokens=windows * seq_len, windows=windows, seq_len=seq_len)

@@ -107,8 +107,8 @@ class PHDHFCache(Cache):
         if self.native is None:
             raise ValueError("the cache is empty: run the prompt through the model first (it fills the cache)")
         native, n = self.native, input_ids.shape[1]
-        if native.max_length + n > native.max_len:
-            native.grow(max(2 * native.max_len, native.max_length + n))
+        if native.longest + n > native.capacity:
+            native.grow(max(2 * native.capacity, native.longest + n))
         logits = [decode_step(model, input_ids[:, i], native) for i in range(n)]
         self.columns += n
         return torch.stack(logits, dim=1)

@@ -6,8 +6,8 @@ Physical layout, per layer, one key and one value buffer [B, Hkv, R + S, D]:
                         vanilla and naive repetition. Hidden token (m, i) lives in slot (m % (W + 1)) * (K - 1) + i - 2.
                         W positions are state (the window of the next token); the one extra position is where
                         the current step's hidden K/V are written, so that attention reads one contiguous view.
-    slots [R, R + S)    the originals, written by position: (n, 1) at slot R + n (S = max_len).
-                        Naive repetition keeps all K copies: (n, s) at slot n * K + s - 1 (S = K * max_len).
+    slots [R, R + S)    the originals, written by position: (n, 1) at slot R + n (S = capacity).
+                        Naive repetition keeps all K copies: (n, s) at slot n * K + s - 1 (S = K * capacity).
 
 Each slot carries logical metadata (position, copy); `slot_pos` = -1 marks an empty ring slot. Attention
 masks are `masks.allowed` applied to that metadata (attention-gym's logical-to-physical translation), so the
@@ -36,34 +36,34 @@ class PHDCache:
     slot_pos: Tensor  # [B, R + S] position held by each slot; -1: empty
     slot_copy: Tensor  # [R + S] copy index of each slot
     ring_slots: int  # R
-    max_len: int  # positions each row can hold
+    capacity: int  # positions each row can hold
     lengths: Tensor  # [B] tokens held per row = the position the next token gets
-    max_length: int = 0  # host copy of lengths.max(): sizes the attended view without a device sync
+    longest: int = 0  # host copy of lengths.max(): sizes the attended view without a device sync
 
     @classmethod
     @torch.no_grad()  # plain tensors (not inference tensors): callers may edit or reorder a cache freely
-    def for_model(cls, model, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None):
+    def for_model(cls, model, batch_size: int, capacity: int | None = None, dtype: torch.dtype | None = None):
         weight = model.embed.weight
-        return cls.for_config(model.config, batch_size, max_len, dtype or weight.dtype, weight.device)
+        return cls.for_config(model.config, batch_size, capacity, dtype or weight.dtype, weight.device)
 
     @classmethod
     @torch.no_grad()
-    def for_config(cls, cfg: PHDConfig, batch_size: int, max_len: int | None = None,
+    def for_config(cls, cfg: PHDConfig, batch_size: int, capacity: int | None = None,
                    dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> PHDCache:
         """An empty cache for any model of this config (device="meta" sizes one without allocating)."""
-        max_len = cfg.max_seq_len if max_len is None else max_len
+        capacity = cfg.max_seq_len if capacity is None else capacity
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r} is invalid: it must be an integer >= 1")
-        if not isinstance(max_len, int) or max_len < 1:
-            raise ValueError(f"max_len={max_len!r} is invalid: it must be an integer >= 1 (tokens per row)")
+        if not isinstance(capacity, int) or capacity < 1:
+            raise ValueError(f"capacity={capacity!r} is invalid: it must be an integer >= 1 (tokens per row)")
         k = cfg.repeat_k
-        if cfg.naive or k == 1:
+        if cfg.is_causal:
             ring = 0
-            slot_pos, slot_copy = _original_slots(cfg, 0, max_len, device)
+            slot_pos, slot_copy = _original_slots(cfg, 0, capacity, device)
         else:
             ring = ((cfg.window or 0) + 1) * (k - 1)
             ring_copy = torch.arange(ring, device=device) % (k - 1) + 2
-            orig_pos, orig_copy = _original_slots(cfg, 0, max_len, device)
+            orig_pos, orig_copy = _original_slots(cfg, 0, capacity, device)
             slot_pos = torch.cat([torch.full((ring,), -1, device=device), orig_pos])
             slot_copy = torch.cat([ring_copy, orig_copy])
         shape = (batch_size, cfg.n_kv_heads, slot_pos.shape[0], cfg.head_dim)
@@ -74,7 +74,7 @@ class PHDCache:
             slot_pos=slot_pos.expand(batch_size, -1).clone(),
             slot_copy=slot_copy,
             ring_slots=ring,
-            max_len=max_len,
+            capacity=capacity,
             lengths=torch.zeros(batch_size, dtype=torch.long, device=device),
         )
 
@@ -87,7 +87,7 @@ class PHDCache:
     def window_positions(self) -> int:
         """Hidden positions kept as state between steps: W for SWA/CSWA, 0 otherwise."""
         cfg = self.config
-        return 0 if cfg.naive or cfg.repeat_k == 1 or cfg.window is None else cfg.window
+        return 0 if cfg.is_causal or cfg.window is None else cfg.window
 
     @property
     def nbytes(self) -> int:
@@ -110,7 +110,7 @@ class PHDCache:
         """Forget every row (buffers are overwritten, not cleared: empty slots are excluded by metadata)."""
         self.slot_pos[:, : self.ring_slots] = -1
         self.lengths.zero_()
-        self.max_length = 0
+        self.longest = 0
 
     @torch.no_grad()
     def select_rows(self, index: Tensor) -> None:
@@ -120,14 +120,14 @@ class PHDCache:
         self.values = [t.index_select(0, index) for t in self.values]
         self.slot_pos = self.slot_pos.index_select(0, index)
         self.lengths = self.lengths.index_select(0, index)
-        self.max_length = int(self.lengths.max()) if self.lengths.numel() else 0
+        self.longest = int(self.lengths.max()) if self.lengths.numel() else 0
 
     @torch.no_grad()
-    def grow(self, max_len: int) -> None:
-        """Room for `max_len` tokens per row: more original slots appended (the slot layout is unchanged)."""
-        if max_len <= self.max_len:
+    def grow(self, capacity: int) -> None:
+        """Room for `capacity` tokens per row: more original slots appended (the slot layout is unchanged)."""
+        if capacity <= self.capacity:
             return
-        pos, copy = _original_slots(self.config, self.max_len, max_len, self.lengths.device)
+        pos, copy = _original_slots(self.config, self.capacity, capacity, self.lengths.device)
         extra = pos.shape[0]
 
         def widen(t: Tensor) -> Tensor:
@@ -137,7 +137,7 @@ class PHDCache:
         self.values = [widen(t) for t in self.values]
         self.slot_pos = torch.cat([self.slot_pos, pos.expand(self.batch_size, -1)], dim=1)
         self.slot_copy = torch.cat([self.slot_copy, copy])
-        self.max_len = max_len
+        self.capacity = capacity
 
     def orig_slot(self, pos: Tensor, copy: Tensor | int = 1) -> Tensor:
         """Physical slot of original (pos, 1), or of (pos, copy) for naive repetition."""
@@ -152,7 +152,7 @@ class PHDCache:
 
     def used_slots(self, length: int) -> int:
         """Slots an attention over rows of at most `length` tokens must read (a contiguous prefix)."""
-        return self.ring_slots + length * (self.config.repeat_k if self.config.naive else 1)
+        return self.ring_slots + length * (self.config.repeat_k if self.config.is_causal else 1)
 
     def write(self, layer: int, slots: Tensor, k: Tensor, v: Tensor) -> None:
         """Write k, v [B, Hkv, N, D] into slots [B, N] of `layer` (each row its own slots)."""
@@ -179,6 +179,6 @@ class PHDCache:
 
 def _original_slots(cfg: PHDConfig, start: int, stop: int, device: torch.device | str) -> tuple[Tensor, Tensor]:
     """(position, copy) of the original slots for positions start..stop-1 (naive / K = 1: all K copies)."""
-    k = cfg.repeat_k if (cfg.naive or cfg.repeat_k == 1) else 1
+    k = cfg.repeat_k if cfg.is_causal else 1
     slot = torch.arange(start * k, stop * k, device=device)
     return slot // k, slot % k + 1

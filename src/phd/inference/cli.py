@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-from ..checks import positive_int
+from ..checks import positive_int, resolve_device
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -75,7 +75,6 @@ class _TextStream:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..checks import resolve_device
     from ..io import CheckpointError, load_model, load_tokenizer, resolve_export
     from .generate import generate_stream
     from .sampling import SamplingConfig

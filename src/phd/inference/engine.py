@@ -98,9 +98,9 @@ def _prompt_lengths(model, input_ids: Tensor, cache: PHDCache, lengths: Tensor |
         raise ValueError("a prompt is empty (length 0): every row needs at least one token (e.g. a BOS token)")
     if high > t:
         raise ValueError(f"lengths has {high} but input_ids has only {t} columns")
-    if high > cache.max_len:
+    if high > cache.capacity:
         raise ValueError(
-            f"the prompt has {high} tokens but the cache holds at most max_len={cache.max_len}; "
+            f"the prompt has {high} tokens but the cache holds at most capacity={cache.capacity}; "
             "truncate the prompt or make a larger cache (model.new_cache(batch, max_len))"
         )
     # Padding may hold anything (-100, a pad id): it is replaced by a valid id, and never attended.
@@ -261,7 +261,7 @@ def _prefill_full(model, ids: Tensor, lengths: Tensor, cache: PHDCache, all_logi
     pos, copy = layout.index(ids.device)
     cos, sin = model.rope(model.token_positions(pos, copy))
     h = model.expand_tokens(model.embed(ids), layout)
-    if layout.naive or k == 1:
+    if layout.is_causal:
         n_orig = t * k  # naive repetition caches every copy
         final_index = last * k + k - 1
     else:
@@ -276,7 +276,7 @@ def _prefill_full(model, ids: Tensor, lengths: Tensor, cache: PHDCache, all_logi
         a = block.attn_input(h)
         q, k_all, v_all = block.attn.project(a, cos, sin)
         cache.write_prefix(i, k_all[:, :, :n_orig], v_all[:, :, :n_orig])
-        if not (layout.naive or k == 1) and ring_slots.shape[1]:
+        if not layout.is_causal and ring_slots.shape[1]:
             gather = ring_index[:, None, :, None].expand(-1, k_all.shape[1], -1, k_all.shape[-1])
             cache.write(i, ring_slots, k_all.gather(2, gather), v_all.gather(2, gather))
         h = block.mlp_residual(block.attn_residual(h, block.attn.output(attention(q, k_all, v_all, layout, backend))))
@@ -307,7 +307,7 @@ def prefill(model, input_ids: Tensor, cache: PHDCache, lengths: Tensor | None = 
     else:
         logits = _prefill_bounded(model, ids, lengths, cache)
     cache.lengths.copy_(lengths)
-    cache.max_length = int(lengths.max())
+    cache.longest = int(lengths.max())
     return logits
 
 
@@ -331,11 +331,11 @@ def decode_step(model, token_ids: Tensor, cache: PHDCache, check: bool = True) -
         )
     if cache.config is not cfg and cache.config != cfg:
         raise ValueError("the cache was made for another model config; make it with model.new_cache(...)")
-    if cache.max_length == 0:
+    if cache.longest == 0:
         raise ValueError("the cache is empty: call prefill(input_ids, cache) before decode_step")
-    if cache.max_length >= cache.max_len:
+    if cache.longest >= cache.capacity:
         raise ValueError(
-            f"the cache is full (max_len={cache.max_len} tokens per row): make a larger cache with "
+            f"the cache is full (capacity={cache.capacity} tokens per row): make a larger cache with "
             "model.new_cache(batch_size, max_len)"
         )
     if check:
@@ -346,7 +346,7 @@ def decode_step(model, token_ids: Tensor, cache: PHDCache, check: bool = True) -
     pos = cache.lengths
     copies = torch.arange(1, k + 1, device=device)
     q_pos = pos[:, None].expand(-1, k)
-    if cfg.naive or k == 1:
+    if cfg.is_causal:
         slots = cache.orig_slot(q_pos, copies)
     else:
         ring = cache.ring_slot(q_pos[:, 1:], copies[1:])
@@ -355,7 +355,7 @@ def decode_step(model, token_ids: Tensor, cache: PHDCache, check: bool = True) -
             cache.slot_pos[:, : cache.ring_slots].masked_fill_(starts, -1)
         cache.slot_pos.scatter_(1, ring, q_pos[:, 1:])
         slots = torch.cat([cache.orig_slot(pos)[:, None], ring], dim=1)
-    n_slots = cache.used_slots(cache.max_length + 1)
+    n_slots = cache.used_slots(cache.longest + 1)
     mask = cache.mask(q_pos, copies, n_slots)
     cos, sin = _rope(model, q_pos, copies)
     x = model.embed(token_ids)[:, None].expand(b, k, -1)
@@ -371,5 +371,5 @@ def decode_step(model, token_ids: Tensor, cache: PHDCache, check: bool = True) -
         o = _sdpa(q, cache.keys[i][:, :, :n_slots], cache.values[i][:, :, :n_slots], mask)
         x = block.mlp_residual(block.attn_residual(x, block.attn.output(o)))
     cache.lengths += 1
-    cache.max_length += 1
+    cache.longest += 1
     return model.lm_head(model.norm(x[:, -1]))

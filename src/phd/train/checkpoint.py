@@ -20,7 +20,6 @@ import json
 import os
 import re
 import shutil
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -40,9 +39,6 @@ META = "meta.json"
 PREFIX = "step_"
 TMP_PREFIX = ".tmp-"
 STEP_NAME = re.compile(rf"{PREFIX}\d{{8}}")
-# Test hook: "STEP:SECONDS" sleeps in the middle of the save of that step (DCP files written, not committed),
-# so a test can SIGKILL the process there deterministically.
-SLEEP_ENV = "PHD_TEST_SAVE_SLEEP"
 
 
 def step_dir_name(step: int) -> str:
@@ -136,7 +132,6 @@ class Checkpointer:
                 tmp.mkdir(parents=True)
             _barrier()
             _dcp_save(_state(model, optimizer), tmp)  # collective: a failure on any rank raises on every rank
-            _test_sleep(step, tmp)
             if self.rank == 0:
                 self._commit(tmp, final, step, world, model_config, trainer_state)
         except (Exception, CheckpointException) as err:  # noqa: BLE001 - reported below, on every rank
@@ -290,13 +285,3 @@ def _is_enospc(err: BaseException | None) -> bool:
             return True
         err = err.__cause__ or err.__context__
     return False
-
-
-def _test_sleep(step: int, tmp: Path) -> None:
-    spec = os.environ.get(SLEEP_ENV)
-    if not spec:
-        return
-    at, seconds = spec.split(":")
-    if int(at) == step:
-        print(f"[test hook] sleeping {seconds}s in the save of step {step} ({tmp})", file=sys.stderr, flush=True)
-        time.sleep(float(seconds))

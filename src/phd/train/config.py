@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import PHDConfig, preset_arch
+from ..config import VARIANT_FIELDS, PHDConfig
 from ..errors import PHDError
 
 NAN_POLICIES = ("skip", "stop")
@@ -35,22 +35,20 @@ def _fail(name: str, value: Any, allowed: str) -> None:
 
 @dataclass
 class ModelSpec:
-    """The model to train: a preset and a paper variant name, plus explicit PHDConfig field overrides.
+    """The model to train: a preset and a paper variant name, plus explicit PHDConfig fields.
 
     `fields` may hold any PHDConfig field (vocab_size, d_model, window, positions...); without a preset it
-    must hold the full architecture. The variant name sets repeat_k / window / chunk / naive.
+    must hold the full architecture. Built by `PHDConfig.build` (preset < variant name < fields; a variant field
+    that contradicts the name is an error). Without a name the variant fields default to vanilla.
     """
 
     preset: str | None = None
-    variant: str = "vanilla"
+    variant: str | None = None
     fields: dict[str, Any] = field(default_factory=dict)
 
     def build(self) -> PHDConfig:
         try:
-            arch = preset_arch(self.preset) if self.preset else {}
-            arch.update(PHDConfig.parse_name(self.variant))
-            arch.update(self.fields)
-            return PHDConfig(**arch)
+            return PHDConfig.build(self.preset or None, self.variant, **self.fields)
         except TypeError as err:
             raise TrainConfigError(f"model: {err}; give a preset or all architecture fields") from None
         except ValueError as err:
@@ -205,7 +203,7 @@ def model_spec_from_dict(data: dict[str, Any]) -> ModelSpec:
     data = dict(data)
     fields = dict(data.pop("fields", {}))
     preset = data.pop("preset", None)
-    variant = data.pop("variant", "vanilla")
+    variant = data.pop("variant", None)
     fields.update(data)
     known = {f.name for f in dataclasses.fields(PHDConfig)}
     unknown = sorted(set(fields) - known)
@@ -286,7 +284,29 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str
     return data
 
 
+def layer_variant(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """The file's model variant made ready for command-line overrides, so that the later layer wins.
+
+    An overridden `model.variant` replaces the file's variant fields; an overridden variant field (`model.window`)
+    applies to the file's variant name spelled out as fields. Within one layer a contradiction stays an error.
+    """
+    model = data.get("model")
+    keys = {key.split(".", 1)[1] for key in overrides if key.startswith("model.")}
+    if not isinstance(model, dict) or not keys:
+        return data
+    model = {**model, "fields": dict(model.get("fields", {}))}
+    if "variant" in keys:
+        for key in VARIANT_FIELDS:
+            model.pop(key, None)
+            model["fields"].pop(key, None)
+    elif keys & set(VARIANT_FIELDS) and model.get("variant"):
+        model.update(PHDConfig.parse_name(model.pop("variant")))
+    if not model["fields"]:
+        del model["fields"]
+    return {**data, "model": model}
+
+
 def build_config(path: str | Path | None, overrides: dict[str, Any]) -> TrainConfig:
-    """The run's config: the file (if any), then the overrides, validated."""
+    """The run's config: the file (if any), then the overrides (which win over it), validated."""
     data = load_file(path) if path else {}
-    return TrainConfig.from_dict(apply_overrides(data, overrides))
+    return TrainConfig.from_dict(apply_overrides(layer_variant(data, overrides), overrides))

@@ -83,33 +83,3 @@ class TokenLoader:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.state = LoaderState(int(state["epoch"]), int(state["position"]))
-
-
-def eval_batches(
-    tokens: np.ndarray, seq_len: int, num_sequences: int, micro_batch: int, rank: int, world: int
-) -> list[tuple[Tensor, Tensor, Tensor]]:
-    """This rank's share of `num_sequences` windows spread evenly over the validation split (all of them when it
-    holds no more), as (inputs, targets, weight). Spread, not the first ones: the split is the tail of every source
-    in turn, and the loss should weigh them all.
-
-    Windows are dealt to ranks round-robin; a rank short of windows pads with weight-0 copies so that every
-    rank runs the same number of forward passes (FSDP's collectives need it). The weighted mean over all
-    ranks is therefore the same at any process count.
-    """
-    available = max(len(tokens) - 1, 0) // seq_len
-    n = min(num_sequences, available)
-    if n == 0:
-        raise DataError(f"the val split holds {len(tokens)} tokens, not one sequence of {seq_len + 1}")
-    chosen = [i * available // n for i in range(n)]
-    mine = chosen[rank::world]
-    per_rank = -(-n // world)
-    steps = -(-per_rank // micro_batch)
-    weights = [1.0] * len(mine) + [0.0] * (steps * micro_batch - len(mine))
-    mine = mine + [0] * (steps * micro_batch - len(mine))
-    out = []
-    for s in range(steps):
-        idx = mine[s * micro_batch : (s + 1) * micro_batch]
-        windows = np.stack([np.asarray(tokens[i * seq_len : i * seq_len + seq_len + 1], dtype=np.int64) for i in idx])
-        batch = torch.from_numpy(windows)
-        out.append((batch[:, :-1], batch[:, 1:], torch.tensor(weights[s * micro_batch : (s + 1) * micro_batch])))
-    return out

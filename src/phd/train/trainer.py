@@ -21,19 +21,19 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from ..config import PHDConfig
 from ..data.shards import DataError, TokenShards, open_shards
 from ..errors import PHDError
+from ..eval.perplexity import eval_batches, loss_sums
 from ..fsutil import DirLock, LockedError
 from ..io import load_model, save_model
 from ..model import PHDTransformer
 from .checkpoint import Checkpointer, check_model_config, load_checkpoint
 from .config import TrainConfig
-from .loader import TokenLoader, eval_batches
+from .loader import TokenLoader
 from .optim import apply_config, build_optimizer, build_scheduler, optim_settings
 from .parallelize import DistInfo, any_rank, parallelize
 
@@ -126,7 +126,7 @@ class Trainer:
         self.model_config = cfg.model.build()
         self.shards = open_shards(cfg.data)
         check_vocab(self.shards, self.model_config)
-        self.accum = cfg.grad_accum(self.info.world)
+        cfg.grad_accum(self.info.world)  # refuses a process count that does not divide the batch
         if cfg.eval_every and len(self.shards.val) <= cfg.seq_len:
             raise DataError(
                 f"the val split of {cfg.data} holds {len(self.shards.val)} tokens, not one sequence of seq_len+1="
@@ -318,24 +318,15 @@ class Trainer:
     # ----- validation -----
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean next-token loss over the first eval_iters * batch_size validation sequences (any process count)."""
+        """Mean next-token loss of eval_iters * batch_size validation windows spread over the split (any process
+        count); `phd eval --sequences` scores the same windows with the same function."""
         cfg, device = self.cfg, self.info.device
         self.model.eval()
         batches = eval_batches(
             self.shards.val, cfg.seq_len, cfg.eval_iters * cfg.batch_size, cfg.micro_batch, self.info.rank,
             self.info.world,
         )
-        sums = torch.zeros(2, dtype=torch.float64, device=device)
-        for inputs, targets, weight in batches:
-            ctx = torch.autocast(device.type, dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
-            with ctx:
-                logits = self.model(inputs.to(device)).logits
-            per_token = F.cross_entropy(
-                logits.float().transpose(1, 2), targets.to(device), reduction="none"
-            )  # [B, T]
-            w = weight.to(device, torch.float64)
-            sums[0] += (per_token.double().mean(1) * w).sum()
-            sums[1] += w.sum()
+        sums = loss_sums(self.model, batches, device, self.autocast)
         if self.info.distributed:
             dist.all_reduce(sums, op=dist.ReduceOp.SUM)
         self.model.train()
