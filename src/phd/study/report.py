@@ -290,9 +290,10 @@ class Report:
         if main or sweep:
             figures.append(("curves", "validation loss against training tokens (mean over seeds)",
                             self.plot_curves(plt, main + sweep)))
-        if any(r["variant"] != "vanilla" for r in main):
+        if any(r["variant"] != "vanilla" for r in main + sweep):
             figures.append(("delta", "paired difference to vanilla against training tokens (mean ± sd over seeds)",
-                            self.plot_delta(plt, suite, main)))
+                            self.plot_delta(plt, suite, main + sweep)))
+        if any(r["variant"] != "vanilla" for r in main):
             figures.append(("vs-k", "final validation loss against K (mean ± sd over seeds)",
                             self.plot_vs_k(plt, main)))
         if main or flops:

@@ -110,12 +110,15 @@ def is_locked(folder: Path) -> bool:
 
 
 def git_commit(repo: Path | None = None) -> str:
-    """The checked-out commit, with `-dirty` when tracked files differ from it; `unknown` outside a checkout."""
+    """The checked-out commit, with `-dirty` when tracked files (other than the results file) differ from it;
+    `unknown` outside a checkout."""
     cwd = repo or Path.cwd()
     try:
         head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=cwd, capture_output=True, text=True,
                               check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+        # the results file is written by the study itself: appending rows does not make the code dirty
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)experiments/results.jsonl"], cwd=cwd,
                                capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
