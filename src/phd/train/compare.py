@@ -211,11 +211,13 @@ def study_reference(settings: dict[str, Any], variants: list[str]) -> str | None
     base = [r for r in rows if r["variant"] == variants[0]]
     parts = []
     for v in variants[1:]:
-        s = summarize(paired([r for r in rows if r["variant"] == v], base))
+        diffs = paired([r for r in rows if r["variant"] == v], base)
+        s = summarize(diffs)
         if s is not None:
             verdict = "" if s.outside_2sd is None else (
                 ", outside 2 sd" if s.outside_2sd else ", within 2 sd: not distinguishable from noise")
-            parts.append(f"{v} − {variants[0]}: {s.text()}{verdict}")
+            by_seed = ", ".join(f"{d:+.4f}" for d in diffs)
+            parts.append(f"{v} − {variants[0]}: {s.text()}{verdict} (by seed: {by_seed})")
     if not parts:
         return None
     return ("The study measured this setting on the project's corpus (docs/RESULTS.md, suite `quickstart`): "
