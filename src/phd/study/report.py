@@ -321,12 +321,7 @@ class Report:
             curve = mean_curve(group)
             ax.plot([t for t, _, _ in curve], [m for _, m, _ in curve], marker=".",
                     label=self._label(recipe, variant, rows))
-        ax.set_xlabel("training tokens")
-        ax.set_ylabel("validation loss")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        return fig
+        return _finish(fig, ax, "training tokens", "validation loss")
 
     def plot_delta(self, plt, suite, rows):
         fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -343,19 +338,13 @@ class Report:
             line = ax.plot(xs, means, marker=".", label=self._label(recipe, variant, rows))[0]
             lows = [m - s for m, s in zip(means, sds, strict=True)]
             highs = [m + s for m, s in zip(means, sds, strict=True)]
-            ax.fill_between(xs, lows, highs,
-                            color=line.get_color(), alpha=0.15)
+            ax.fill_between(xs, lows, highs, color=line.get_color(), alpha=0.15)
             drawn = True
         if not drawn:
             plt.close(fig)
             return None
         ax.axhline(0, color="black", linewidth=0.8)
-        ax.set_xlabel("training tokens")
-        ax.set_ylabel("val loss − vanilla's (same seed)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        return fig
+        return _finish(fig, ax, "training tokens", "val loss − vanilla's (same seed)")
 
     def plot_vs_k(self, plt, rows):
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -372,12 +361,7 @@ class Report:
             ms = [summarize(v).mean for _, v in points]
             sds = [summarize(v).sd or 0.0 for _, v in points]
             ax.errorbar(xs, ms, yerr=sds, marker="o", capsize=3, label=name)
-        ax.set_xlabel("K (copies of every token)")
-        ax.set_ylabel("final validation loss")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        return fig
+        return _finish(fig, ax, "K (copies of every token)", "final validation loss")
 
     @staticmethod
     def _wc(r: dict[str, Any]) -> str:
@@ -395,12 +379,17 @@ class Report:
             ax.plot([t * per_token for t, _, _ in curve], [m for _, m, _ in curve], style, marker=".",
                     label=f"{variant} ({recipe})" if group[0].get("role") == "equal-flops" else variant)
         ax.set_xscale("log")
-        ax.set_xlabel("training FLOPs")
-        ax.set_ylabel("validation loss")
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        return fig
+        return _finish(fig, ax, "training FLOPs", "validation loss", which="both")
+
+
+def _finish(fig, ax, xlabel: str, ylabel: str, which: str = "major"):
+    """Labels, grid and legend, the same on every figure."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3, which=which)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
 
 
 def write_report(results: Path, out: Path) -> list[Path]:
