@@ -13,7 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from .runner import read_results
+from .runner import read_results, run_rows
 from .stats import Summary, mean_curve, paired, paired_curve, summarize
 
 FAMILIES = ("vanilla", "repeat", "PHD", "PHD-SWA", "PHD-CSWA")
@@ -57,7 +57,7 @@ def _verdict(s: Summary | None) -> str:
 
 class Report:
     def __init__(self, rows: list[dict[str, Any]], figures: Path, figure_prefix: str) -> None:
-        self.rows = [r for r in rows if r.get("kind", "run") == "run"]
+        self.rows = run_rows(rows)
         self.costs = [r for r in rows if r.get("kind") == "cost"]
         self.figures, self.prefix = figures, figure_prefix
         self.written: list[Path] = []

@@ -25,7 +25,7 @@ import torch
 
 from ..data.build import default_data_dir
 from ..train.checkpoint import latest_checkpoint
-from ..train.trainer import METRICS, Trainer
+from ..train.trainer import METRICS, Trainer, read_metrics
 from .flops import flops_per_token, training_flops
 from .recipes import Run, StudyError, Suite
 
@@ -68,8 +68,18 @@ def append_result(path: Path, row: dict[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
+def run_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The training-run rows (cost rows have `kind: "cost"`; rows without a kind are runs)."""
+    return [r for r in rows if r.get("kind", "run") == "run"]
+
+
 def done_keys(rows: list[dict[str, Any]]) -> set[tuple[str, str, str, int]]:
-    return {(r["suite"], r["recipe"], r["variant"], r["seed"]) for r in rows if r.get("kind", "run") == "run"}
+    return {(r["suite"], r["recipe"], r["variant"], r["seed"]) for r in run_rows(rows)}
+
+
+def logged_steps(folder: Path) -> int:
+    """The last step the run folder's metrics logged (0 if it never started)."""
+    return max((int(r.get("step", 0)) for r in read_metrics(folder)), default=0)
 
 
 # ----- run folders -----
@@ -170,12 +180,7 @@ def collect(run: Run, folder: Path, data: str, commit: str) -> dict[str, Any]:
     """The results row of a finished run, from its folder alone."""
     cfg = run.train_config(data=data, out=str(folder), progress=False)
     model_cfg = cfg.model.build()
-    records = []
-    for line in (folder / METRICS).read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
+    records = read_metrics(folder)
     steps = [r for r in records if "loss" in r and r.get("loss") is not None]
     vals = [(r["tokens"], r["val_loss"]) for r in records if "val_loss" in r]
     if not vals or vals[-1][0] != run.tokens:

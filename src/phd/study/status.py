@@ -6,29 +6,13 @@ the suite's finished runs of the same variant (else on all finished runs), plus 
 
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
 from typing import Any
 
-from ..train.trainer import METRICS
 from .flops import training_flops
 from .recipes import Run, Suite
-from .runner import is_locked, read_results, run_dir
-
-
-def _progress(folder: Path) -> int:
-    """Steps with a logged loss in the run folder (0 if it never started)."""
-    path = folder / METRICS
-    if not path.exists():
-        return 0
-    step = 0
-    for line in path.read_text().splitlines():
-        try:
-            step = max(step, int(json.loads(line).get("step", 0)))
-        except (json.JSONDecodeError, ValueError, TypeError):
-            continue
-    return step
+from .runner import is_locked, logged_steps, read_results, run_dir, run_rows
 
 
 def _hours(seconds: float) -> str:
@@ -37,7 +21,7 @@ def _hours(seconds: float) -> str:
 
 def status_text(suite: Suite, results_path: Path, runs_root: Path) -> str:
     rows = {(r["suite"], r["recipe"], r["variant"], r["seed"]): r
-            for r in read_results(results_path) if r.get("kind", "run") == "run"}
+            for r in run_rows(read_results(results_path))}
     mine = [r for key, r in rows.items() if key[0] == suite.name]
     rate_all = [r["wall_s"] / r["flops"] for r in mine if r.get("wall_s")]
     by_variant: dict[str, list[float]] = {}
@@ -56,7 +40,7 @@ def status_text(suite: Suite, results_path: Path, runs_root: Path) -> str:
                          f"{_hours(row['wall_s'] or 0)} |")
             continue
         folder = run_dir(runs_root, run)
-        step = _progress(folder)
+        step = logged_steps(folder)
         state = "training now" if is_locked(folder) else ("interrupted" if step else "pending")
         remaining = 1 - step / run.steps
         rates = by_variant.get(run.variant) or rate_all

@@ -68,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
     from ..data.build import default_data_dir
     from ..data.shards import DataError
     from ..study.recipes import StudyError, load_suite
+    from ..study.runner import read_results
     from .config import TrainConfigError
 
     out = Path(args.out)
@@ -85,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         suite = load_suite(folder, "compare")
         results = out / "results.jsonl"
         train(suite, results, out, args)
-        rows = [r for r in _rows(results) if r["recipe"] == recipe]
+        rows = [r for r in read_results(results) if r["recipe"] == recipe]
     except (ConfigError, TrainConfigError, DataError, StudyError) as err:
         print(f"phd compare: error: {err}", file=sys.stderr)
         return 2
@@ -102,12 +103,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"\nloss curves: {plot}")
     print(f"written to {out / recipe}/results.md; the full study: docs/RESULTS.md")
     return 0
-
-
-def _rows(results: Path) -> list[dict[str, Any]]:
-    from ..study.runner import read_results
-
-    return read_results(results)
 
 
 def train(suite, results: Path, out: Path, args: argparse.Namespace) -> None:
@@ -139,8 +134,10 @@ def train(suite, results: Path, out: Path, args: argparse.Namespace) -> None:
 
 def _follow(suite, runs_root: Path, workers: list[subprocess.Popen], quiet: bool) -> None:
     """A progress bar over all runs' steps, read from their metrics files, until the workers exit."""
-    from ..study.runner import run_dir
-    from ..study.status import _progress
+    from ..study.runner import logged_steps, run_dir
+
+    def done() -> int:
+        return sum(min(logged_steps(run_dir(runs_root, r)), r.steps) for r in suite.runs)
 
     total = sum(r.steps for r in suite.runs)
     bar = None
@@ -152,7 +149,7 @@ def _follow(suite, runs_root: Path, workers: list[subprocess.Popen], quiet: bool
         while any(w.poll() is None for w in workers):
             time.sleep(2.0)
             if bar is not None:
-                bar.n = sum(min(_progress(run_dir(runs_root, r)), r.steps) for r in suite.runs)
+                bar.n = done()
                 bar.refresh()
     except KeyboardInterrupt:
         for w in workers:
@@ -162,7 +159,7 @@ def _follow(suite, runs_root: Path, workers: list[subprocess.Popen], quiet: bool
         raise
     finally:
         if bar is not None:
-            bar.n = sum(min(_progress(run_dir(runs_root, r)), r.steps) for r in suite.runs)
+            bar.n = done()
             bar.close()
 
 
@@ -201,11 +198,11 @@ def study_reference(settings: dict[str, Any], variants: list[str]) -> str | None
     path = REPO / "experiments" / "results.jsonl"
     if not path.exists():
         return None
-    from ..study.runner import read_results
+    from ..study.runner import read_results, run_rows
     from ..study.stats import paired, summarize
 
     keys = ("seq_len", "batch_size", "lr")
-    rows = [r for r in read_results(path) if r.get("suite") == STUDY_SUITE and r.get("kind", "run") == "run"
+    rows = [r for r in run_rows(read_results(path)) if r.get("suite") == STUDY_SUITE
             and all(r["config"][k] == settings[k] for k in keys) and r["tokens"] >= settings["tokens"] * 0.99
             and r["tokens"] <= settings["tokens"] * 1.01 and r["config"]["model"]["vocab_size"] > 0]
     base = [r for r in rows if r["variant"] == variants[0]]

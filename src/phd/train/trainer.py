@@ -40,6 +40,20 @@ from .parallelize import DistInfo, any_rank, parallelize
 METRICS = "metrics.jsonl"
 
 
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The records of RUN/metrics.jsonl ([] before the first); a line torn by a kill mid-write is skipped."""
+    path = Path(run_dir) / METRICS
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
 class TrainingError(PHDError, RuntimeError):
     """Training cannot continue (non-finite loss under nan_policy=stop, too many skipped steps...)."""
 
@@ -432,15 +446,8 @@ class Trainer:
         path = self.run_dir / METRICS
         if not path.exists():
             return
-        keep = []
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:  # a line torn by a kill mid-write: dropped, its step is redone
-                continue
-            if record.get("step", 0) <= self.progress.step:
-                keep.append(line)
-        path.write_text("".join(line + "\n" for line in keep))
+        keep = [r for r in read_metrics(self.run_dir) if r.get("step", 0) <= self.progress.step]  # torn: redone
+        path.write_text("".join(json.dumps(r) + "\n" for r in keep))
 
 
 def train(cfg: TrainConfig, info: DistInfo | None = None) -> dict[str, Any]:
