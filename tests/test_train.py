@@ -297,3 +297,24 @@ def test_compare_prints_the_variants_side_by_side(tmp_path, capsys):
     assert par == {(r["variant"], r["seed"]): r["val_loss"] for r in rows}
     assert main(argv[:4] + ["PHD-CSWA-x"]) == 2
     assert "variant name 'PHD-CSWA-x' is unknown" in capsys.readouterr().err
+
+
+def test_compare_defaults_are_the_study_suite_it_cites(tmp_path):
+    """The main job prints the spread of `STUDY_SUITE`'s core recipe as its reference: that recipe must train exactly
+    what the main job trains (same variants, same TrainConfig), or the printed spread is of something else."""
+    import argparse
+    import json
+
+    from phd.study.recipes import load_suite
+    from phd.train import compare
+
+    d = compare.DEFAULTS
+    args = argparse.Namespace(**{k: v for k, v in d.items()}, steps=None, seeds=[0])
+    recipe, mine = compare.suite_for(args, "default")
+    (tmp_path / "mine.json").write_text(json.dumps(mine))
+    mine = load_suite(tmp_path, "mine")
+    study = load_suite(compare.REPO / "experiments", compare.STUDY_SUITE)
+    for variant in d["variants"]:
+        ours, theirs = mine.run(recipe, variant, 0), study.run("core", variant, 0)
+        assert theirs is not None, f"{compare.STUDY_SUITE}/core lacks {variant}"
+        assert ours.train_config("D", "O") == theirs.train_config("D", "O")

@@ -4,7 +4,7 @@ A comparison is a one-recipe study suite (phd.study): every variant of a seed st
 and reads the same batches, so "variant minus vanilla" is a paired difference; runs resume after an interruption
 and a finished run is never redone. The runs train in `--jobs` processes at once (default: one per core, which on
 a small model is faster than one process using every core). The defaults are the project's quickstart: a setting
-where the study (docs/RESULTS.md, suite `quickstart`) measured the paired difference over several seeds, which
+where the study (docs/RESULTS.md, suite `small`) measured the paired difference over several seeds, which
 is printed beside this run's figure so one run can be judged against the spread.
 """
 
@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 DEFAULTS = dict(variants=["vanilla", "PHD-CSWA-3-16-32"], preset="cpu-1m", seq_len=256, batch_size=16,
-                tokens=1_000_000, lr=0.003, evals=8, eval_sequences=256)
-STUDY_SUITE = "quickstart"  # the suite of experiments/ that measured the defaults over seeds
+                tokens=750_000, lr=0.003, evals=6, eval_sequences=256)
+STUDY_SUITE = "small"  # the suite of experiments/ that measured the defaults over seeds
 REPO = Path(__file__).resolve().parents[3]
 
 
@@ -35,10 +35,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--preset", default=d["preset"], help="model size preset (default cpu-1m, 1.05M parameters)")
     parser.add_argument("--seq-len", type=int, default=d["seq_len"])
     parser.add_argument("--batch-size", type=int, default=d["batch_size"], help="sequences per step (default 16)")
-    parser.add_argument("--tokens", type=int, default=d["tokens"], help="training tokens per run (default 1,000,000)")
+    parser.add_argument("--tokens", type=int, default=d["tokens"], help="training tokens per run (default 750,000)")
     parser.add_argument("--steps", type=int, help="optimizer steps per run (instead of --tokens)")
     parser.add_argument("--lr", type=float, default=d["lr"], help="peak learning rate (default: the pilot's choice)")
-    parser.add_argument("--evals", type=int, default=d["evals"], help="validation points per run (default 8)")
+    parser.add_argument("--evals", type=int, default=d["evals"], help="validation points per run (default 6)")
     parser.add_argument("--eval-sequences", type=int, default=d["eval_sequences"],
                         help="validation sequences per point (default 256)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds; with several, the spread is shown")
@@ -217,7 +217,7 @@ def study_reference(settings: dict[str, Any], variants: list[str]) -> str | None
             parts.append(f"{v} − {variants[0]}: {s.text()}{verdict} (by seed: {by_seed})")
     if not parts:
         return None
-    return ("The study measured this setting on the project's corpus (docs/RESULTS.md, suite `quickstart`): "
+    return (f"The study measured this setting on the project's corpus (docs/RESULTS.md, suite `{STUDY_SUITE}`): "
             + "; ".join(parts) + ".")
 
 
