@@ -9,4 +9,4 @@ if [ $# -lt 1 ]; then
     exit 2
 fi
 # The installed package (pip install -e .), so that OUT is relative to where this is run.
-exec python -m phd.bench.gpu_check "$@"
+exec python -m phd bench gpu-check "$@"

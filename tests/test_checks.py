@@ -15,7 +15,7 @@ import torch
 from train_utils import make_data, one_thread, tiny_config  # noqa: F401 (autouse fixture)
 
 from phd import PHDConfig, PHDTransformer
-from phd.cli import main
+from phd.commands import main
 from phd.data.shards import DataError, open_shards
 from phd.errors import InputError
 from phd.io import save_model
@@ -55,7 +55,7 @@ def test_bad_numbers_name_the_field(tmp_path, override, message):
 
 
 def test_the_train_command_reports_bad_numbers_in_one_line(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "phd.cli", "train", "--preset", "cpu-1m", f"data={tmp_path}",
+    result = subprocess.run([sys.executable, "-m", "phd", "train", "--preset", "cpu-1m", f"data={tmp_path}",
                              "max_steps=1", "lr=abc"], capture_output=True, text=True)
     assert result.returncode == 2 and result.stderr.strip() == (
         "error: lr='abc' is invalid: must be a number")

@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from phd.cli import COMMANDS, main
+from phd.commands import COMMANDS, main
 
 BLOCK_EXTRAS = (
     "import sys\n"
@@ -14,14 +14,16 @@ BLOCK_EXTRAS = (
 
 def test_every_command_is_registered_without_the_optional_extras():
     code = BLOCK_EXTRAS + (
-        "import phd.cli\nparser = phd.cli.build_parser()\nprint(sorted(parser._subparsers._group_actions[0].choices))"
+        "import phd.commands\nparser = phd.commands.build_parser()\n"
+        "print(sorted(parser._subparsers._group_actions[0].choices))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert eval(out) == sorted(COMMANDS)
 
 
 def test_a_missing_extra_is_one_clear_line(tmp_path):
-    code = BLOCK_EXTRAS + f"import phd.cli\nsys.exit(phd.cli.main(['convert', '{tmp_path}', '{tmp_path / 'out'}']))"
+    code = BLOCK_EXTRAS + (
+        f"import phd.commands\nsys.exit(phd.commands.main(['convert', '{tmp_path}', '{tmp_path / 'out'}']))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 2
     assert "pip install" in result.stderr and "Traceback" not in result.stderr

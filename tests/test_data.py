@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from phd.cli import main
+from phd.commands import main
 from phd.data.build import build_shards, default_data_dir, split_source
 from phd.data.corpus import clean_gutenberg, default_corpus, download_sdist, extract_corpus, shared_corpus_dir
 from phd.data.shards import DataError, ShardWriter, open_shards

@@ -22,7 +22,7 @@ STEPS = 4
 def torchrun(nproc: int, config: Path, *overrides: str) -> None:
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-        "-m", "phd.cli", "train", str(config), *overrides,
+        "-m", "phd", "train", str(config), *overrides,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 datasets = pytest.importorskip("datasets")
 
 import phd  # noqa: E402
-from phd.cli import main as phd_main  # noqa: E402
+from phd.commands import main as phd_main  # noqa: E402
 from phd.data.shards import write_meta, write_split  # noqa: E402
 from phd.eval import evaluate_loss  # noqa: E402
 from phd.eval.harness import PHDLM  # noqa: E402

@@ -11,7 +11,7 @@ import pytest
 from train_utils import make_data, one_thread, tiny_config  # noqa: F401 (autouse fixture)
 
 from phd import fsutil
-from phd.cli import main
+from phd.commands import main
 from phd.fsutil import MARKER, TMP_TAG, OutputError, output_dir
 from phd.train import Trainer
 

@@ -11,7 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from phd.bench.gpu_check import main
+from phd.commands import main as phd_main
+
+
+def main(argv: list[str]) -> int:
+    return phd_main(["bench", "gpu-check", *argv])
+
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu-check.sh"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from phd.cli import main
+from phd.commands import main
 
 
 def test_quick_benchmark_writes_report(tmp_path, capsys):

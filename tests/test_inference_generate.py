@@ -7,7 +7,7 @@ import torch
 
 import phd
 from phd import PHDConfig, PHDTransformer
-from phd.cli import main
+from phd.commands import main
 from phd.inference.sampling import SamplingConfig, apply_repetition_penalty, restrict_support, sample
 from phd.io import save_model
 

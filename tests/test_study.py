@@ -9,7 +9,7 @@ import pytest
 import torch
 from train_utils import VOCAB, make_data, one_thread  # noqa: F401
 
-from phd.cli import main
+from phd.commands import main
 from phd.config import PHDConfig
 from phd.masks import AttentionLayout
 from phd.study import flops

@@ -10,9 +10,9 @@ import pytest
 import torch
 from train_utils import make_data, one_thread, tiny_config  # noqa: F401 (autouse fixture)
 
-from phd.cli import main
+from phd.commands import main
 from phd.eval.perplexity import eval_batches
-from phd.io import load_model, resolve_export, save_model
+from phd.io import load_model, model_dir, save_model
 from phd.study.runner import read_results
 from phd.train import TrainConfigError, Trainer, build_config
 from phd.train.checkpoint import verify
@@ -260,7 +260,7 @@ def test_cli_trains_from_file_with_overrides(data, tmp_path, capsys):
     assert main(["train", str(tmp_path / "run.json"), "--max_steps", "3", "model.variant=PHD-SWA-2-4-inf"]) == 0
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["max_steps"] == 3 and saved["model"]["variant"] == "PHD-SWA-2-4-inf"
-    assert resolve_export(tmp_path / "run").name == "model"
+    assert model_dir(tmp_path / "run").name == "model"
     assert "done: PHD-SWA-2-4-inf step 3" in capsys.readouterr().out
     assert main(["train", "--preset", "cpu-1m", f"data={data}", "max_steps=1", "micro_batch=3"]) == 2
     assert "micro_batch=3 is invalid" in capsys.readouterr().err
@@ -305,8 +305,8 @@ def test_compare_defaults_are_the_study_suite_it_cites(tmp_path):
     import argparse
     import json
 
+    from phd.study import compare
     from phd.study.recipes import load_suite
-    from phd.train import compare
 
     d = compare.DEFAULTS
     args = argparse.Namespace(**{k: v for k, v in d.items()}, steps=None, seeds=[0])

@@ -8,7 +8,7 @@ import os
 from train_utils import one_thread  # noqa: F401 (autouse fixture)
 
 from phd.bench.scaling import train_flops_per_token
-from phd.cli import main
+from phd.commands import main
 from phd.config import PHDConfig
 
 

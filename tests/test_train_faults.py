@@ -148,7 +148,7 @@ def test_full_disk_during_save_keeps_the_previous_checkpoint(data, tmp_path, mon
 # the checkpoint module's `_dcp_save`), so the test can SIGKILL it there deterministically.
 SLEEPY_SAVE = """
 import sys, time
-from phd.cli import main
+from phd.commands import main
 from phd.train import checkpoint
 
 real_save = checkpoint._dcp_save
@@ -242,7 +242,7 @@ def _interrupt(tmp_path: Path, signals: list[signal.Signals]) -> tuple[subproces
     """Start `phd train run.json`, send `signals` (back to back) once 3 steps are logged, wait for the end."""
     metrics = tmp_path / "run" / "metrics.jsonl"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "phd.cli", "train", str(tmp_path / "run.json")],
+        [sys.executable, "-m", "phd", "train", str(tmp_path / "run.json")],
         env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from train_utils import make_data, one_thread, tiny_config  # noqa: F401 (autouse fixture)
 
-from phd.cli import main
+from phd.commands import main
 from phd.fsutil import LockedError
 from phd.io import CheckpointError
 from phd.train import Trainer, TrainingError, build_config
@@ -87,7 +87,7 @@ def test_one_process_per_run_folder(data, tmp_path, capsys):
     holder = Trainer(tiny_config(data, tmp_path, max_steps=2))
     with pytest.raises(LockedError, match=rf"in use by process {os.getpid()} on "):
         Trainer(tiny_config(data, tmp_path, max_steps=2))
-    code = f"import sys, phd.cli; sys.exit(phd.cli.main(['train', '{tmp_path / 'config.json'}']))"
+    code = f"import sys, phd.commands; sys.exit(phd.commands.main(['train', '{tmp_path / 'config.json'}']))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={
         **os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 1 and f"in use by process {os.getpid()}" in result.stderr

@@ -1,4 +1,4 @@
-"""Checks of user input shared by the API and the commands: token ids, devices, command-line numbers.
+"""Checks of user input shared by the API and the commands: token ids and devices.
 
 Each failure is an InputError whose message names the value, what is allowed and the fix (one line, no
 traceback at the command line).
@@ -6,20 +6,14 @@ traceback at the command line).
 
 from __future__ import annotations
 
-import argparse
-from typing import TYPE_CHECKING
+import torch
+from torch import Tensor
 
 from .errors import InputError
-
-if TYPE_CHECKING:  # torch is imported where it is used: the commands register (and --help) without it
-    import torch
-    from torch import Tensor
 
 
 def check_token_ids(token_ids: Tensor, vocab_size: int, what: str) -> None:
     """Integer ids inside [0, vocab_size) (one host sync): an id outside would index past the embedding."""
-    import torch
-
     if token_ids.dtype not in (torch.int64, torch.int32):
         raise InputError(f"{what} must hold integer token ids (int64), got dtype {token_ids.dtype}")
     if token_ids.numel() and bool(((token_ids < 0) | (token_ids >= vocab_size)).any()):
@@ -33,8 +27,6 @@ def check_token_ids(token_ids: Tensor, vocab_size: int, what: str) -> None:
 
 def resolve_device(name: str) -> torch.device:
     """`auto` (CUDA when visible), `cpu`, `cuda` or `cuda:N`, refused when that device is not there."""
-    import torch
-
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -47,13 +39,3 @@ def resolve_device(name: str) -> torch.device:
         raise InputError(f"device={name} but only {torch.cuda.device_count()} CUDA device(s) are visible")
     return device
 
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (`--threads 0`, `--max-tokens -5` are refused with the allowed range)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is invalid: must be an integer >= 1")
-    return value

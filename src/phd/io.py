@@ -1,7 +1,7 @@
-"""The single-file model export: config.json + model.safetensors (+ tokenizer.json) in one directory.
+"""The model folder: config.json + model.safetensors (+ tokenizer.json) in one directory.
 
-This is what inference, Hugging Face conversion and evaluation read. Training checkpoints (sharded, with
-optimizer state) live elsewhere and are exported to this format.
+This is what inference, conversion and evaluation read; `phd train` writes one at the end of training (its
+model/ folder) and `phd export` consolidates a training checkpoint (sharded, with optimizer state) into one.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from .errors import PHDError
 from .fsutil import output_dir, sha256_file
 from .model import PHDTransformer
 
-EXPORT_KIND = "phd-export"
+MODEL_KIND = "phd-export"  # the fsutil marker of a model folder (on disk: kept as written)
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 TOKENIZER = "tokenizer.json"
@@ -32,16 +32,16 @@ def save_model(
     model: PHDTransformer, out_dir: str | Path, tokenizer: str | Path | None = None, overwrite: bool = False,
     sources: Iterable[Path] = (),
 ) -> Path:
-    """Write an export atomically under phd's output rule (fsutil): refused over a folder phd did not write,
+    """Write a model folder atomically under phd's output rule (fsutil): refused over a folder phd did not write,
     replaced only with `overwrite`, never into or over one of `sources`."""
     out_dir = Path(out_dir)
-    with output_dir(out_dir, EXPORT_KIND, overwrite, sources) as tmp:
-        write_export(model, tmp, tokenizer)
+    with output_dir(out_dir, MODEL_KIND, overwrite, sources) as tmp:
+        write_model_files(model, tmp, tokenizer)
     return out_dir
 
 
-def write_export(model: PHDTransformer, folder: Path, tokenizer: str | Path | None = None) -> None:
-    """The export's files (weights, config, checksums, tokenizer) into an existing folder; finite weights only."""
+def write_model_files(model: PHDTransformer, folder: Path, tokenizer: str | Path | None = None) -> None:
+    """The model folder's files (weights, config, checksums, tokenizer) into an existing folder; finite weights only."""
     from safetensors.torch import save_file
 
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
@@ -63,8 +63,8 @@ def check_finite(state: Mapping[str, torch.Tensor], where: str | Path) -> None:
         raise CheckpointError(f"{where} holds NaN or inf weights in {shown}; use another checkpoint")
 
 
-def resolve_export(path: str | Path) -> Path:
-    """An export directory, or a training run directory holding one under `model/`."""
+def model_dir(path: str | Path) -> Path:
+    """A model folder, or a training run directory holding one under `model/`."""
     path = Path(path)
     for candidate in (path, path / "model"):
         if (candidate / WEIGHTS).exists() and (candidate / CONFIG).exists():
@@ -75,12 +75,21 @@ def resolve_export(path: str | Path) -> Path:
     )
 
 
+def is_phd_model(path: str | Path) -> bool:
+    """Whether `path` (or its run directory's model/) holds a phd model: native, or PHDForCausalLM (`--to phd-hf`)."""
+    try:
+        root = model_dir(path)
+    except CheckpointError:
+        return False
+    return "repeat_k" in json.loads((root / CONFIG).read_text())
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu", verify: bool = True) -> PHDTransformer:
     """Rebuild the model from its config and load the weights (checksums verified when present)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    root = resolve_export(path)
+    root = model_dir(path)
     config, prefix = _read_config(root / CONFIG)
     sums = root / "checksums.json"
     if verify and sums.exists():

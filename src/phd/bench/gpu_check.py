@@ -10,7 +10,6 @@ it at small sizes in under 2 minutes; the test suite does, so the check cannot r
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -27,20 +26,8 @@ GRACE_S = 30  # a section past its deadline gets this long to finish its current
 MIN_START_S = 5  # no section starts with less time than this
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("out", help="report folder (gpu-check.md, gpu-check.json, logs/, inference/)")
-    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
-    parser.add_argument("--quick", action="store_true", help="small sizes (the CPU smoke run of the test suite)")
-    parser.add_argument("--budget-s", type=float, default=None,
-                        help="global time budget in seconds (default 450; 100 with --quick)")
-    parser.add_argument("--sections", nargs="+", choices=tuple(SHARES), default=list(SHARES))
-    # internal: run one section in this process
-    parser.add_argument("--section", choices=tuple(SHARES), help=argparse.SUPPRESS)
-    parser.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
-    parser.add_argument("--result", help=argparse.SUPPRESS)
-
-
-def run(args: argparse.Namespace) -> int:
+def run(args: Any) -> int:
+    """`args`: the options of `phd bench gpu-check` (phd.commands.bench); --section runs one section here."""
     if args.section:
         return _run_section(args)
     import torch
@@ -78,7 +65,7 @@ def _child(name: str, device: str, quick: bool, deadline: float, out: Path) -> d
     """Run one section in a child process; whatever it recorded is kept, whatever happens to it."""
     result_path = out / "logs" / f"{name}.json"
     result_path.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "phd.bench.gpu_check", str(out), "--section", name, "--device", device,
+    cmd = [sys.executable, "-m", "phd", "bench", "gpu-check", str(out), "--section", name, "--device", device,
            "--deadline", str(deadline), "--result", str(result_path), *(["--quick"] if quick else [])]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with open(out / "logs" / f"{name}.log", "w") as log:
@@ -108,7 +95,7 @@ def _log_tail(path: Path, lines: int = 15) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
 
 
-def _run_section(args: argparse.Namespace) -> int:
+def _run_section(args: Any) -> int:
     import torch
 
     from .gpu_sections import SECTIONS, Context
@@ -140,12 +127,3 @@ def _environment(device: str) -> dict[str, Any]:
         env.update(gpu=torch.cuda.get_device_name(), gpus=torch.cuda.device_count(), cuda=torch.version.cuda)
     return env
 
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="phd bench gpu-check", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

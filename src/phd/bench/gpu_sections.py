@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from . import agreement as agree
+from . import inference as bench_inference
 
 # fp32 on a GPU: the fused kernels and the dense reference reduce up to ~4,000 keys in different orders.
 CUDA_FP32_TOL = 1e-4
@@ -252,23 +253,17 @@ def training(ctx: Context) -> None:
 
 
 def inference(ctx: Context) -> None:
-    import argparse
-
-    from . import inference as bench
-
-    parser = argparse.ArgumentParser()
-    bench.add_arguments(parser)
     out = ctx.out / "inference"
     if ctx.quick:
-        argv = ["--quick", "--ks", "1,2", "--batches", "1,2", "--repeats", "1", "--warmup", "0"]
+        given = dict(quick=True, ks=[1, 2], batches=[1, 2], repeats=1, warmup=0)
     else:
-        argv = ["--preset", "bench-100m", "--ks", "1,2,4,8,16", "--prompt-lens", "2048,8192", "--batches", "1,32",
-                "--repeats", "2", "--warmup", "1", "--decode-steps", "16", "--max-cache-gb", "24",
-                "--dtype", "bfloat16"]
-    args = parser.parse_args([*argv, "--device", ctx.device.type, "--out", str(out)])
-    ctx.note(f"`phd bench inference {' '.join(argv)} --device {ctx.device.type}`: eager engine (decode attends to "
+        given = dict(preset="bench-100m", ks=[1, 2, 4, 8, 16], prompt_lens=[2048, 8192], batches=[1, 32], repeats=2,
+                     warmup=1, decode_steps=16, max_cache_gb=24, dtype="bfloat16")
+    flags = " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else " " + ",".join(map(str, v))
+                     if isinstance(v, list) else f" {v}") for k, v in given.items())
+    ctx.note(f"`phd bench inference {flags} --device {ctx.device.type}`: eager engine (decode attends to "
              "a cache view that grows every step, so no CUDA graphs); full report in inference/")
-    bench.run(args)
+    bench_inference.run(bench_inference.options(**given, device=ctx.device.type, out=str(out)))
     report = json.loads((out / "inference.json").read_text())
     t_max = str(max(report["prompt_lens"]))
     for row in report["rows"]:

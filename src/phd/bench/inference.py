@@ -13,7 +13,6 @@ prefill computes (share of vanilla's token-layers) and how a matmul's time grows
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
@@ -22,6 +21,8 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 from .timing import CLOCKS
 
@@ -35,39 +36,20 @@ FULL = dict(preset="bench-100m", ks=[1, 2, 3, 4, 8, 16], prompt_lens=[512, 2048]
             chunk=32, decode_context=512, decode_steps=16, repeats=3, warmup=1)
 QUICK = dict(preset="cpu-1m", ks=[1, 2, 4], prompt_lens=[64, 128], batches=[1, 2], window=4, chunk=8,
              decode_context=64, decode_steps=4, repeats=2, warmup=1)
+# Every option (`phd bench inference --help`); None: taken from FULL or QUICK.
+DEFAULTS = dict(dict.fromkeys(FULL), quick=False, kfold_repeats=1, max_prefill_tokens=8192, max_cache_gb=4.0,
+                device="cpu", dtype="float32", threads=None, clock="wall", out="docs/bench")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
-    parser.add_argument("--quick", action="store_true", help="a small smoke run: " + _describe(QUICK))
-    parser.add_argument("--preset", help="model sizes (default bench-100m: 12 layers, d 768)")
-    parser.add_argument("--ks", type=ints, help="repetition factors (default 1,2,3,4,8,16)")
-    parser.add_argument("--prompt-lens", type=ints, help="prefill prompt lengths (default 512,2048)")
-    parser.add_argument("--batches", type=ints, help="decode batch sizes (default 1,8)")
-    parser.add_argument("--window", type=int, help="W of PHD-SWA / PHD-CSWA (default 16)")
-    parser.add_argument("--chunk", type=int, help="C of PHD-CSWA (default 32)")
-    parser.add_argument("--decode-context", type=int, help="tokens in the cache while decoding (default 512)")
-    parser.add_argument("--decode-steps", type=int, help="timed decode steps per repeat (default 16)")
-    parser.add_argument("--repeats", type=int, help="timed repeats, the median is reported (default 3)")
-    parser.add_argument("--warmup", type=int, help="untimed repeats first (default 1)")
-    parser.add_argument("--kfold-repeats", type=int, default=1,
-                        help="timed repeats of the K-fold prefills (naive, full SWA; default 1: they dominate the "
-                             "run, and being K-fold is their point, not the second digit)")
-    parser.add_argument("--max-prefill-tokens", type=int, default=8192,
-                        help="skip K-fold prefills (naive, full SWA) of more than K*T tokens (cost; default 8192)")
-    parser.add_argument("--max-cache-gb", type=float, default=4.0,
-                        help="skip decode runs whose cache is larger (default 4; one cache is alive at a time)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default cpu)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                        help="weights and cache (default float32)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
-                        help="wall: elapsed time (default); cpu: this process's CPU time, steadier on a shared "
-                             "machine (use with --threads 1: spinning threads would count)")
-    parser.add_argument("--out", default="docs/bench", help="directory for inference.md / .json / *.png")
+def options(**given: Any) -> SimpleNamespace:
+    """The benchmark's options for a caller other than the command (DEFAULTS, then `given`)."""
+    unknown = set(given) - set(DEFAULTS)
+    if unknown:
+        raise TypeError(f"unknown inference benchmark options {sorted(unknown)}")
+    return SimpleNamespace(**{**DEFAULTS, **given})
 
 
-def _describe(values: dict) -> str:
+def describe(values: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in values.items())
 
 
@@ -139,7 +121,8 @@ def _matmul_scaling(d_in: int, d_out: int, rows: list[int], clock, n_weights: in
     return out
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: SimpleNamespace) -> int:
+    """Measure and write the report; `args`: the DEFAULTS options (`phd bench inference` or options())."""
     import torch
 
     from ..config import PHDConfig

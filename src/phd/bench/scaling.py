@@ -1,6 +1,6 @@
 """Training throughput of the real trainer (`phd train`) at 1 and N processes, and the scaling efficiency.
 
-Each measurement is a short `torchrun --nproc_per_node=P -m phd.cli train` on synthetic tokens with the same
+Each measurement is a short `torchrun --nproc_per_node=P -m phd train` on synthetic tokens with the same
 global batch (strong scaling). On CUDA each process has its own GPU: efficiency = tokens/s(P) / (P * tokens/s(1)).
 On CPU the processes split the same cores (OMP_NUM_THREADS = cores / P; 1 process gets every core), so the
 hardware is fixed and efficiency = tokens/s(P) / tokens/s(1): what data parallelism costs over threads.
@@ -11,7 +11,6 @@ device's peak.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -24,22 +23,6 @@ from typing import Any
 
 # Dense bf16 peak (TFLOP/s) of common accelerators, for MFU; others: pass --peak-tflops.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--variants", nargs="+", default=["vanilla", "PHD-CSWA-3-16-32"])
-    parser.add_argument("--preset", default="cpu-1m", help="model size (default cpu-1m; on CUDA try bench-100m)")
-    parser.add_argument("--procs", type=int, nargs="+", default=[1, 2], help="process counts (default 1 2)")
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=16, help="global sequences per step (default 16)")
-    parser.add_argument("--micro-batch", type=int, default=None, help="per process (default: batch / procs)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads per process (default: cores / procs)")
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--warmup", type=int, default=2, help="steps left out of the median (default 2)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--compile", action="store_true", help="per-block torch.compile (CUDA)")
-    parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: by name)")
-    parser.add_argument("--out", default="docs/bench", help="where scaling.md / scaling.json go")
 
 
 def train_flops_per_token(config, seq_len: int) -> float:
@@ -84,7 +67,7 @@ def _measure(args, variant: str, procs: int, data: Path, work: Path, device: str
         "progress=false", f"device={device}", f"compile={'true' if args.compile else 'false'}", *extra,
     ]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
-           "-m", "phd.cli", "train", *overrides]
+           "-m", "phd", "train", *overrides]
     env = dict(os.environ)
     if device == "cpu":
         env["OMP_NUM_THREADS"] = str(args.threads or max((os.cpu_count() or 1) // procs, 1))
@@ -123,7 +106,8 @@ def format_markdown(rows: list[dict[str, Any]], header: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: Any) -> int:
+    """`args`: the options of `phd bench scaling` (phd.commands.bench)."""
     import torch
 
     from ..config import PHDConfig

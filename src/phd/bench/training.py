@@ -8,8 +8,8 @@ cost ~K). Step: forward + backward + AdamW update of a whole model.
 
 from __future__ import annotations
 
-import argparse
 import time
+from typing import Any
 
 import torch
 
@@ -18,23 +18,6 @@ from ..config import PHDConfig
 from ..masks import AttentionLayout
 from ..model import PHDTransformer
 from .timing import CLOCKS, interleaved_medians, machine_line, markdown_table, write_report
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--seq-lens", type=int, nargs="+", default=[512, 2048])
-    parser.add_argument("--ks", type=int, nargs="+", default=[2, 3, 4])
-    parser.add_argument("--window", type=int, default=16)
-    parser.add_argument("--chunk", type=int, default=32)
-    parser.add_argument("--heads", type=int, default=6)
-    parser.add_argument("--kv-heads", type=int, default=2)
-    parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--preset", default="cpu-10m", help="model for the full training step")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--skip-dense-above", type=int, default=8192, help="skip dense when K*T exceeds this")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
-                        help="wall time, or this process's CPU time (steadier on a shared machine; use --threads 1)")
-    parser.add_argument("--out", default="docs/bench", help="where training.md / training.json go")
 
 
 def _attention_step(fn, layout: AttentionLayout, args):
@@ -69,7 +52,8 @@ def _train_step(cfg: PHDConfig, seq_len: int):
     return step
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: Any) -> int:
+    """`args`: the options of `phd bench training` (phd.commands.bench)."""
     if args.threads:
         torch.set_num_threads(args.threads)
     clock = CLOCKS[args.clock]

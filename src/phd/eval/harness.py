@@ -21,6 +21,7 @@ from lm_eval.api.model import LM
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
+from ..errors import InputError
 from ..model import PHDTransformer
 
 
@@ -38,7 +39,7 @@ class PHDLM(LM):
     ) -> None:
         super().__init__()
         if batch_size < 1:
-            raise ValueError(f"batch_size={batch_size} is invalid: it must be >= 1")
+            raise InputError(f"batch_size={batch_size} is invalid: it must be >= 1")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -47,7 +48,7 @@ class PHDLM(LM):
         candidates = (prefix_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id)
         prefix = next((c for c in candidates if c is not None), None)
         if prefix is None:
-            raise ValueError(
+            raise InputError(
                 "the tokenizer declares neither an eos nor a bos token: pass prefix_token_id (the token that "
                 "stands before a request with an empty context)"
             )
@@ -80,7 +81,7 @@ class PHDLM(LM):
         inputs = []
         for context, continuation in pairs:
             if not continuation:
-                raise ValueError("a request has an empty continuation: there is nothing to score")
+                raise InputError("a request has an empty continuation: there is nothing to score")
             context = context or [self.prefix_token_id]
             tokens = (context + continuation)[-(self.max_length + 1):]
             inputs.append((tokens[:-1], len(continuation), continuation))

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.shards import DataError
+from ..errors import InputError
 from ..model import PHDTransformer
 
 
@@ -96,12 +97,12 @@ def evaluate_loss(
     its val loss (eval_iters * batch_size). The same arguments always score the same tokens.
     """
     if seq_len < 1 or batch_size < 1:
-        raise ValueError(f"seq_len={seq_len} and batch_size={batch_size} must both be >= 1")
+        raise InputError(f"seq_len={seq_len} and batch_size={batch_size} must both be >= 1")
     available = (len(tokens) - 1) // seq_len
     if max_tokens is not None:
         available = min(available, max(max_tokens // seq_len, 1))
     if available < 1:
-        raise ValueError(f"the split has {len(tokens)} tokens: too few for one window of seq_len={seq_len} + 1")
+        raise InputError(f"the split has {len(tokens)} tokens: too few for one window of seq_len={seq_len} + 1")
     windows = available if num_sequences is None else min(available, num_sequences)
     model.eval()
     batches = eval_batches(tokens[: available * seq_len + 1], seq_len, windows, batch_size, rank=0, world=1)

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import InputError, PHDError
+
 # The paper's downstream tasks (spec section 7) and LAMBADA, by lm-eval task name.
 PAPER_TASKS = ("hellaswag", "arc_easy", "arc_challenge", "piqa", "winogrande", "commonsense_qa", "mmlu",
                "lambada_openai")
@@ -42,7 +44,7 @@ SPLITS = ("train", "validation", "test", "dev")
 SPLIT_FIELDS = ("training_split", "validation_split", "test_split", "fewshot_split")
 
 
-class TaskDataError(FileNotFoundError):
+class TaskDataError(PHDError, FileNotFoundError):
     """A task's documents are not in the local data root; the message names the folders searched."""
 
 
@@ -131,7 +133,7 @@ class TaskBuilder:
 
         entry = self.manager.task_index.get(name)
         if entry is None or entry.yaml_path is None:
-            raise ValueError(f"lm-eval has no task {name!r}; paper tasks: {', '.join(PAPER_TASKS)}")
+            raise InputError(f"lm-eval has no task {name!r}; paper tasks: {', '.join(PAPER_TASKS)}")
         config = load_yaml(entry.yaml_path, resolve_func=True)
         for key in ("tag", "group", "task_list"):
             config.pop(key, None)

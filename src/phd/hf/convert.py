@@ -227,15 +227,15 @@ def load_transformers(source: str | Path, dtype: torch.dtype = torch.float32) ->
     source = Path(source)
     if source.suffix == ".gguf":
         if not source.is_file():
-            raise FileNotFoundError(f"GGUF file {source} does not exist")
+            raise ConversionError(f"GGUF file {source} does not exist")
         kwargs: dict[str, Any] = {"gguf_file": source.name}
         root = source.parent
     elif source.is_dir():
         if not (source / "config.json").exists():
-            raise FileNotFoundError(f"{source} has no config.json: not a transformers checkpoint directory")
+            raise ConversionError(f"{source} has no config.json: not a transformers checkpoint directory")
         kwargs, root = {}, source
     else:
-        raise FileNotFoundError(f"{source} is neither a transformers checkpoint directory nor a .gguf file")
+        raise ConversionError(f"{source} is neither a transformers checkpoint directory nor a .gguf file")
     if source.suffix == ".gguf":
         _check_gguf_architecture(source)
     model, info = AutoModelForCausalLM.from_pretrained(root, dtype=dtype, output_loading_info=True, **kwargs)

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import Tensor
 
+from ..errors import InputError
 from .engine import decode_step, prefill
 from .sampling import SamplingConfig, sample
 
@@ -20,23 +21,23 @@ def _as_batch(input_ids: Tensor | list) -> tuple[Tensor, bool]:
     if ids.dim() == 1:
         return ids[None], True
     if ids.dim() != 2:
-        raise ValueError(f"input_ids must be [seq_len] or [batch, seq_len], got shape {tuple(ids.shape)}")
+        raise InputError(f"input_ids must be [seq_len] or [batch, seq_len], got shape {tuple(ids.shape)}")
     return ids, False
 
 
 def _check_lengths(model, prompt_len: int, max_new_tokens: int, max_len: int | None) -> int:
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens={max_new_tokens!r} is invalid: use an integer >= 0")
+        raise InputError(f"max_new_tokens={max_new_tokens!r} is invalid: use an integer >= 0")
     if prompt_len == 0:
-        raise ValueError("the prompt is empty: give at least one token (e.g. a BOS token)")
+        raise InputError("the prompt is empty: give at least one token (e.g. a BOS token)")
     limit = model.config.max_seq_len if max_len is None else max_len
     if prompt_len > limit:
-        raise ValueError(
+        raise InputError(
             f"the prompt has {prompt_len} tokens, more than the maximum length {limit} "
             "(config.max_seq_len, or max_len); truncate the prompt"
         )
     if prompt_len + max_new_tokens > limit:
-        raise ValueError(
+        raise InputError(
             f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the maximum length {limit}; "
             f"use max_new_tokens <= {limit - prompt_len}"
         )

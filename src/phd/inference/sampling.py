@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..errors import InputError
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
@@ -24,13 +26,13 @@ class SamplingConfig:
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0:
-            raise ValueError(f"temperature={self.temperature!r} is invalid: use 0 (greedy) or a positive number")
+            raise InputError(f"temperature={self.temperature!r} is invalid: use 0 (greedy) or a positive number")
         if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
-            raise ValueError(f"top_k={self.top_k!r} is invalid: use None (off) or an integer >= 1")
+            raise InputError(f"top_k={self.top_k!r} is invalid: use None (off) or an integer >= 1")
         if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p={self.top_p!r} is invalid: use None (off) or a number in (0, 1]")
+            raise InputError(f"top_p={self.top_p!r} is invalid: use None (off) or a number in (0, 1]")
         if not self.repetition_penalty > 0:
-            raise ValueError(
+            raise InputError(
                 f"repetition_penalty={self.repetition_penalty!r} is invalid: use a number > 0 (1 = off)"
             )
 

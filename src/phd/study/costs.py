@@ -7,20 +7,19 @@ least; the report says so.
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+from ..bench import inference
 from .recipes import StudyError, Suite
 from .runner import append_result, git_commit
 
 
-def bench_args(suite: Suite, out: Path) -> argparse.Namespace:
+def bench_args(suite: Suite, out: Path) -> SimpleNamespace:
     """The inference benchmark's options for the suite's main recipes' shape."""
-    from ..bench import inference
-
     runs = [r for r in suite.runs if r.role == "main"]
     if not runs:
         raise StudyError(f"suite {suite.name} has no main recipe to price")
@@ -31,22 +30,17 @@ def bench_args(suite: Suite, out: Path) -> argparse.Namespace:
         raise StudyError(f"suite {suite.name}: the main recipes use several W {sorted(windows)} / C {sorted(chunks)}; "
                          "the benchmark prices one pair")
     seq_len = runs[0].settings["seq_len"]
-    parser = argparse.ArgumentParser()
-    inference.add_arguments(parser)
     ks = sorted({c.repeat_k for c in configs} | {1})
-    argv = ["--preset", runs[0].settings["preset"], "--ks", ",".join(map(str, ks)), "--prompt-lens", str(seq_len),
-            "--batches", "1", "--decode-context", str(seq_len), "--decode-steps", "16", "--repeats", "7",
-            "--clock", "cpu", "--threads", "1", "--out", str(out)]
+    given = dict(preset=runs[0].settings["preset"], ks=ks, prompt_lens=[seq_len], batches=[1], decode_context=seq_len,
+                 decode_steps=16, repeats=7, clock="cpu", threads=1, out=str(out))
     if windows:
-        argv += ["--window", str(windows.pop())]
+        given["window"] = windows.pop()
     if chunks:
-        argv += ["--chunk", str(chunks.pop())]
-    return parser.parse_args(argv)
+        given["chunk"] = chunks.pop()
+    return inference.options(**given)
 
 
 def measure_costs(suite: Suite, results: Path) -> list[dict[str, Any]]:
-    from ..bench import inference
-
     trained = {r.variant for r in suite.runs if r.role == "main"}
     with tempfile.TemporaryDirectory(prefix="phd-costs-") as tmp:
         args = bench_args(suite, Path(tmp))

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError, PHDConfig, preset_arch
+from ..errors import PHDError
 from ..train.config import ModelSpec, TrainConfig, TrainConfigError
 
 SETTINGS = {  # recipe key -> default; every key a recipe may set besides variants / seeds / baseline
@@ -48,7 +49,7 @@ RUN_KEYS = ("variants", "seeds", "baseline", "description", "role")
 ROLES = ("main", "equal-flops", "ablation", "sweep")
 
 
-class StudyError(ValueError):
+class StudyError(PHDError, ValueError):
     """A suite file or a study request is invalid; the message names the file, the key and the fix."""
 
 

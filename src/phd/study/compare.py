@@ -1,16 +1,9 @@
-"""`phd compare`: train vanilla and PHD variants side by side, paired, and print the difference with its spread.
-
-A comparison is a one-recipe study suite (phd.study): every variant of a seed starts from the same initial weights
-and reads the same batches, so "variant minus vanilla" is a paired difference; runs resume after an interruption
-and a finished run is never redone. The runs train in `--jobs` processes at once (default: one per core, which on
-a small model is faster than one process using every core). The defaults are the project's quickstart: a setting
-where the study (docs/RESULTS.md, suite `small`) measured the paired difference over several seeds, which
-is printed beside this run's figure so one run can be judged against the spread.
+"""`phd compare`'s library: a paired comparison of variants as a one-recipe study suite, trained in worker
+processes and summarised as markdown beside the spread the project's study measured for the same setting.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -18,7 +11,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+
+from tqdm import tqdm
+
+from .recipes import Suite
+from .runner import done_keys, logged_steps, read_results, run_dir, run_rows, run_suite
+from .stats import paired, summarize
 
 DEFAULTS = dict(variants=["vanilla", "PHD-CSWA-3-16-32"], preset="cpu-1m", seq_len=256, batch_size=16,
                 tokens=750_000, lr=0.003, evals=6, eval_sequences=256)
@@ -26,30 +25,24 @@ STUDY_SUITE = "small"  # the suite of experiments/ that measured the defaults ov
 REPO = Path(__file__).resolve().parents[3]
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    d = DEFAULTS
-    parser = sub.add_parser("compare", help="train vanilla and PHD variants side by side (paired); print the gap")
-    parser.add_argument("--data", help="data directory from `phd data` (default: built once from the default corpus)")
-    parser.add_argument("--variants", nargs="+", default=d["variants"], metavar="NAME",
-                        help="paper variant names; the first is the reference (default: vanilla PHD-CSWA-3-16-32)")
-    parser.add_argument("--preset", default=d["preset"], help="model size preset (default cpu-1m, 1.05M parameters)")
-    parser.add_argument("--seq-len", type=int, default=d["seq_len"])
-    parser.add_argument("--batch-size", type=int, default=d["batch_size"], help="sequences per step (default 16)")
-    parser.add_argument("--tokens", type=int, default=d["tokens"], help="training tokens per run (default 750,000)")
-    parser.add_argument("--steps", type=int, help="optimizer steps per run (instead of --tokens)")
-    parser.add_argument("--lr", type=float, default=d["lr"], help="peak learning rate (default: the pilot's choice)")
-    parser.add_argument("--evals", type=int, default=d["evals"], help="validation points per run (default 6)")
-    parser.add_argument("--eval-sequences", type=int, default=d["eval_sequences"],
-                        help="validation sequences per point (default 256)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds; with several, the spread is shown")
-    parser.add_argument("--jobs", type=int, default=min(os.cpu_count() or 1, 2),
-                        help="runs trained at once, one process each (default: 2, or 1 on one core)")
-    parser.add_argument("--out", default="runs/compare", help="runs, results and plot (default runs/compare)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.set_defaults(func=run)
+class Comparison(Protocol):
+    """The settings of one comparison (what `phd compare` parses)."""
+
+    variants: list[str]
+    preset: str
+    seq_len: int
+    batch_size: int
+    tokens: int
+    steps: int | None
+    lr: float
+    evals: int
+    eval_sequences: int
+    seeds: list[int]
+    jobs: int
+    quiet: bool
 
 
-def suite_for(args: argparse.Namespace, data: str) -> tuple[str, dict[str, Any]]:
+def suite_for(args: Comparison, data: str) -> tuple[str, dict[str, Any]]:
     """(recipe name, suite) of this comparison; the name carries a digest of the settings, so other settings
     train in other folders and nothing of an earlier comparison is overwritten."""
     settings = {"preset": args.preset, "data": data, "seq_len": args.seq_len, "batch_size": args.batch_size,
@@ -63,52 +56,8 @@ def suite_for(args: argparse.Namespace, data: str) -> tuple[str, dict[str, Any]]
     return recipe, suite
 
 
-def run(args: argparse.Namespace) -> int:
-    from ..config import ConfigError, PHDConfig, preset_arch
-    from ..data.build import default_data_dir
-    from ..data.shards import DataError
-    from ..study.recipes import StudyError, load_suite
-    from ..study.runner import read_results
-    from .config import TrainConfigError
-
-    out = Path(args.out)
-    try:
-        for name in args.variants:
-            PHDConfig.parse_name(name)
-        if args.jobs < 1:
-            raise StudyError(f"--jobs {args.jobs} must be >= 1")
-        vocab = preset_arch(args.preset)["vocab_size"]
-        data = Path(args.data) if args.data else default_data_dir(vocab, None, progress=not args.quiet)
-        recipe, suite_data = suite_for(args, str(data.resolve()))
-        folder = out / "suites"
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "compare.json").write_text(json.dumps(suite_data, indent=1) + "\n")
-        suite = load_suite(folder, "compare")
-        results = out / "results.jsonl"
-        train(suite, results, out, args)
-        rows = [r for r in read_results(results) if r["recipe"] == recipe]
-    except (ConfigError, TrainConfigError, DataError, StudyError) as err:
-        print(f"phd compare: error: {err}", file=sys.stderr)
-        return 2
-    if len(rows) < len(suite.runs):
-        print(f"phd compare: {len(suite.runs) - len(rows)} run(s) did not finish; see {out}/logs; run the same "
-              "command again to resume", file=sys.stderr)
-        return 1
-    text = summary(rows, args, suite_data["defaults"], data)
-    (out / recipe).mkdir(parents=True, exist_ok=True)
-    (out / recipe / "results.md").write_text(text + "\n")
-    plot = plot_curves(rows, out / recipe / "curves.png")
-    print("\n" + text)
-    if plot:
-        print(f"\nloss curves: {plot}")
-    print(f"written to {out / recipe}/results.md; the full study: docs/RESULTS.md")
-    return 0
-
-
-def train(suite, results: Path, out: Path, args: argparse.Namespace) -> None:
+def train(suite: Suite, results: Path, out: Path, args: Comparison) -> None:
     """Train the suite's runs, in `jobs` worker processes (`phd study`) or, with one job, in this process."""
-    from ..study.runner import done_keys, read_results, run_suite
-
     pending = [r for r in suite.runs if r.key not in done_keys(read_results(results))]
     jobs = min(args.jobs, len(pending))
     if jobs <= 1:
@@ -117,7 +66,7 @@ def train(suite, results: Path, out: Path, args: argparse.Namespace) -> None:
     threads = max(1, (os.cpu_count() or 1) // jobs)
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "phd.cli", "study", "compare", "--experiments", str(out / "suites"),
+    command = [sys.executable, "-m", "phd", "study", "compare", "--experiments", str(out / "suites"),
                "--results", str(results), "--runs", str(out / "runs"), "--threads", str(threads), "--quiet"]
     workers = []
     for i in range(jobs):
@@ -132,18 +81,14 @@ def train(suite, results: Path, out: Path, args: argparse.Namespace) -> None:
             print(f"phd compare: a worker failed (exit {worker.returncode}):\n  " + "\n  ".join(tail), file=sys.stderr)
 
 
-def _follow(suite, runs_root: Path, workers: list[subprocess.Popen], quiet: bool) -> None:
+def _follow(suite: Suite, runs_root: Path, workers: list[subprocess.Popen], quiet: bool) -> None:
     """A progress bar over all runs' steps, read from their metrics files, until the workers exit."""
-    from ..study.runner import logged_steps, run_dir
-
     def done() -> int:
         return sum(min(logged_steps(run_dir(runs_root, r)), r.steps) for r in suite.runs)
 
     total = sum(r.steps for r in suite.runs)
     bar = None
     if not quiet:
-        from tqdm import tqdm
-
         bar = tqdm(total=total, desc="compare (all runs)", unit="step", dynamic_ncols=True)
     try:
         while any(w.poll() is None for w in workers):
@@ -163,10 +108,8 @@ def _follow(suite, runs_root: Path, workers: list[subprocess.Popen], quiet: bool
             bar.close()
 
 
-def summary(rows: list[dict[str, Any]], args: argparse.Namespace, settings: dict[str, Any], data: Path) -> str:
+def summary(rows: list[dict[str, Any]], args: Comparison, settings: dict[str, Any], data: Path) -> str:
     """The comparison as markdown: per variant the loss of every seed and the paired difference to the first."""
-    from ..study.stats import paired, summarize
-
     by_variant = {v: sorted((r for r in rows if r["variant"] == v), key=lambda r: r["seed"]) for v in args.variants}
     base_name = args.variants[0]
     base = by_variant[base_name]
@@ -198,9 +141,6 @@ def study_reference(settings: dict[str, Any], variants: list[str]) -> str | None
     path = REPO / "experiments" / "results.jsonl"
     if not path.exists():
         return None
-    from ..study.runner import read_results, run_rows
-    from ..study.stats import paired, summarize
-
     keys = ("seq_len", "batch_size", "lr")
     rows = [r for r in run_rows(read_results(path)) if r.get("suite") == STUDY_SUITE
             and all(r["config"][k] == settings[k] for k in keys) and r["tokens"] >= settings["tokens"] * 0.99
@@ -222,6 +162,7 @@ def study_reference(settings: dict[str, Any], variants: list[str]) -> str | None
 
 
 def plot_curves(rows: list[dict[str, Any]], path: Path) -> Path | None:
+    """The validation curves as a PNG, or None without matplotlib (the `plot` extra: imported here)."""
     try:
         import matplotlib
     except ImportError:

@@ -6,7 +6,15 @@ import argparse
 import sys
 import time
 
-from ..checks import positive_int, resolve_device
+import torch
+
+from ..checks import resolve_device
+from ..data.tokenizer import EOS_CANDIDATES
+from ..errors import InputError, PHDError
+from ..inference.generate import generate_stream
+from ..inference.sampling import SamplingConfig
+from ..io import load_model, load_tokenizer, model_dir
+from .argtypes import positive_int
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -34,8 +42,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _stop_ids(tokenizer, stops: list[str] | None) -> list[int]:
-    from ..data.tokenizer import EOS_CANDIDATES
-
     if stops is None:
         if tokenizer is None:
             return []
@@ -48,7 +54,7 @@ def _stop_ids(tokenizer, stops: list[str] | None) -> list[int]:
             continue
         token_id = tokenizer.token_to_id(stop) if tokenizer is not None else None
         if token_id is None:
-            raise ValueError(f"--stop {stop!r} is not a single token of the tokenizer; give it as #ID")
+            raise InputError(f"--stop {stop!r} is not a single token of the tokenizer; give it as #ID")
         ids.append(token_id)
     return ids
 
@@ -73,28 +79,22 @@ class _TextStream:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from ..io import CheckpointError, load_model, load_tokenizer, resolve_export
-    from .generate import generate_stream
-    from .sampling import SamplingConfig
-
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
         model = load_model(args.checkpoint, device=resolve_device(args.device)).to(getattr(torch, args.dtype))
         tokenizer = None
         if args.prompt is not None or args.tokenizer:
-            tokenizer = load_tokenizer(args.tokenizer or resolve_export(args.checkpoint))
+            tokenizer = load_tokenizer(args.tokenizer or model_dir(args.checkpoint))
         if args.prompt is not None:
             ids = tokenizer.encode(args.prompt, add_special_tokens=False).ids
         else:
             try:
                 ids = [int(x) for x in args.prompt_ids.replace(" ", "").split(",") if x]
             except ValueError:
-                raise ValueError(f"--prompt-ids {args.prompt_ids!r} must be comma-separated integers") from None
+                raise InputError(f"--prompt-ids {args.prompt_ids!r} must be comma-separated integers") from None
         if not ids:
-            raise ValueError("the prompt is empty (it encodes to no tokens); give some text")
+            raise InputError("the prompt is empty (it encodes to no tokens); give some text")
         sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
         room = model.config.max_seq_len - len(ids)
         max_new = args.max_new_tokens
@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
             first = first or time.perf_counter()
             out.add(int(token[0]))
         end = time.perf_counter()
-    except (ValueError, TypeError, CheckpointError) as err:
+    except PHDError as err:  # bad model, prompt or sampling options: exit 2
         print(f"error: {err}", file=sys.stderr)
         return 2
     n = len(out.ids)

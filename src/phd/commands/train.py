@@ -9,13 +9,18 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..errors import PHDError
+from ..train.config import TrainConfigError, build_config, parse_overrides
+from ..train.parallelize import init_distributed, shutdown_distributed
+from ..train.trainer import train
+
 USAGE = """usage: phd train [CONFIG.json|CONFIG.toml] [--preset P] [--variant NAME] [--key value | key=value ...]
 
 Train a PHD-Transformer. Every TrainConfig field can be set in the file or overridden here; nested model
 fields use dots. Examples:
   phd train --preset cpu-1m --variant PHD-CSWA-3-16-32 data=data/default out=runs/cswa max_steps=500
   phd train run.json --lr 1e-3 --model.repeat_k 3 --checkpoint_every 100
-  torchrun --nproc_per_node=2 -m phd.cli train run.json
+  torchrun --nproc_per_node=2 -m phd train run.json
 
 Fields: data, out, init_from, seq_len, batch_size (global, sequences per step), micro_batch (per process),
 max_steps, max_tokens, lr, min_lr, warmup_steps, betas, weight_decay, clip, eval_every, eval_iters,
@@ -36,8 +41,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def split_args(args: list[str]) -> tuple[str | None, dict]:
     """(config file, overrides) from the raw arguments; --preset / --variant are model.preset / model.variant."""
-    from .config import TrainConfigError, parse_overrides
-
     path = None
     if args and not args[0].startswith("-") and "=" not in args[0]:
         path, args = args[0], args[1:]
@@ -54,16 +57,11 @@ def run(args: argparse.Namespace) -> int:
     if any(a in ("-h", "--help") for a in args.args):
         print(USAGE)
         return 0
-    from ..errors import PHDError
-    from .config import build_config
-    from .parallelize import init_distributed, shutdown_distributed
-    from .trainer import train
-
     try:
         path, overrides = split_args(args.args)
         cfg = build_config(path, overrides)
         info = init_distributed(cfg.device)
-    except (PHDError, RuntimeError) as err:
+    except PHDError as err:  # a bad config or device: exit 2 before any process group exists
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:

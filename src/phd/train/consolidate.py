@@ -1,6 +1,6 @@
-"""A training checkpoint (sharded DCP) -> a single-directory export (config.json + model.safetensors +
-tokenizer.json), the format inference, evaluation and Hugging Face conversion read. Runs in one process,
-whatever number of processes wrote the checkpoint."""
+"""Consolidation (`phd export`): a training checkpoint (sharded DCP) -> a model folder (config.json +
+model.safetensors + tokenizer.json, phd.io), the format inference, evaluation and conversion read. Runs in one
+process, whatever number of processes wrote the checkpoint."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def find_checkpoint(run_dir: str | Path, step: int | None = None) -> Path:
     return path
 
 
-def export_checkpoint(checkpoint: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+def consolidate_checkpoint(checkpoint: str | Path, out: str | Path, overwrite: bool = False) -> Path:
     """Load the model weights of `checkpoint` (checksums verified) and write them with save_model (never into or
     over the checkpoint)."""
     checkpoint = Path(checkpoint)

@@ -7,6 +7,15 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
+
+from ..errors import PHDError
+from ..study.costs import measure_costs
+from ..study.recipes import load_suite
+from ..study.report import write_report
+from ..study.runner import run_suite
+from ..study.status import status_text
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("study", help="run a suite of paired training runs; `phd study report` writes the report")
@@ -24,13 +33,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from ..config import ConfigError
-    from ..data.shards import DataError
-    from ..train.config import TrainConfigError
-    from .recipes import StudyError, load_suite
-
     experiments = Path(args.experiments)
     results = Path(args.results) if args.results else experiments / "results.jsonl"
     if args.threads is not None:
@@ -40,28 +42,20 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     try:
         if args.suite == "report":
-            from .report import write_report
-
             for path in write_report(results, Path(args.out)):
                 print(f"wrote {path}")
             return 0
         suite = load_suite(experiments, args.suite)
         if args.status:
-            from .status import status_text
-
             print(status_text(suite, results, Path(args.runs)))
             return 0
         if args.costs:
-            from .costs import measure_costs
-
             for row in measure_costs(suite, results):
                 print(f"{row['variant']}: cache {row['cache_ratio']:.3f}x, prefill {row['prefill_ratio']:.2f}x, "
                       f"decode {row['decode_ratio']:.2f}x")
             return 0
-        from .runner import run_suite
-
         counts = run_suite(suite, results, Path(args.runs), progress=not args.quiet)
-    except (StudyError, ConfigError, TrainConfigError, DataError) as err:
+    except PHDError as err:  # exit 2: the suite or its data is invalid
         print(f"phd study: error: {err}", file=sys.stderr)
         return 2
     left = len(suite.runs) - counts["done"] - counts["trained"]

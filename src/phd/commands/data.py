@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
+
+from ..data.build import build_shards
+from ..data.corpus import default_corpus
+from ..data.sources import TextFile, resolve_input
+from ..data.tokenizer import EOS, load_tokenizer
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -38,35 +42,25 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import PHDError
-    from .build import build_shards
-    from .corpus import default_corpus
-    from .sources import TextFile, resolve_input
-    from .tokenizer import EOS, load_tokenizer
-
-    try:
-        sources = [
-            resolve_input(spec, args.text_field, args.hf_split, args.hf_config) for spec in args.inputs
-        ]
-        if args.default_corpus or not args.inputs:
-            corpus = default_corpus()
-            sources += [TextFile(path) for path in corpus.files]
-        tokenizer = load_tokenizer(args.tokenizer, args.eos_token) if args.tokenizer else None
-        start = time.perf_counter()
-        meta = build_shards(
-            sources,
-            args.out,
-            tokenizer=tokenizer,
-            vocab_size=args.vocab_size,
-            val_fraction=args.val_fraction,
-            max_chars=args.max_chars,
-            special_tokens=(EOS, *args.special_token),
-            progress=not args.quiet,
-            overwrite=args.overwrite,
-        )
-    except PHDError as err:
-        print(f"phd data: error: {err}", file=sys.stderr)
-        return 1
+    sources = [
+        resolve_input(spec, args.text_field, args.hf_split, args.hf_config) for spec in args.inputs
+    ]
+    if args.default_corpus or not args.inputs:
+        corpus = default_corpus()
+        sources += [TextFile(path) for path in corpus.files]
+    tokenizer = load_tokenizer(args.tokenizer, args.eos_token) if args.tokenizer else None
+    start = time.perf_counter()
+    meta = build_shards(
+        sources,
+        args.out,
+        tokenizer=tokenizer,
+        vocab_size=args.vocab_size,
+        val_fraction=args.val_fraction,
+        max_chars=args.max_chars,
+        special_tokens=(EOS, *args.special_token),
+        progress=not args.quiet,
+        overwrite=args.overwrite,
+    )
     print(summary(meta, args.out, time.perf_counter() - start))
     if tokenizer is None and meta["vocab_size"] < args.vocab_size:
         print(f"note: the text supports only {meta['vocab_size']} tokens (asked {args.vocab_size}); "

@@ -1,17 +1,26 @@
 """`phd convert SRC OUT`: transformers / GGUF checkpoints to PHD models and back.
 
-Lives outside `phd.hf` so that the `phd` command starts without importing transformers (the `hf` extra).
+transformers (the `hf` extra) is imported only when a conversion runs, so that `phd` lists its commands without it.
 
-    phd convert ./llama-dir  out/       --variant PHD-CSWA-2-16-32   # native export (config + safetensors + tokenizer)
+    phd convert ./llama-dir  out/       --variant PHD-CSWA-2-16-32   # a model folder (config + safetensors + tokenizer)
     phd convert model.gguf   out/       --check                      # K = 1, compare logits with the original
-    phd convert out/         llama-dir/ --to hf                      # a K = 1 export back to Llama / OLMo2
-    phd convert out/         phd-hf/    --to phd-hf                  # any export as PHDForCausalLM (model_type phd)
+    phd convert out/         llama-dir/ --to hf                      # a K = 1 model back to Llama / OLMo2
+    phd convert out/         phd-hf/    --to phd-hf                  # any model as PHDForCausalLM (model_type phd)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
+
+import torch
+
+from ..config import PHDConfig
+from ..errors import PHDError
+from ..fsutil import check_out, output_dir
+from ..hfnames import is_transformers_config
+from ..io import MODEL_KIND, check_finite, is_phd_model, load_model, model_dir, write_model_files
 
 TARGETS = ("phd", "hf", "phd-hf")
 
@@ -23,11 +32,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("source", type=Path, help="transformers directory, .gguf file, or phd export directory")
+    p.add_argument("source", type=Path, help="transformers directory, .gguf file, or phd model folder")
     p.add_argument("out", type=Path, help="output directory")
     p.add_argument("--to", choices=TARGETS, default=None,
-                   help="phd: native export (default from transformers/GGUF); hf: LlamaForCausalLM / "
-                        "Olmo2ForCausalLM (K = 1; default from a phd export); phd-hf: PHDForCausalLM save_pretrained")
+                   help="phd: native model folder (default from transformers/GGUF); hf: LlamaForCausalLM / "
+                        "Olmo2ForCausalLM (K = 1; default from a phd model); phd-hf: PHDForCausalLM save_pretrained")
     p.add_argument("--variant", default="vanilla",
                    help="PHD variant of the converted model, e.g. PHD-CSWA-2-16-32 (default: vanilla, K = 1)")
     p.add_argument("--positions", choices=("shared", "expanded"), default="shared",
@@ -39,20 +48,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _is_phd_export(path: Path) -> bool:
-    import json
-
-    config = path / "config.json"
-    return config.is_file() and "repeat_k" in json.loads(config.read_text()) and (path / "model.safetensors").exists()
-
-
 def _is_phd_hf(path: Path) -> bool:
-    """A PHDForCausalLM folder (`--to phd-hf`), as opposed to a native export."""
-    import json
-
-    from .hfnames import is_transformers_config
-
-    return is_transformers_config(json.loads((path / "config.json").read_text()))
+    """A PHDForCausalLM folder (`--to phd-hf`), as opposed to a native model folder."""
+    return is_transformers_config(json.loads((model_dir(path) / "config.json").read_text()))
 
 
 def _special_tokens(tokenizer) -> dict[str, int | None]:
@@ -66,29 +64,22 @@ def _max_diff(a, b) -> float:
 
 
 # The output-folder kind (fsutil.MARKER) each target writes; --overwrite replaces only the same kind.
-KINDS = {"phd": "phd-export", "hf": "hf-model", "phd-hf": "phd-hf-model"}
+KINDS = {"phd": MODEL_KIND, "hf": "hf-model", "phd-hf": "phd-hf-model"}
 
 
 def run(args: argparse.Namespace) -> int:
-    from .errors import PHDError
-
     try:
         return _convert(args)
-    except (PHDError, FileNotFoundError) as err:  # ConversionError, ConfigError, OutputError: bad input
+    except PHDError as err:  # ConversionError, ConfigError, OutputError, CheckpointError: bad input
         raise SystemExit(f"phd convert: {err}") from None
 
 
 def _convert(args: argparse.Namespace) -> int:
-    import torch
-
-    from .config import PHDConfig
-    from .fsutil import check_out, output_dir
-    from .hf import PHDForCausalLM
-    from .hf.convert import from_transformers, load_transformers, to_transformers
-    from .io import check_finite, load_model, write_export
+    from ..hf import PHDForCausalLM  # the `hf` extra (transformers): imported when a conversion runs
+    from ..hf.convert import from_transformers, load_transformers, to_transformers
 
     source: Path = args.source
-    from_phd = source.is_dir() and _is_phd_export(source)
+    from_phd = source.is_dir() and is_phd_model(source)
     target = args.to or ("hf" if from_phd else "phd")
     kind, out = KINDS[target], args.out
     check_out(out, kind, args.overwrite, [source])  # before loading anything
@@ -97,12 +88,12 @@ def _convert(args: argparse.Namespace) -> int:
     if from_phd:
         from_phd_hf = _is_phd_hf(source)
         if target == "phd" and not from_phd_hf:
-            raise SystemExit(f"{source} is already a phd export; choose --to hf or --to phd-hf")
+            raise SystemExit(f"{source} is already a phd model folder; choose --to hf or --to phd-hf")
         model = load_model(source)
         tokenizer = _load_tokenizer(source)
         if target == "phd":  # a PHDForCausalLM folder back to the native export
             with output_dir(out, kind, args.overwrite, [source]) as tmp:
-                write_export(model, tmp)
+                write_model_files(model, tmp)
                 if tokenizer is not None:
                     tokenizer.save_pretrained(tmp)
             print(f"wrote {args.out} (phd, {model.config.name})")
@@ -130,7 +121,7 @@ def _convert(args: argparse.Namespace) -> int:
     check_finite(model.state_dict(), source)
     with output_dir(out, kind, args.overwrite, [source]) as tmp:
         if target == "phd":
-            write_export(model, tmp)
+            write_model_files(model, tmp)
         else:
             PHDForCausalLM.from_native(model, **_special_tokens(tokenizer)).save_pretrained(tmp)
         if tokenizer is not None:
@@ -147,10 +138,10 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _load_tokenizer(path: Path):
-    """The transformers tokenizer saved beside an export, or None when there is none."""
+    """The transformers tokenizer saved beside a model folder, or None when there is none."""
     if not (path / "tokenizer.json").exists():
         return None
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast  # the `hf` extra
 
     if (path / "tokenizer_config.json").exists():
         return AutoTokenizer.from_pretrained(path)

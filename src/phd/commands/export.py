@@ -1,9 +1,12 @@
-"""`phd export RUN_DIR --out DIR`: the latest (or a given) training checkpoint as a single-file export."""
+"""`phd export RUN_DIR --out DIR`: the latest (or a given) training checkpoint as a model folder (the single-file
+format of phd.io that generate, eval and convert read)."""
 
 from __future__ import annotations
 
 import argparse
-import sys
+from pathlib import Path
+
+from ..train.consolidate import consolidate_checkpoint, find_checkpoint
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -18,17 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from ..errors import PHDError
-    from .export import export_checkpoint, find_checkpoint
-
-    try:
-        path = Path(args.run_dir)
-        checkpoint = path if (path / "meta.json").exists() else find_checkpoint(path, args.step)
-        out = export_checkpoint(checkpoint, args.out, overwrite=args.overwrite)
-    except PHDError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    path = Path(args.run_dir)
+    checkpoint = path if (path / "meta.json").exists() else find_checkpoint(path, args.step)
+    out = consolidate_checkpoint(checkpoint, args.out, overwrite=args.overwrite)
     print(f"exported {checkpoint} -> {out}")
     return 0
