@@ -14,11 +14,11 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from hf_utils import VOCAB, left_padded, tiny_phd, tiny_transformers  # noqa: E402
-from phd.convert import ConversionError, from_transformers, to_transformers  # noqa: E402
 
 import phd  # noqa: E402
 from phd.commands import main as phd_main  # noqa: E402
 from phd.hf import PHDForCausalLM, PHDHFConfig  # noqa: E402
+from phd.hf.convert import ConversionError, from_transformers, to_transformers  # noqa: E402
 
 # ----- conversion parity -----
 

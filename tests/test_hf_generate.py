@@ -11,12 +11,12 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from hf_utils import VOCAB, left_padded, tiny_phd, tiny_transformers  # noqa: E402
-from phd.convert import from_transformers  # noqa: E402
 from train_utils import one_thread  # noqa: E402, F401 (autouse fixture)
 
 import phd  # noqa: E402
 from phd.hf import PHDForCausalLM  # noqa: E402
 from phd.hf.cache import PHDHFCache  # noqa: E402
+from phd.hf.convert import from_transformers  # noqa: E402
 
 EOS, PAD = 2, 0
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [14, 15, 16, 17]]
