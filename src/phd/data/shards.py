@@ -39,6 +39,19 @@ def token_dtype(vocab_size: int) -> np.dtype:
     raise DataError(f"a vocabulary of {vocab_size} ids does not fit uint32 token shards; use a smaller tokenizer")
 
 
+def window_count(num_tokens: int, seq_len: int) -> int:
+    """How many training / evaluation windows a split of num_tokens holds: window i is tokens
+    [i * seq_len, (i + 1) * seq_len] (seq_len inputs and the seq_len next-token targets), so consecutive windows
+    share one token and the last token of the split is only a target."""
+    return max(num_tokens - 1, 0) // seq_len
+
+
+def windows(tokens: np.ndarray, seq_len: int, indices) -> np.ndarray:
+    """The windows `indices` of a split as one int64 array [len(indices), seq_len + 1] (see `window_count`)."""
+    return np.stack([np.asarray(tokens[int(i) * seq_len : int(i) * seq_len + seq_len + 1], dtype=np.int64)
+                     for i in indices])
+
+
 @dataclass
 class TokenShards:
     root: Path

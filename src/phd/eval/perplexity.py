@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..data.shards import DataError
+from ..data.shards import DataError, window_count, windows
 from ..errors import InputError
 from ..model import PHDTransformer
 
@@ -43,7 +43,7 @@ def eval_batches(
     rank runs the same number of forward passes (FSDP's collectives need it). The weighted mean over all
     ranks is therefore the same at any process count.
     """
-    available = max(len(tokens) - 1, 0) // seq_len
+    available = window_count(len(tokens), seq_len)
     n = min(num_sequences, available)
     if n == 0:
         raise DataError(f"the val split holds {len(tokens)} tokens, not one sequence of {seq_len + 1}")
@@ -56,8 +56,7 @@ def eval_batches(
     out = []
     for s in range(steps):
         idx = mine[s * micro_batch : (s + 1) * micro_batch]
-        windows = np.stack([np.asarray(tokens[i * seq_len : i * seq_len + seq_len + 1], dtype=np.int64) for i in idx])
-        batch = torch.from_numpy(windows)
+        batch = torch.from_numpy(windows(tokens, seq_len, idx))
         out.append((batch[:, :-1], batch[:, 1:], torch.tensor(weights[s * micro_batch : (s + 1) * micro_batch])))
     return out
 
@@ -98,14 +97,14 @@ def evaluate_loss(
     """
     if seq_len < 1 or batch_size < 1:
         raise InputError(f"seq_len={seq_len} and batch_size={batch_size} must both be >= 1")
-    available = (len(tokens) - 1) // seq_len
+    available = window_count(len(tokens), seq_len)
     if max_tokens is not None:
         available = min(available, max(max_tokens // seq_len, 1))
     if available < 1:
         raise InputError(f"the split has {len(tokens)} tokens: too few for one window of seq_len={seq_len} + 1")
-    windows = available if num_sequences is None else min(available, num_sequences)
+    count = available if num_sequences is None else min(available, num_sequences)
     model.eval()
-    batches = eval_batches(tokens[: available * seq_len + 1], seq_len, windows, batch_size, rank=0, world=1)
+    batches = eval_batches(tokens[: available * seq_len + 1], seq_len, count, batch_size, rank=0, world=1)
     sums = loss_sums(model, batches, model.embed.weight.device)
     loss = float(sums[0] / sums[1])
-    return LossResult(loss=loss, perplexity=math.exp(loss), tokens=windows * seq_len, windows=windows, seq_len=seq_len)
+    return LossResult(loss=loss, perplexity=math.exp(loss), tokens=count * seq_len, windows=count, seq_len=seq_len)

@@ -1,7 +1,7 @@
 """A deterministic, resumable loader over a token split, sharded across data-parallel ranks.
 
-The split is cut into `num_sequences = (tokens - 1) // seq_len` windows of seq_len + 1 tokens (window i starts
-at token i * seq_len; inputs are its first seq_len tokens, targets the last seq_len). Every epoch visits the
+The split is cut into `num_sequences` windows of seq_len + 1 tokens (`phd.data.shards.window_count`: window i
+starts at token i * seq_len; inputs are its first seq_len tokens, targets the last seq_len). Every epoch visits the
 windows in a permutation seeded by (seed, epoch). Optimizer step s reads the next `batch_size` windows of the
 permutation (an incomplete tail of an epoch is skipped); within it, micro-step a of rank r reads the
 `micro_batch` windows starting at `(a * world + r) * micro_batch`. So the ranks' slices never overlap, leave
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..data.shards import DataError
+from ..data.shards import DataError, window_count, windows
 
 
 @dataclass
@@ -38,7 +38,7 @@ class TokenLoader:
             raise ValueError(f"batch_size={batch_size} is not a multiple of micro_batch * world={micro_batch * world}")
         self.tokens, self.seq_len = tokens, seq_len
         self.batch_size, self.micro_batch, self.rank, self.world, self.seed = batch_size, micro_batch, rank, world, seed
-        self.num_sequences = max(len(tokens) - 1, 0) // seq_len
+        self.num_sequences = window_count(len(tokens), seq_len)
         if self.num_sequences < batch_size:
             raise DataError(
                 f"the train split holds {len(tokens)} tokens: {self.num_sequences} sequences of seq_len+1="
@@ -59,10 +59,6 @@ class TokenLoader:
             self._order_epoch = epoch
         return self._order
 
-    def _window(self, index: int) -> np.ndarray:
-        start = int(index) * self.seq_len
-        return np.asarray(self.tokens[start : start + self.seq_len + 1], dtype=np.int64)
-
     def next_step(self) -> list[tuple[Tensor, Tensor]]:
         """This rank's `accum` micro-batches (inputs, targets) of the next optimizer step; advances the state."""
         if self.state.position + self.batch_size > self.num_sequences:
@@ -72,8 +68,7 @@ class TokenLoader:
         micro = []
         for a in range(self.accum):
             start = base + (a * self.world + self.rank) * self.micro_batch
-            windows = np.stack([self._window(i) for i in order[start : start + self.micro_batch]])
-            batch = torch.from_numpy(windows)
+            batch = torch.from_numpy(windows(self.tokens, self.seq_len, order[start : start + self.micro_batch]))
             micro.append((batch[:, :-1], batch[:, 1:]))
         self.state = LoaderState(self.state.epoch, base + self.batch_size)
         return micro
