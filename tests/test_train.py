@@ -12,7 +12,7 @@ from train_utils import make_data, one_thread, tiny_config  # noqa: F401 (autous
 
 from phd.commands import main
 from phd.eval.perplexity import eval_batches
-from phd.io import load_model, model_dir, save_model
+from phd.io import eos_id, load_model, model_dir, save_model
 from phd.study.runner import read_results
 from phd.train import TrainConfigError, Trainer, build_config
 from phd.train.checkpoint import verify
@@ -318,3 +318,18 @@ def test_compare_defaults_are_the_study_suite_it_cites(tmp_path):
         ours, theirs = mine.run(recipe, variant, 0), study.run("core", variant, 0)
         assert theirs is not None, f"{compare.STUDY_SUITE}/core lacks {variant}"
         assert ours.train_config("D", "O") == theirs.train_config("D", "O")
+
+
+def test_model_folder_records_the_eos_id_of_its_data(tmp_path):
+    """`phd generate`, `phd eval` and `phd convert` read the end-of-text id from the model folder (phd.io.eos_id),
+    which records the one the data was made with, not a guess from the vocabulary."""
+    data = make_data(tmp_path / "data")
+    meta = json.loads((data / "meta.json").read_text())
+    (data / "meta.json").write_text(json.dumps({**meta, "eos_id": 7}))
+    Trainer(tiny_config(data, tmp_path / "run", max_steps=1)).fit()
+    folder = model_dir(tmp_path / "run")
+    assert json.loads((folder / "special_tokens.json").read_text()) == {"eos_id": 7} and eos_id(folder) == 7
+    (folder / "special_tokens.json").unlink()  # a folder written before the id was recorded
+    assert eos_id(folder) == 0  # "<eos>", the first usual spelling in its vocabulary
+    save_model(load_model(folder), tmp_path / "no-tokenizer")
+    assert eos_id(tmp_path / "no-tokenizer") is None

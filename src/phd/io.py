@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .config import PHDConfig
+from .data.tokenizer import EOS_CANDIDATES
 from .errors import PHDError
 from .fsutil import output_dir, sha256_file
 from .model import PHDTransformer
@@ -22,6 +23,7 @@ MODEL_KIND = "phd-export"  # the fsutil marker of a model folder (on disk: kept 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 TOKENIZER = "tokenizer.json"
+SPECIAL_TOKENS = "special_tokens.json"  # {"eos_id": E}: the document separator the model was trained with
 
 
 class CheckpointError(PHDError, RuntimeError):
@@ -52,6 +54,9 @@ def write_model_files(model: PHDTransformer, folder: Path, tokenizer: str | Path
     model.config.save(folder / CONFIG)
     if tokenizer is not None:
         shutil.copyfile(tokenizer, folder / TOKENIZER)
+        eos = eos_id(Path(tokenizer).parent)
+        if eos is not None:
+            (folder / SPECIAL_TOKENS).write_text(json.dumps({"eos_id": eos}) + "\n")
     (folder / "checksums.json").write_text(json.dumps({WEIGHTS: sha256_file(folder / WEIGHTS)}, indent=2) + "\n")
 
 
@@ -139,3 +144,23 @@ def load_tokenizer(path: str | Path):
     if not file.exists():
         raise CheckpointError(f"no {TOKENIZER} at {path}; pass --tokenizer or export the model with its tokenizer")
     return Tokenizer.from_file(str(file))
+
+
+def eos_id(folder: str | Path) -> int | None:
+    """The end-of-text id of the tokenizer in a model, checkpoint or data folder: the one recorded there
+    (special_tokens.json of a model folder, meta.json of a data folder), else, for folders written before it was
+    recorded, the first usual spelling in tokenizer.json's vocabulary (the rule `phd data` applies to a tokenizer
+    that names none). None when the folder has neither."""
+    folder = Path(folder)
+    for name in (SPECIAL_TOKENS, "meta.json"):
+        try:
+            value = json.loads((folder / name).read_text()).get("eos_id")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(value, int):
+            return value
+    if not (folder / TOKENIZER).exists():
+        return None
+    vocab = load_tokenizer(folder).get_vocab()
+    return next((vocab[t] for t in EOS_CANDIDATES if t in vocab), None)
+

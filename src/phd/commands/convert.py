@@ -20,7 +20,7 @@ from ..config import PHDConfig
 from ..errors import PHDError
 from ..fsutil import check_out, output_dir
 from ..hfnames import is_transformers_config
-from ..io import MODEL_KIND, check_finite, is_phd_model, load_model, model_dir, write_model_files
+from ..io import MODEL_KIND, check_finite, eos_id, is_phd_model, load_model, model_dir, write_model_files
 
 TARGETS = ("phd", "hf", "phd-hf")
 
@@ -145,4 +145,8 @@ def _load_tokenizer(path: Path):
 
     if (path / "tokenizer_config.json").exists():
         return AutoTokenizer.from_pretrained(path)
-    return PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"))
+    eos = eos_id(path)
+    if eos is not None:  # a bare tokenizer.json names none: the transformers config then gets the recorded one
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos)
+    return tokenizer

@@ -23,9 +23,8 @@ import torch
 from ..checks import resolve_device
 from ..config import PHDConfig
 from ..data.shards import open_shards
-from ..data.tokenizer import EOS_CANDIDATES
 from ..eval.perplexity import evaluate_loss
-from ..io import is_phd_model, load_model, model_dir
+from ..io import eos_id, is_phd_model, load_model, model_dir
 from .argtypes import positive_int
 
 # transformers and lm-eval (the `hf` / `eval` extras) are imported inside the functions that need them.
@@ -69,8 +68,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _tokenizer(path: Path | None):
     """A transformers tokenizer from a directory (tokenizer_config.json) or a bare tokenizer.json.
 
-    A bare tokenizer.json (what `phd data` / `phd train` write) names no end-of-text token: the first of the
-    usual spellings in its vocabulary is taken, as `phd data` does.
+    A bare tokenizer.json (what `phd data` / `phd train` write) names no end-of-text token: the one the folder
+    records is taken (`phd.io.eos_id`).
     """
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
@@ -84,10 +83,9 @@ def _tokenizer(path: Path | None):
     if not file.is_file():
         return None
     tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(file))
-    vocab = tokenizer.get_vocab()
-    eos = next((t for t in EOS_CANDIDATES if t in vocab), None)
+    eos = eos_id(file.parent)
     if eos is not None:
-        tokenizer.eos_token = eos
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos)
     return tokenizer
 
 

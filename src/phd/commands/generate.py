@@ -5,15 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 from ..checks import resolve_device
-from ..data.tokenizer import EOS_CANDIDATES
 from ..errors import InputError, PHDError
 from ..inference.generate import generate_stream
 from ..inference.sampling import SamplingConfig
-from ..io import load_model, load_tokenizer, model_dir
+from ..io import eos_id, load_model, load_tokenizer, model_dir
 from .argtypes import positive_int
 
 
@@ -41,12 +41,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _stop_ids(tokenizer, stops: list[str] | None) -> list[int]:
+def _stop_ids(tokenizer, stops: list[str] | None, eos: int | None) -> list[int]:
+    """--stop tokens; by default the tokenizer's end-of-text id (`phd.io.eos_id`) when text is decoded."""
     if stops is None:
-        if tokenizer is None:
-            return []
-        found = [tokenizer.token_to_id(t) for t in EOS_CANDIDATES]
-        return [i for i in found if i is not None][:1]
+        return [eos] if tokenizer is not None and eos is not None else []
     ids = []
     for stop in stops:
         if stop.startswith("#") and stop[1:].isdigit():
@@ -57,6 +55,10 @@ def _stop_ids(tokenizer, stops: list[str] | None) -> list[int]:
             raise InputError(f"--stop {stop!r} is not a single token of the tokenizer; give it as #ID")
         ids.append(token_id)
     return ids
+
+
+def _folder(path: Path) -> Path:
+    return path.parent if path.suffix == ".json" else path
 
 
 class _TextStream:
@@ -83,9 +85,11 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     try:
         model = load_model(args.checkpoint, device=resolve_device(args.device)).to(getattr(torch, args.dtype))
-        tokenizer = None
+        tokenizer, eos = None, None
         if args.prompt is not None or args.tokenizer:
-            tokenizer = load_tokenizer(args.tokenizer or model_dir(args.checkpoint))
+            source = args.tokenizer or model_dir(args.checkpoint)
+            tokenizer, eos = load_tokenizer(source), eos_id(_folder(Path(source)))
+        stops = _stop_ids(tokenizer, args.stop, eos)
         if args.prompt is not None:
             ids = tokenizer.encode(args.prompt, add_special_tokens=False).ids
         else:
@@ -103,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
                   f"{model.config.max_seq_len}]", file=sys.stderr)
             max_new = room
         stream = generate_stream(
-            model, torch.tensor([ids]), max_new, sampling, _stop_ids(tokenizer, args.stop),
+            model, torch.tensor([ids]), max_new, sampling, stops,
             seed=args.seed, prefill_mode=args.prefill,
         )
         out = _TextStream(tokenizer)
