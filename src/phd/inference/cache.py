@@ -154,6 +154,8 @@ class PHDCache:
 
     def write(self, layer: int, slots: Tensor, k: Tensor, v: Tensor) -> None:
         """Write k, v [B, Hkv, N, D] into slots [B, N] of `layer` (each row its own slots)."""
+        if not slots.shape[1]:  # e.g. the ring of a variant without one
+            return
         rows = torch.arange(self.batch_size, device=slots.device)[:, None]
         self.keys[layer][rows, :, slots] = k.transpose(1, 2)
         self.values[layer][rows, :, slots] = v.transpose(1, 2)

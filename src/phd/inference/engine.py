@@ -186,17 +186,17 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, causal: b
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
 
 
-def _prefill_attention(cache: PHDCache, layer: int, n_hidden: int, mask: Tensor, originals_query: bool,
+def _prefill_attention(cache: PHDCache, layer: int, n_hidden: int, mask: Tensor | None, originals_query: bool,
                        ring_slots: Tensor) -> Attend:
     """Layer `layer`'s attention over a token set whose first `n_hidden` rows are hidden: writes the originals' and
     the ring's K/V to the cache; the first mask.shape[2] queries attend by `mask`, the rest (`originals_query`:
     every original) in one causal pass over the originals, exactly vanilla."""
     ring = slice(n_hidden - ring_slots.shape[1], n_hidden)
+    n_masked = 0 if mask is None else mask.shape[2]
 
     def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         cache.write_prefix(layer, k[:, :, n_hidden:], v[:, :, n_hidden:])
         cache.write(layer, ring_slots, k[:, :, ring], v[:, :, ring])
-        n_masked = mask.shape[2]
         parts = [_sdpa(q[:, :, :n_masked], k, v, mask)] if n_masked else []
         if originals_query:
             parts.append(_sdpa(q[:, :, n_masked:], k[:, :, n_hidden:], v[:, :, n_hidden:], causal=True))
@@ -224,8 +224,8 @@ def _prefill_bounded(model, ids: Tensor, lengths: Tensor, cache: PHDCache) -> Te
         keys = tokens[n_keys[0] - n :]
         if i + 1 < len(model.layers):
             rows = n_keys[i + 1]
-            queries = keys[n - rows : n - t]
-            mask = _rule_mask(cfg, keys, queries.pos, queries.copy, queries.valid)
+            queries = keys[n - rows : n - t]  # the hidden ones; every original is a query too
+            mask = _rule_mask(cfg, keys, queries.pos, queries.copy, queries.valid) if rows > t else None
             attend = _prefill_attention(cache, i, n - t, mask, True, ring_slots)
         else:
             rows = ((keys.pos == last[:, None]) & (keys.copy == cfg.repeat_k)).int().argmax(1, keepdim=True)
@@ -252,8 +252,9 @@ def _prefill_full(model, ids: Tensor, lengths: Tensor, cache: PHDCache, all_logi
     def attention(layer: int) -> Attend:
         def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             cache.write_prefix(layer, k[:, :, : layout.cached_tokens], v[:, :, : layout.cached_tokens])
-            gather = ring_index[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1])
-            cache.write(layer, ring_slots, k.gather(2, gather), v.gather(2, gather))
+            if ring_slots.shape[1]:
+                gather = ring_index[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1])
+                cache.write(layer, ring_slots, k.gather(2, gather), v.gather(2, gather))
             return train(q, k, v)
 
         return attend
@@ -280,7 +281,7 @@ def prefill(model, input_ids: Tensor, cache: PHDCache, lengths: Tensor | None = 
         raise ValueError("the cache was made for another model config; make it with model.new_cache(...)")
     ids, lengths = _prompt_lengths(model, input_ids, cache, lengths, attention_mask)
     cache.reset()
-    if mode == "full" or all_logits or (model.config.naive and model.config.repeat_k > 1):
+    if mode == "full" or all_logits or model.config.naive:
         logits = _prefill_full(model, ids, lengths, cache, all_logits)
     else:
         logits = _prefill_bounded(model, ids, lengths, cache)
