@@ -14,6 +14,7 @@ import torch
 from phd import PHDTransformer
 from phd.bench.agreement import INFERENCE_VARIANTS, LOGIT_TOL, edge_lengths, logit_error, tiny_model
 from phd.inference.engine import hidden_widths
+from phd.model import Block
 
 TOL = LOGIT_TOL
 VARIANTS = INFERENCE_VARIANTS
@@ -25,8 +26,9 @@ def _model(name: str, seed: int = 0, **arch) -> PHDTransformer:
 
 @pytest.mark.parametrize("name", VARIANTS)
 @pytest.mark.parametrize("positions", ["expanded", "shared"])
-def test_prefill_and_decode_equal_training_forward(name, positions):
-    model = _model(name, positions=positions)
+@pytest.mark.parametrize("norm, qk_norm", [("pre", False), ("post", True)])
+def test_prefill_and_decode_equal_training_forward(name, positions, norm, qk_norm):
+    model = _model(name, positions=positions, norm=norm, qk_norm=qk_norm)
     steps = (model.config.chunk or 3) + 3
     assert logit_error(model, edge_lengths(model.config), steps) <= TOL
 
@@ -35,6 +37,33 @@ def test_prefill_and_decode_equal_training_forward(name, positions):
 def test_full_prefill_equals_training_forward(name):
     model = _model(name, norm="post", qk_norm=True)
     assert logit_error(model, edge_lengths(model.config), steps=4, mode="full") <= TOL
+
+
+@pytest.mark.parametrize("name", ["vanilla", "repeat-3", "PHD-2", "PHD-SWA-3-2-inf", "PHD-CSWA-4-3-2"])
+@pytest.mark.parametrize("mode", ["bounded", "full"])
+def test_one_layer_function_serves_training_prefill_and_decode(name, mode, monkeypatch):
+    """Block.forward is the only layer code: a change made there changes the training forward and every cache path
+    alike (they still agree), and prefill and each decode step call it once per layer."""
+    model = _model(name, norm="post", qk_norm=True)
+    ids = torch.randint(0, 61, (1, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = model(ids).logits
+    calls = []
+    real = Block.forward
+
+    def changed(self, *args, **kwargs):
+        calls.append(self)
+        return real(self, *args, **kwargs) + 0.5
+
+    monkeypatch.setattr(Block, "forward", changed)
+    with torch.no_grad():
+        assert not torch.allclose(model(ids).logits, before)
+    assert logit_error(model, edge_lengths(model.config), steps=3, mode=mode) <= TOL
+    calls.clear()
+    cache = model.new_cache(1, 12)
+    model.prefill(ids, cache, mode=mode)
+    model.decode_step(ids[:, 0], cache)
+    assert calls == [*model.layers, *model.layers]
 
 
 def _random_config(rng: random.Random) -> dict:

@@ -14,12 +14,13 @@ from __future__ import annotations
 import functools
 import math
 import sys
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .masks import AttentionLayout, allowed
+from .masks import AttentionLayout, allowed, hidden_token
 
 BAND_BLOCK = 32  # hidden query rows per band block: each row looks at BAND_BLOCK + band_width keys
 
@@ -201,20 +202,18 @@ def _make_band_plan(layout: AttentionLayout, device: torch.device):
     """Key indices and mask of the hidden band, in blocks of BAND_BLOCK hidden query rows.
 
     Hidden row r = n*(K-1) + j - 2 needs hidden keys from (n - W)*(K-1) to r (no window: from n*(K-1)), so
-    block b reads the padded hidden keys [b*BAND_BLOCK - pad, (b+1)*BAND_BLOCK) with pad = W*(K-1) + K - 2.
+    block b reads the padded hidden keys [b*BAND_BLOCK - pad, (b+1)*BAND_BLOCK) with pad = layout.band_reach.
     The mask comes from `allowed`; rows past the end (padding) see every key, and are dropped.
     """
-    t, k = layout.seq_len, layout.repeat_k
-    rows = t * (k - 1)
-    pad = (layout.window or 0) * (k - 1) + k - 2
+    rows = layout.seq_len * (layout.repeat_k - 1)
+    pad = layout.band_reach
     nb = -(-rows // BAND_BLOCK)
     width = BAND_BLOCK + pad
     row = torch.arange(nb * BAND_BLOCK, device=device).view(nb, BAND_BLOCK)
     col = (torch.arange(nb, device=device) * BAND_BLOCK)[:, None] + torch.arange(width, device=device) - pad
     real_col = (col >= 0) & (col < rows)
-    colc = col.clamp(0, rows - 1)
-    qp, qc = row // (k - 1), row % (k - 1) + 2
-    kp, kc = colc // (k - 1), colc % (k - 1) + 2
+    qp, qc = hidden_token(row, layout.repeat_k)
+    kp, kc = hidden_token(col.clamp(0, rows - 1), layout.repeat_k)
     mask = allowed(qp[:, :, None], qc[:, :, None], kp[:, None, :], kc[:, None, :], layout.window, layout.chunk)
     mask = mask & real_col[:, None, :]
     mask = mask | (row >= rows)[:, :, None]
@@ -222,21 +221,21 @@ def _make_band_plan(layout: AttentionLayout, device: torch.device):
     return gather, mask, pad, nb, width
 
 
-def _copies_as_heads(x: Tensor, k1: int) -> Tensor:
+def _copies_as_heads(x: Tensor, copies: int) -> Tensor:
     """Hidden rows [B, H, T*(K-1), ...] (position-major) -> [B, (K-1)*H, T, ...], head c*H + h = copy c + 2 of
     head h. A view (no copy) when x is laid out [B, N, H, D] in memory, as the model's projections are."""
     b, h, rows = x.shape[:3]
-    return x.unflatten(2, (rows // k1, k1)).movedim(3, 1).flatten(1, 2)
+    return x.unflatten(2, (rows // copies, copies)).movedim(3, 1).flatten(1, 2)
 
 
-def _heads_as_copies(x: Tensor, k1: int) -> Tensor:
+def _heads_as_copies(x: Tensor, copies: int) -> Tensor:
     """Inverse of _copies_as_heads, as a [B, H, T, K-1, ...] view."""
-    return x.unflatten(1, (k1, x.shape[1] // k1)).movedim(1, 3)
+    return x.unflatten(1, (copies, x.shape[1] // copies)).movedim(1, 3)
 
 
-def _tile_kv(x: Tensor, k1: int) -> Tensor:
+def _tile_kv(x: Tensor, copies: int) -> Tensor:
     """kv heads [B, Hkv, T, D] -> [B, (K-1)*Hkv, T, D] so that query head c*H + h reads kv head h // group."""
-    return x.unsqueeze(1).expand(x.shape[0], k1, *x.shape[1:]).flatten(1, 2)
+    return x.unsqueeze(1).expand(x.shape[0], copies, *x.shape[1:]).flatten(1, 2)
 
 
 def _to_band(x: Tensor, nb: int) -> Tensor:
@@ -287,9 +286,9 @@ class _SplitAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, layout: AttentionLayout, kernel, scale: float):
-        t, k1 = layout.seq_len, layout.repeat_k - 1
+        t, copies = layout.seq_len, layout.repeat_k - 1
         b = q.shape[0]
-        rows = t * k1
+        rows = t * copies
         gather, mask, pad, nb, width = _band_plan(layout, q.device)
         out = _empty_like_bnhd(q)
 
@@ -298,18 +297,19 @@ class _SplitAttention(torch.autograd.Function):
 
         qh, kh, vh = q[:, :, t:], k[:, :, t:], v[:, :, t:]
         out_a, lse_a = kernel.fwd(
-            _copies_as_heads(qh, k1), _tile_kv(k[:, :, :t], k1), _tile_kv(v[:, :, :t], k1), True, None, scale
+            _copies_as_heads(qh, copies), _tile_kv(k[:, :, :t], copies), _tile_kv(v[:, :, :t], copies), True, None,
+            scale,
         )
         out_b, lse_b = kernel.fwd(
             _to_band(qh, nb), _band_keys(kh, gather, pad, nb, width), _band_keys(vh, gather, pad, nb, width),
             False, mask.repeat(b, 1, 1).unsqueeze(1), scale,
         )
-        lse_a = _heads_as_copies(lse_a, k1)  # [B, H, T, K-1]
+        lse_a = _heads_as_copies(lse_a, copies)  # [B, H, T, K-1]
         lse_b_all = _from_band(lse_b, nb * BAND_BLOCK, b)
-        lse_b = lse_b_all[:, :, :rows].unflatten(2, (t, k1))
+        lse_b = lse_b_all[:, :, :rows].unflatten(2, (t, copies))
         lse = torch.logaddexp(lse_a, lse_b)
-        merged = torch.exp(lse_a - lse)[..., None] * _heads_as_copies(out_a, k1).float()
-        merged += torch.exp(lse_b - lse)[..., None] * _from_band(out_b, rows, b).unflatten(2, (t, k1)).float()
+        merged = torch.exp(lse_a - lse)[..., None] * _heads_as_copies(out_a, copies).float()
+        merged += torch.exp(lse_b - lse)[..., None] * _from_band(out_b, rows, b).unflatten(2, (t, copies)).float()
         out[:, :, t:] = merged.flatten(2, 3)
 
         lse_h = lse.flatten(2, 3)
@@ -324,9 +324,9 @@ class _SplitAttention(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, out, lse_o, lse_a, lse_band = ctx.saved_tensors
         layout, kernel, scale = ctx.layout, ctx.kernel, ctx.scale
-        t, k1 = layout.seq_len, layout.repeat_k - 1
+        t, copies = layout.seq_len, layout.repeat_k - 1
         b, hkv = k.shape[:2]
-        rows = t * k1
+        rows = t * copies
         gather, mask, pad, nb, width = _band_plan(layout, q.device)
         dout = dout.to(q.dtype)
         dq, dk, dv = _empty_like_bnhd(q), _empty_like_bnhd(k), _empty_like_bnhd(v)
@@ -336,8 +336,8 @@ class _SplitAttention(torch.autograd.Function):
 
         qh, kh, vh, douth, outh = q[:, :, t:], k[:, :, t:], v[:, :, t:], dout[:, :, t:], out[:, :, t:]
         dqa, dka, dva = kernel.bwd(
-            _copies_as_heads(douth, k1), _copies_as_heads(qh, k1), _tile_kv(ko, k1), _tile_kv(vo, k1),
-            _copies_as_heads(outh, k1), lse_a, True, None, scale,
+            _copies_as_heads(douth, copies), _copies_as_heads(qh, copies), _tile_kv(ko, copies), _tile_kv(vo, copies),
+            _copies_as_heads(outh, copies), lse_a, True, None, scale,
         )
         dqb, dkb, dvb = kernel.bwd(
             _to_band(douth, nb), _to_band(qh, nb), _band_keys(kh, gather, pad, nb, width),
@@ -345,9 +345,9 @@ class _SplitAttention(torch.autograd.Function):
             mask.repeat(b, 1, 1).unsqueeze(1), scale,
         )
         dq[:, :, :t] = dqo
-        dq[:, :, t:] = _heads_as_copies(dqa, k1).flatten(2, 3) + _from_band(dqb, rows, b)
-        dk[:, :, :t] = dko + dka.unflatten(1, (k1, hkv)).sum(1)
-        dv[:, :, :t] = dvo + dva.unflatten(1, (k1, hkv)).sum(1)
+        dq[:, :, t:] = _heads_as_copies(dqa, copies).flatten(2, 3) + _from_band(dqb, rows, b)
+        dk[:, :, :t] = dko + dka.unflatten(1, (copies, hkv)).sum(1)
+        dv[:, :, :t] = dvo + dva.unflatten(1, (copies, hkv)).sum(1)
         dk[:, :, t:] = _band_grad(dkb, gather, pad, nb, rows)
         dv[:, :, t:] = _band_grad(dvb, gather, pad, nb, rows)
         return dq, dk, dv, None, None, None
@@ -443,12 +443,23 @@ def flex_works(device: torch.device, atol: float = 1e-3) -> tuple[bool, str]:
     return True, f"flex compiled and agrees with dense to {err:.1e}"
 
 
+@dataclass(frozen=True)
+class LayoutAttention:
+    """The training-time attention of PHD over all K*T tokens of `layout`, by one resolved backend: what the
+    model's blocks call (`q, k, v -> out`). Built once per forward, so no layer call resolves the backend."""
+
+    layout: AttentionLayout
+    backend: str  # dense | split | flex (resolved; see resolve_backend)
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        if self.backend == "dense":
+            return dense_attention(q, k, v, self.layout)
+        if self.backend == "flex":
+            return flex_attention(q, k, v, self.layout)
+        return split_attention(q, k, v, self.layout)
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, layout: AttentionLayout, backend: str = "auto") -> Tensor:
-    """The training-time attention of PHD over all K*T tokens, by the chosen backend."""
+    """The training-time attention of PHD over all K*T tokens, by the chosen backend (resolved here)."""
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    backend = resolve_backend(backend, q.device, needs_grad)
-    if backend == "dense":
-        return dense_attention(q, k, v, layout)
-    if backend == "flex":
-        return flex_attention(q, k, v, layout)
-    return split_attention(q, k, v, layout)
+    return LayoutAttention(layout, resolve_backend(backend, q.device, needs_grad))(q, k, v)

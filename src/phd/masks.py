@@ -31,10 +31,56 @@ def allowed(
     return rule
 
 
+# ----------------------------------------------------------------------------------------------------------
+# The token layout: where token (n, s) sits, written once. Every order the code uses is built from these.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def interleaved_offset(pos, copy, repeat_k: int):
+    """n*K + s - 1: token (n, s) in the interleaved order (naive repetition, the reference mask, the naive cache)
+    and its `expanded` RoPE position (spec section 4). Ints or tensors."""
+    return pos * repeat_k + copy - 1
+
+
+def interleaved_token(idx: Tensor, repeat_k: int) -> tuple[Tensor, Tensor]:
+    """(position, copy) at interleaved index idx: the inverse of interleaved_offset."""
+    return idx // repeat_k, idx % repeat_k + 1
+
+
+def hidden_offset(pos, copy, repeat_k: int):
+    """n*(K-1) + s - 2: hidden token (n, s >= 2) among the hidden tokens of positions 0, 1, ..., position-major
+    (the training layout's hidden block, the split backend's band, the cache's ring). Ints or tensors."""
+    return pos * (repeat_k - 1) + copy - 2
+
+
+def hidden_token(idx: Tensor, repeat_k: int) -> tuple[Tensor, Tensor]:
+    """(position, copy) at hidden offset idx: the inverse of hidden_offset."""
+    per_position = max(repeat_k - 1, 1)
+    return idx // per_position, idx % per_position + 2
+
+
+def hidden_tokens(positions: Tensor, repeat_k: int) -> tuple[Tensor, Tensor]:
+    """The hidden tokens of `positions` [..., P], position-major: pos [..., P*(K-1)], copy [P*(K-1)]."""
+    pos = positions.repeat_interleave(repeat_k - 1, dim=-1)
+    copy = torch.arange(2, repeat_k + 1, device=positions.device).repeat(positions.shape[-1])
+    return pos, copy
+
+
+def rope_position(pos: Tensor, copy: Tensor, repeat_k: int, scheme: str) -> Tensor:
+    """RoPE position of token (n, s): K*n + s - 1 (`expanded`, as in the repeated sequence) or n (`shared`)."""
+    return pos if scheme == "shared" else interleaved_offset(pos, copy, repeat_k)
+
+
+def split_token(idx: Tensor, seq_len: int, repeat_k: int) -> tuple[Tensor, Tensor]:
+    """(position, copy) at index idx of the training layout [T originals | (K-1)*T hidden, position-major]."""
+    is_orig = idx < seq_len
+    hid_pos, hid_copy = hidden_token(idx - seq_len, repeat_k)
+    return torch.where(is_orig, idx, hid_pos), torch.where(is_orig, torch.ones_like(idx), hid_copy)
+
+
 def interleaved_index(seq_len: int, repeat_k: int, device: torch.device | str | None = None):
     """(position, copy) of every token in interleaved order: token (n, s) at index n*K + s - 1."""
-    idx = torch.arange(seq_len * repeat_k, device=device)
-    return idx // repeat_k, idx % repeat_k + 1
+    return interleaved_token(torch.arange(seq_len * repeat_k, device=device), repeat_k)
 
 
 def split_index(seq_len: int, repeat_k: int, device: torch.device | str | None = None):
@@ -43,12 +89,7 @@ def split_index(seq_len: int, repeat_k: int, device: torch.device | str | None =
     Hidden token (n, s) sits at T + n*(K-1) + (s-2): within the hidden block, the window of a query is a
     contiguous band that ends at the query itself (spec section 5).
     """
-    t, k = seq_len, repeat_k
-    orig = torch.arange(t, device=device)
-    hid = torch.arange(t * (k - 1), device=device)
-    pos = torch.cat([orig, hid // max(k - 1, 1)])
-    copy = torch.cat([torch.ones_like(orig), hid % max(k - 1, 1) + 2])
-    return pos, copy
+    return split_token(torch.arange(seq_len * repeat_k, device=device), seq_len, repeat_k)
 
 
 def reference_mask(
@@ -83,9 +124,46 @@ class AttentionLayout:
         return self.naive or self.repeat_k == 1
 
     def index(self, device=None) -> tuple[Tensor, Tensor]:
+        """(position, copy) of every token, in this layout's order."""
         if self.naive:
             return interleaved_index(self.seq_len, self.repeat_k, device)
         return split_index(self.seq_len, self.repeat_k, device)
+
+    def hidden_index(self, pos, copy):
+        """Index of hidden token (pos, copy >= 2) in the training layout: T + n*(K-1) + s - 2."""
+        return self.seq_len + hidden_offset(pos, copy, self.repeat_k)
+
+    def final_index(self, pos):
+        """Index of copy K of position pos: the token whose output predicts the next token."""
+        repeat_k = self.repeat_k
+        if self.is_causal:
+            return interleaved_offset(pos, repeat_k, repeat_k)
+        return self.hidden_index(pos, repeat_k)
+
+    def final_copies(self, h: Tensor) -> Tensor:
+        """[B, N, ...] in this layout's order -> [B, T, ...]: copy K of every position."""
+        first = self.final_index(0)
+        return h[:, first :: self.final_index(1) - first]
+
+    @property
+    def cached_tokens(self) -> int:
+        """The leading tokens whose K/V a cache keeps as originals: the T originals (naive repetition: all)."""
+        return self.num_tokens if self.naive else self.seq_len
+
+    @property
+    def band_reach(self) -> int:
+        """Hidden keys before a hidden query's own slot that it may see: W*(K-1) of the window, K-2 of its own
+        position's earlier copies (the band of the split backend)."""
+        return (self.window or 0) * (self.repeat_k - 1) + self.repeat_k - 2
+
+    def expand(self, h: Tensor) -> Tensor:
+        """Embeddings [B, T, d] -> [B, K*T, d] in this layout's order."""
+        repeat_k = self.repeat_k
+        if repeat_k == 1:
+            return h
+        if self.naive:
+            return h.repeat_interleave(repeat_k, dim=1)
+        return torch.cat([h, h.repeat_interleave(repeat_k - 1, dim=1)], dim=1)
 
     def dense_mask(self, device=None) -> Tensor:
         """Bool [N, N] for this layout's order, from the one rule (or causal for naive repetition)."""
@@ -97,21 +175,13 @@ class AttentionLayout:
 
     def mask_mod(self):
         """A flex_attention mask_mod over this layout, computing (position, copy) from the flat index."""
-        t, k, window, chunk = self.seq_len, self.repeat_k, self.window, self.chunk
+        seq_len, repeat_k, window, chunk = self.seq_len, self.repeat_k, self.window, self.chunk
         if self.is_causal:
             return lambda b, h, q_idx, kv_idx: kv_idx <= q_idx
-        hidden_width = k - 1
-
-        def to_token(idx):
-            hid = idx - t
-            is_orig = idx < t
-            pos = torch.where(is_orig, idx, hid // hidden_width)
-            copy = torch.where(is_orig, torch.ones_like(idx), hid % hidden_width + 2)
-            return pos, copy
 
         def mask_mod(b, h, q_idx, kv_idx):
-            qp, qc = to_token(q_idx)
-            kp, kc = to_token(kv_idx)
-            return allowed(qp, qc, kp, kc, window, chunk)
+            q_pos, q_copy = split_token(q_idx, seq_len, repeat_k)
+            kv_pos, kv_copy = split_token(kv_idx, seq_len, repeat_k)
+            return allowed(q_pos, q_copy, kv_pos, kv_copy, window, chunk)
 
         return mask_mod

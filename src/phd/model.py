@@ -5,7 +5,8 @@ hidden tokens, position-major]; every layer runs on all K*T tokens with the PHD 
 runs on copy K only. With K = 1 this is exactly the vanilla transformer. The naive repeat-K baseline uses the
 interleaved order and plain causal attention.
 
-Inference (prefill, decode_step, the cache) lives in `phd.inference` and reuses these modules.
+Inference (prefill, decode_step, the cache) lives in `phd.inference`; it runs the same `Block.forward` with an
+attention that writes the cache.
 """
 
 from __future__ import annotations
@@ -17,11 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import attention, resolve_backend
+from .attention import LayoutAttention, resolve_backend
 from .checks import check_token_ids
 from .config import PHDConfig
 from .errors import InputError
-from .masks import AttentionLayout
+from .masks import AttentionLayout, rope_position
+
+Attend = Callable[[Tensor, Tensor, Tensor], Tensor]  # q [B, H, Q, D], k, v [B, Hkv, N, D] -> [B, H, Q, D]
+Rows = int | Tensor | None  # the rows of a layer whose output is used (see pick_rows)
 
 
 class RMSNorm(nn.Module):
@@ -65,10 +69,6 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(kv_dim, cfg.norm_eps) if cfg.qk_norm else None
 
-    def project(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """x [B, N, d] -> q [B, H, N, D], k, v [B, Hkv, N, D], RoPE applied."""
-        return (self.project_q(x, cos, sin), *self.project_kv(x, cos, sin))
-
     def project_q(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         """x [B, N, d] -> q [B, H, N, D] (inference computes queries only for the tokens whose output is used)."""
         b, n, _ = x.shape
@@ -92,10 +92,6 @@ class Attention(nn.Module):
         b, _, n, _ = o.shape
         return self.wo(o.transpose(1, 2).reshape(b, n, -1))
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, layout: AttentionLayout, backend: str) -> Tensor:
-        q, k, v = self.project(x, cos, sin)
-        return self.output(attention(q, k, v, layout, backend))
-
 
 class SwiGLU(nn.Module):
     def __init__(self, cfg: PHDConfig) -> None:
@@ -108,8 +104,23 @@ class SwiGLU(nn.Module):
         return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
 
 
+def pick_rows(x: Tensor, rows: Rows) -> Tensor:
+    """Rows (dim -2) of x [..., N, D]: all (None), the last n (int), or index [B, Q] per batch row; a shared
+    [N, D] table (RoPE) becomes [B, 1, Q, D]."""
+    if rows is None:
+        return x
+    if isinstance(rows, int):
+        return x.narrow(-2, x.shape[-2] - rows, rows)
+    if x.dim() == 2:
+        return x[rows][:, None]
+    index = rows.view(rows.shape[0], *[1] * (x.dim() - 3), rows.shape[1], 1)
+    return x.gather(-2, index.expand(*x.shape[:-2], rows.shape[1], x.shape[-1]))
+
+
 class Block(nn.Module):
-    """Pre-norm (Llama): x + f(norm(x)). Post-norm (OLMo2): x + norm(f(x))."""
+    """One transformer layer. `forward` is the only code that applies a layer's norms, projections, attention and
+    MLP: training, prefill and decode all call it, each with its own attention. Pre-norm (Llama):
+    x + f(norm(x)). Post-norm (OLMo2): x + norm(f(x))."""
 
     def __init__(self, cfg: PHDConfig) -> None:
         super().__init__()
@@ -119,20 +130,17 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
 
-    def attn_residual(self, x: Tensor, attn_out: Tensor) -> Tensor:
-        return x + (self.attn_norm(attn_out) if self.post_norm else attn_out)
-
-    def attn_input(self, x: Tensor) -> Tensor:
-        return x if self.post_norm else self.attn_norm(x)
-
-    def mlp_residual(self, h: Tensor) -> Tensor:
-        if self.post_norm:
-            return h + self.mlp_norm(self.mlp(h))
-        return h + self.mlp(self.mlp_norm(h))
-
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, layout: AttentionLayout, backend: str) -> Tensor:
-        h = self.attn_residual(x, self.attn(self.attn_input(x), cos, sin, layout, backend))
-        return self.mlp_residual(h)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attend: Attend, rows: Rows = None) -> Tensor:
+        """x [B, N, d] -> [B, Q, d]. K/V of all N rows go to `attend(q, k, v)`: the backend over the training
+        layout, or an inference callable that writes the cache and attends with its mask. Queries, residuals and
+        the MLP run only for `rows`, those whose output is used (see pick_rows). x may be one row [B, 1, d]
+        standing for N identical ones (decode's K copies): cos / sin then give the N positions."""
+        a = x if self.post_norm else self.attn_norm(x)
+        k, v = self.attn.project_kv(a, cos, sin)
+        x, a, cos, sin = (pick_rows(t, rows) for t in (x, a, cos, sin))
+        o = self.attn.output(attend(self.attn.project_q(a, cos, sin), k, v))
+        h = x + (self.attn_norm(o) if self.post_norm else o)
+        return h + (self.mlp_norm(self.mlp(h)) if self.post_norm else self.mlp(self.mlp_norm(h)))
 
 
 @dataclass
@@ -172,46 +180,34 @@ class PHDTransformer(nn.Module):
         c = self.config
         return AttentionLayout(seq_len, c.repeat_k, c.window, c.chunk, c.naive)
 
-    def token_positions(self, pos: Tensor, copy: Tensor) -> Tensor:
-        """RoPE position of token (n, s): K*n + s - 1 (expanded) or n (shared); spec section 4."""
-        if self.config.positions == "shared":
-            return pos
-        return pos * self.config.repeat_k + copy - 1
+    def rope_at(self, pos: Tensor, copy: Tensor) -> tuple[Tensor, Tensor]:
+        """cos, sin of tokens (pos, copy) (spec section 4): [N, D] for positions [N], [B, 1, N, D] for [B, N]."""
+        cos, sin = self.rope(rope_position(pos, copy, self.config.repeat_k, self.config.positions))
+        return (cos[:, None], sin[:, None]) if pos.dim() == 2 else (cos, sin)
 
     def rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         return rope_tables(positions, self.config.head_dim, self.config.rope_theta)
 
-    def expand_tokens(self, h: Tensor, layout: AttentionLayout) -> Tensor:
-        """Embeddings [B, T, d] -> [B, K*T, d] in the layout's order."""
-        k = layout.repeat_k
-        if k == 1:
-            return h
-        if layout.naive:
-            return h.repeat_interleave(k, dim=1)
-        return torch.cat([h, h.repeat_interleave(k - 1, dim=1)], dim=1)
-
-    def final_copies(self, h: Tensor, layout: AttentionLayout) -> Tensor:
-        """[B, K*T, d] -> [B, T, d]: copy K of every position, the one that predicts the next token."""
-        t, k = layout.seq_len, layout.repeat_k
-        if k == 1:
-            return h
-        if layout.naive:
-            return h[:, k - 1 :: k]
-        return h[:, t + k - 2 :: k - 1]
-
     # ----- forward -----
-    def hidden_states(self, input_ids: Tensor, backend: str | None = None) -> Tensor:
-        """Final-layer hidden states of all K*T tokens (layout order), before the final norm."""
-        # Resolved here, outside the (possibly compiled) blocks: `auto` on CUDA probes flex once, eagerly.
-        backend = resolve_backend(backend or self.config.attn_backend, input_ids.device, needs_grad=False)
+    def hidden_states(self, input_ids: Tensor, backend: str | None = None,
+                      attention: Callable[[int], Attend] | None = None) -> Tensor:
+        """Final-layer hidden states of all K*T tokens (layout order), before the final norm.
+
+        attention(i): layer i's attention; default the training backend (inference passes one that also fills
+        its cache)."""
         layout = self.layout(input_ids.shape[1])
-        pos, copy = layout.index(input_ids.device)
-        cos, sin = self.rope(self.token_positions(pos, copy))
-        h = self.expand_tokens(self.embed(input_ids), layout)
+        if attention is None:
+            # Resolved once, outside the (possibly compiled) blocks: `auto` on CUDA probes flex once, eagerly.
+            needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+            name = resolve_backend(backend or self.config.attn_backend, input_ids.device, needs_grad)
+            shared = LayoutAttention(layout, name)
+            attention = lambda i: shared  # every layer attends alike
+        cos, sin = self.rope_at(*layout.index(input_ids.device))
+        h = layout.expand(self.embed(input_ids))
         checkpoint = self.checkpoint_fn if torch.is_grad_enabled() else None
-        for block in self.layers:
-            h = block(h, cos, sin, layout, backend) if checkpoint is None else checkpoint(block, h, cos, sin, layout,
-                                                                                           backend)
+        for i, block in enumerate(self.layers):
+            attend = attention(i)
+            h = block(h, cos, sin, attend) if checkpoint is None else checkpoint(block, h, cos, sin, attend)
         return h
 
     def forward(
@@ -227,8 +223,7 @@ class PHDTransformer(nn.Module):
                 "shorten the input or build the model with a larger max_seq_len"
             )
         check_token_ids(input_ids, self.config.vocab_size, "input_ids")
-        layout = self.layout(input_ids.shape[1])
-        h = self.final_copies(self.hidden_states(input_ids, backend), layout)
+        h = self.layout(input_ids.shape[1]).final_copies(self.hidden_states(input_ids, backend))
         logits = self.lm_head(self.norm(h))
         loss = None
         if targets is not None:

@@ -238,12 +238,14 @@ def _decode_cache(model, batch: int, ctx: int, max_len: int):
     hidden window, as in steady-state decoding."""
     import torch
 
+    from ..masks import hidden_token
+
     cache = model.new_cache(batch, max_len)
     cache.lengths.fill_(ctx)
     cache.longest = ctx
     if cache.ring_slots:
         slots = torch.arange(cache.ring_slots, device=cache.slot_pos.device)
-        cache.slot_pos[:, : cache.ring_slots] = ctx - 1 - slots // (model.config.repeat_k - 1)
+        cache.slot_pos[:, : cache.ring_slots] = ctx - 1 - hidden_token(slots, model.config.repeat_k)[0]
     return cache
 
 

@@ -3,11 +3,11 @@
 Physical layout, per layer, one key and one value buffer [B, Hkv, R + S, D]:
 
     slots [0, R)        the hidden ring: R = (W + 1) * (K - 1) slots for PHD-SWA/CSWA, K - 1 for PHD, 0 for
-                        vanilla and naive repetition. Hidden token (m, i) lives in slot (m % (W + 1)) * (K - 1) + i - 2.
+                        vanilla and naive repetition. Hidden token (m, i) lives in slot hidden_offset(m % (W + 1), i).
                         W positions are state (the window of the next token); the one extra position is where
                         the current step's hidden K/V are written, so that attention reads one contiguous view.
     slots [R, R + S)    the originals, written by position: (n, 1) at slot R + n (S = capacity).
-                        Naive repetition keeps all K copies: (n, s) at slot n * K + s - 1 (S = K * capacity).
+                        Naive repetition keeps all K copies: (n, s) at slot interleaved_offset(n, s) (S = K * capacity).
 
 Each slot carries logical metadata (position, copy); `slot_pos` = -1 marks an empty ring slot. Attention
 masks are `masks.allowed` applied to that metadata (attention-gym's logical-to-physical translation), so the
@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ..config import PHDConfig
-from ..masks import allowed
+from ..masks import allowed, hidden_offset, hidden_token, interleaved_offset, interleaved_token
 
 
 @dataclass(eq=False)  # identity, not tensor-wise comparison
@@ -56,13 +56,12 @@ class PHDCache:
             raise ValueError(f"batch_size={batch_size!r} is invalid: it must be an integer >= 1")
         if not isinstance(capacity, int) or capacity < 1:
             raise ValueError(f"capacity={capacity!r} is invalid: it must be an integer >= 1 (tokens per row)")
-        k = cfg.repeat_k
         if cfg.is_causal:
             ring = 0
             slot_pos, slot_copy = _original_slots(cfg, 0, capacity, device)
         else:
-            ring = ((cfg.window or 0) + 1) * (k - 1)
-            ring_copy = torch.arange(ring, device=device) % (k - 1) + 2
+            ring = ((cfg.window or 0) + 1) * (cfg.repeat_k - 1)
+            _, ring_copy = hidden_token(torch.arange(ring, device=device), cfg.repeat_k)
             orig_pos, orig_copy = _original_slots(cfg, 0, capacity, device)
             slot_pos = torch.cat([torch.full((ring,), -1, device=device), orig_pos])
             slot_copy = torch.cat([ring_copy, orig_copy])
@@ -142,13 +141,12 @@ class PHDCache:
     def orig_slot(self, pos: Tensor, copy: Tensor | int = 1) -> Tensor:
         """Physical slot of original (pos, 1), or of (pos, copy) for naive repetition."""
         if self.config.naive:
-            return pos * self.config.repeat_k + copy - 1
+            return interleaved_offset(pos, copy, self.config.repeat_k)
         return self.ring_slots + pos
 
     def ring_slot(self, pos: Tensor, copy: Tensor) -> Tensor:
         """Physical slot of hidden token (pos, copy >= 2); any integer pos maps into the ring."""
-        k1 = self.config.repeat_k - 1
-        return torch.remainder(pos, (self.config.window or 0) + 1) * k1 + copy - 2
+        return hidden_offset(torch.remainder(pos, (self.config.window or 0) + 1), copy, self.config.repeat_k)
 
     def used_slots(self, length: int) -> int:
         """Slots an attention over rows of at most `length` tokens must read (a contiguous prefix)."""
@@ -156,6 +154,8 @@ class PHDCache:
 
     def write(self, layer: int, slots: Tensor, k: Tensor, v: Tensor) -> None:
         """Write k, v [B, Hkv, N, D] into slots [B, N] of `layer` (each row its own slots)."""
+        if not slots.shape[1]:  # e.g. the ring of a variant without one
+            return
         rows = torch.arange(self.batch_size, device=slots.device)[:, None]
         self.keys[layer][rows, :, slots] = k.transpose(1, 2)
         self.values[layer][rows, :, slots] = v.transpose(1, 2)
@@ -173,12 +173,11 @@ class PHDCache:
         kc = self.slot_copy[:n_slots]
         qp, qc = q_pos[:, None, :, None], q_copy[:, None]
         if cfg.naive:  # plain causal attention over the interleaved sequence
-            return kp * cfg.repeat_k + kc <= qp * cfg.repeat_k + qc
+            return interleaved_offset(kp, kc, cfg.repeat_k) <= interleaved_offset(qp, qc, cfg.repeat_k)
         return allowed(qp, qc, kp, kc, cfg.window, cfg.chunk) & (kp >= 0)
 
 
 def _original_slots(cfg: PHDConfig, start: int, stop: int, device: torch.device | str) -> tuple[Tensor, Tensor]:
     """(position, copy) of the original slots for positions start..stop-1 (naive / K = 1: all K copies)."""
-    k = cfg.repeat_k if cfg.is_causal else 1
-    slot = torch.arange(start * k, stop * k, device=device)
-    return slot // k, slot % k + 1
+    per_position = cfg.repeat_k if cfg.is_causal else 1
+    return interleaved_token(torch.arange(start * per_position, stop * per_position, device=device), per_position)

@@ -1,7 +1,7 @@
-"""Prefill and decode with the PHD cache (spec section 6), built from the model's own modules.
+"""Prefill and decode with the PHD cache (spec section 6).
 
-Every layer runs the model's Block pieces (attn_input, Attention.project_q / project_kv / output,
-attn_residual, mlp_residual) and every mask comes from `masks.allowed`, so inference cannot drift from the
+Every layer is the model's own `Block.forward`; the engine only chooses its tokens, the rows whose output is
+used, and an attention that writes the cache and masks by `masks.allowed`. So inference cannot drift from the
 training-time forward; the tests hold every logit to it.
 
 Prefill (`mode="bounded"`, the default) computes only what the future reads:
@@ -13,8 +13,9 @@ Prefill (`mode="bounded"`, the default) computes only what the future reads:
   spec's L*W + 1 positions). PHD (no window) needs one position; CSWA never more than its chunk.
 - In the last layer only copy K of the last position is a query: every other token's output is unused (the
   originals' attention output and FFN there are skipped; their K/V are all the cache needs).
-`mode="full"` is the paper's prefill: the training-time forward over all K*T tokens; naive repetition always
-uses it (its cache holds all K*T entries).
+`mode="full"` is the paper's prefill: the training-time forward (`PHDTransformer.hidden_states`) over all K*T
+tokens with an attention that also fills the cache; naive repetition always uses it (its cache holds all K*T
+entries).
 
 Decode: the K copies of each row's next token are K query rows of one forward pass against the cache.
 
@@ -31,25 +32,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..attention import attention
+from ..attention import LayoutAttention, resolve_backend
 from ..checks import check_token_ids
-from ..masks import allowed
+from ..masks import allowed, hidden_tokens
+from ..model import Attend, pick_rows
 from .cache import PHDCache
 
 PREFILL_MODES = ("bounded", "full")
-
-
-def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, causal: bool = False) -> Tensor:
-    gqa = q.shape[1] != k.shape[1]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
-
-
-def _rope(model, pos: Tensor, copy: Tensor) -> tuple[Tensor, Tensor]:
-    """cos, sin for tokens (pos, copy): [N, D] for 1-D positions, [B, 1, N, D] for per-row [B, N]."""
-    cos, sin = model.rope(model.token_positions(pos, copy))
-    if pos.dim() == 2:
-        cos, sin = cos[:, None], sin[:, None]
-    return cos, sin
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -147,143 +136,133 @@ def _ring_positions(config, last: Tensor, computed: int) -> tuple[Tensor, Tensor
     return pos, pos >= _first_needed(config, last)[:, None]
 
 
-def _set_ring_meta(cache: PHDCache, ring_pos: Tensor, ring_valid: Tensor, k1: int) -> Tensor:
-    """Record the ring's positions in the cache metadata; returns the slots [B, w*(K-1)] to write."""
-    copies = torch.arange(2, k1 + 2, device=ring_pos.device)
-    pos = ring_pos.repeat_interleave(k1, dim=1)
-    copy = copies.repeat(ring_pos.shape[1])
+def _set_ring_meta(cache: PHDCache, ring_pos: Tensor, ring_valid: Tensor) -> Tensor:
+    """Record the ring's hidden tokens in the cache metadata; returns their slots [B, w*(K-1)] (position-major)."""
+    repeat_k = cache.config.repeat_k
+    pos, copy = hidden_tokens(ring_pos, repeat_k)
     slots = cache.ring_slot(pos, copy)
-    cache.slot_pos.scatter_(1, slots, torch.where(ring_valid.repeat_interleave(k1, dim=1), pos, -1))
+    cache.slot_pos.scatter_(1, slots, torch.where(ring_valid.repeat_interleave(repeat_k - 1, dim=1), pos, -1))
     return slots
 
 
 @dataclass
-class _HiddenSet:
-    """The hidden tokens a bounded prefill carries from layer to layer, position-major, each row ending at its
-    last prompt position; `valid` is False for positions a row does not need (before 0 or its chunk)."""
+class _Tokens:
+    """A bounded prefill's tokens, [hidden tokens of each row's last P positions, position-major | T originals],
+    with their (position, copy) metadata; `valid` is False for hidden positions a row does not need (before 0 or
+    its chunk). Each layer reads a suffix of the previous layer's set, so a block's output is the next input."""
 
-    x: Tensor  # [B, N, d]
-    pos: Tensor  # [B, N]
-    copy: Tensor  # [N]
-    valid: Tensor  # [B, N]
-    cos: Tensor  # [B, 1, N, D]
+    pos: Tensor  # [B, M]
+    copy: Tensor  # [M]
+    valid: Tensor  # [B, M]
+    cos: Tensor  # [B, 1, M, D]
     sin: Tensor
 
-    def last(self, n: int) -> _HiddenSet:
-        return _HiddenSet(self.x[:, -n:], self.pos[:, -n:], self.copy[-n:], self.valid[:, -n:],
-                          self.cos[..., -n:, :], self.sin[..., -n:, :])
+    def __getitem__(self, cols: slice) -> _Tokens:
+        return _Tokens(self.pos[:, cols], self.copy[cols], self.valid[:, cols], self.cos[..., cols, :],
+                       self.sin[..., cols, :])
 
 
-def _hidden_set(model, ids: Tensor, last: Tensor, width: int) -> _HiddenSet:
+def _prefill_tokens(model, last: Tensor, n_positions: int, seq_len: int) -> _Tokens:
     cfg = model.config
-    k1 = cfg.repeat_k - 1
-    hid_pos = last[:, None] + torch.arange(1 - width, 1, device=ids.device)  # [B, P]
-    pos = hid_pos.repeat_interleave(k1, dim=1)  # (m, 2), ..., (m, K), (m+1, 2), ...
-    copy = torch.arange(2, k1 + 2, device=ids.device).repeat(width)
-    valid = (hid_pos >= _first_needed(cfg, last)[:, None]).repeat_interleave(k1, dim=1)
-    x = model.embed(ids.gather(1, hid_pos.clamp(min=0))).repeat_interleave(k1, dim=1)
-    return _HiddenSet(x, pos, copy, valid, *_rope(model, pos, copy))
+    hidden = last[:, None] + torch.arange(1 - n_positions, 1, device=last.device)
+    hid_pos, hid_copy = hidden_tokens(hidden, cfg.repeat_k)
+    orig_pos = torch.arange(seq_len, device=last.device)
+    pos = torch.cat([hid_pos, orig_pos.expand(last.shape[0], -1)], dim=1)
+    copy = torch.cat([hid_copy, torch.ones_like(orig_pos)])
+    valid = (pos >= _first_needed(cfg, last)[:, None]) | (copy == 1)
+    return _Tokens(pos, copy, valid, *model.rope_at(pos, copy))
+
+
+def _rule_mask(config, keys: _Tokens, q_pos: Tensor, q_copy: Tensor, q_valid: Tensor) -> Tensor:
+    """Bool [B, 1, Q, M]: the rule between queries (q_pos, q_copy, q_valid) [B, Q] and `keys`. Padding queries
+    (positions a row does not need) may see anything the rule allows, so no softmax row is empty; real queries
+    see only real keys."""
+    mask = allowed(q_pos[..., None], q_copy[..., None], keys.pos[:, None], keys.copy, config.window, config.chunk)
+    return (mask & (keys.valid[:, None] | ~q_valid[..., None]))[:, None]
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, causal: bool = False) -> Tensor:
+    gqa = q.shape[1] != k.shape[1]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+
+
+def _prefill_attention(cache: PHDCache, layer: int, n_hidden: int, mask: Tensor | None, originals_query: bool,
+                       ring_slots: Tensor) -> Attend:
+    """Layer `layer`'s attention over a token set whose first `n_hidden` rows are hidden: writes the originals' and
+    the ring's K/V to the cache; the first mask.shape[2] queries attend by `mask`, the rest (`originals_query`:
+    every original) in one causal pass over the originals, exactly vanilla."""
+    ring = slice(n_hidden - ring_slots.shape[1], n_hidden)
+    n_masked = 0 if mask is None else mask.shape[2]
+
+    def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        cache.write_prefix(layer, k[:, :, n_hidden:], v[:, :, n_hidden:])
+        cache.write(layer, ring_slots, k[:, :, ring], v[:, :, ring])
+        parts = [_sdpa(q[:, :, :n_masked], k, v, mask)] if n_masked else []
+        if originals_query:
+            parts.append(_sdpa(q[:, :, n_masked:], k[:, :, n_hidden:], v[:, :, n_hidden:], causal=True))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+
+    return attend
 
 
 def _prefill_bounded(model, ids: Tensor, lengths: Tensor, cache: PHDCache) -> Tensor:
+    """Every layer computes K/V of its token set and queries only for the next layer's set (a suffix); the last
+    layer only for copy K of each row's last position."""
     cfg = model.config
-    b, t = ids.shape
-    k1 = cfg.repeat_k - 1
-    n_layers = len(model.layers)
+    t = ids.shape[1]
     last = lengths - 1
-    pos_o = torch.arange(t, device=ids.device)
-    copy_o = torch.ones_like(pos_o)
-    cos_o, sin_o = _rope(model, pos_o, copy_o)
-    x = model.embed(ids)
-
-    if k1:
-        span = None
-        if cfg.chunk is not None:  # the chunk holding each row's last token (one host sync; prefill syncs anyway)
-            span = int((last - _first_needed(cfg, last)).max()) + 1
-        widths = hidden_widths(cfg, t, span)
-        hidden = _hidden_set(model, ids, last, widths[0][0])
-        ring_slots = _set_ring_meta(cache, *_ring_positions(cfg, last, widths[-1][0]), k1)
-        n_ring = ring_slots.shape[1]
-        # Keys of a hidden query: all originals, then the hidden set (validity: see the mask below).
-        key_pos_o, key_valid_o = pos_o.expand(b, -1), torch.ones(b, t, dtype=torch.bool, device=ids.device)
-
+    span = None
+    if cfg.chunk is not None:  # the chunk holding each row's last token (one host sync; prefill syncs anyway)
+        span = int((last - _first_needed(cfg, last)).max()) + 1
+    widths = hidden_widths(cfg, t, span)
+    n_keys = [keys * (cfg.repeat_k - 1) + t for keys, _ in widths]
+    tokens = _prefill_tokens(model, last, widths[0][0], t)
+    ring_slots = _set_ring_meta(cache, *_ring_positions(cfg, last, widths[-1][0]))
+    x = model.embed(ids.gather(1, tokens.pos.clamp(min=0)))
     for i, block in enumerate(model.layers):
-        final = i == n_layers - 1
-        # Originals: exactly vanilla. In the last layer only their K/V are needed (vanilla: its last query).
-        a = block.attn_input(x)
-        k_o, v_o = block.attn.project_kv(a, cos_o, sin_o)
-        cache.write_prefix(i, k_o, v_o)
-        if not final:
-            o = _sdpa(block.attn.project_q(a, cos_o, sin_o), k_o, v_o, causal=True)
-            x_next = block.mlp_residual(block.attn_residual(x, block.attn.output(o)))
-        elif not k1:
-            x_last = x.gather(1, last[:, None, None].expand(-1, 1, x.shape[-1]))
-            q = block.attn.project_q(block.attn_input(x_last), *_rope(model, last[:, None], copy_o[:1]))
-            mask = allowed(last[:, None, None, None], 1, pos_o, 1, None, None)
-            o = _sdpa(q, k_o, v_o, mask)
-            h_final = block.mlp_residual(block.attn_residual(x_last, block.attn.output(o)))[:, 0]
-        if k1:
-            # Hidden: K/V for the whole set, queries only for the tokens the next layer (or the logits) reads.
-            n_out = 1 if final else widths[i][1] * k1
-            a_h = block.attn_input(hidden.x)
-            k_h, v_h = block.attn.project_kv(a_h, hidden.cos, hidden.sin)
-            if n_ring:
-                cache.write(i, ring_slots, k_h[:, :, -n_ring:], v_h[:, :, -n_ring:])
-            out = hidden.last(n_out)
-            q_h = block.attn.project_q(a_h[:, -n_out:], out.cos, out.sin)
-            key_pos = torch.cat([key_pos_o, hidden.pos], dim=1)[:, None]
-            key_copy = torch.cat([copy_o, hidden.copy])
-            key_valid = torch.cat([key_valid_o, hidden.valid], dim=1)[:, None]
-            # Padding queries (positions a row does not need) may see anything the rule allows, so no softmax
-            # row is empty; real queries see only real keys.
-            mask = allowed(out.pos[..., None], out.copy[:, None], key_pos, key_copy, cfg.window, cfg.chunk)
-            mask = mask & (key_valid | ~out.valid[..., None])
-            o = _sdpa(q_h, torch.cat([k_o, k_h], 2), torch.cat([v_o, v_h], 2), mask[:, None])
-            out.x = block.mlp_residual(block.attn_residual(out.x, block.attn.output(o)))
-            if final:
-                h_final = out.x[:, -1]
-            else:
-                hidden = out.last(widths[i + 1][0] * k1)
-        if not final:
-            x = x_next
-    return model.lm_head(model.norm(h_final))
+        n = n_keys[i]
+        keys = tokens[n_keys[0] - n :]
+        if i + 1 < len(model.layers):
+            rows = n_keys[i + 1]
+            queries = keys[n - rows : n - t]  # the hidden ones; every original is a query too
+            mask = _rule_mask(cfg, keys, queries.pos, queries.copy, queries.valid) if rows > t else None
+            attend = _prefill_attention(cache, i, n - t, mask, True, ring_slots)
+        else:
+            rows = ((keys.pos == last[:, None]) & (keys.copy == cfg.repeat_k)).int().argmax(1, keepdim=True)
+            q_copy = torch.full_like(rows, cfg.repeat_k)
+            mask = _rule_mask(cfg, keys, last[:, None], q_copy, torch.ones_like(rows, dtype=torch.bool))
+            attend = _prefill_attention(cache, i, n - t, mask, False, ring_slots)
+        x = block(x, keys.cos, keys.sin, attend, rows)
+    return model.lm_head(model.norm(x[:, 0]))
 
 
 def _prefill_full(model, ids: Tensor, lengths: Tensor, cache: PHDCache, all_logits: bool = False) -> Tensor:
-    """The training-time forward over all K*T tokens (the paper's prefill), filling the cache on the way.
+    """The training-time forward over all K*T tokens (the paper's prefill), its attention filling the cache.
 
     all_logits: logits [B, T, vocab] of every position (copy K of each), else [B, vocab] of each row's last."""
     cfg = model.config
-    b, t = ids.shape
-    k = cfg.repeat_k
+    t = ids.shape[1]
     last = lengths - 1
     layout = model.layout(t)
-    pos, copy = layout.index(ids.device)
-    cos, sin = model.rope(model.token_positions(pos, copy))
-    h = model.expand_tokens(model.embed(ids), layout)
-    if layout.is_causal:
-        n_orig = t * k  # naive repetition caches every copy
-        final_index = last * k + k - 1
-    else:
-        n_orig = t
-        final_index = t + last * (k - 1) + k - 2
-        ring_pos, ring_valid = _ring_positions(cfg, last, t)
-        ring_slots = _set_ring_meta(cache, ring_pos, ring_valid, k - 1)
-        copies = torch.arange(k - 1, device=ids.device)
-        ring_index = t + (ring_pos.clamp(min=0)[:, :, None] * (k - 1) + copies).flatten(1)  # [B, w*(K-1)]
-    backend = model.config.attn_backend
-    for i, block in enumerate(model.layers):
-        a = block.attn_input(h)
-        q, k_all, v_all = block.attn.project(a, cos, sin)
-        cache.write_prefix(i, k_all[:, :, :n_orig], v_all[:, :, :n_orig])
-        if not layout.is_causal and ring_slots.shape[1]:
-            gather = ring_index[:, None, :, None].expand(-1, k_all.shape[1], -1, k_all.shape[-1])
-            cache.write(i, ring_slots, k_all.gather(2, gather), v_all.gather(2, gather))
-        h = block.mlp_residual(block.attn_residual(h, block.attn.output(attention(q, k_all, v_all, layout, backend))))
+    ring_pos, ring_valid = _ring_positions(cfg, last, t)
+    ring_slots = _set_ring_meta(cache, ring_pos, ring_valid)
+    ring_index = layout.hidden_index(*hidden_tokens(ring_pos.clamp(min=0), cfg.repeat_k))  # [B, w*(K-1)]
+    train = LayoutAttention(layout, resolve_backend(cfg.attn_backend, ids.device, needs_grad=False))
+
+    def attention(layer: int) -> Attend:
+        def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            cache.write_prefix(layer, k[:, :, : layout.cached_tokens], v[:, :, : layout.cached_tokens])
+            if ring_slots.shape[1]:
+                gather = ring_index[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1])
+                cache.write(layer, ring_slots, k.gather(2, gather), v.gather(2, gather))
+            return train(q, k, v)
+
+        return attend
+
+    h = model.hidden_states(ids, attention=attention)
     if all_logits:
-        return model.lm_head(model.norm(model.final_copies(h, layout)))
-    h_final = h.gather(1, final_index[:, None, None].expand(-1, 1, h.shape[-1]))[:, 0]
-    return model.lm_head(model.norm(h_final))
+        return model.lm_head(model.norm(layout.final_copies(h)))
+    return model.lm_head(model.norm(pick_rows(h, layout.final_index(last)[:, None])[:, 0]))
 
 
 @torch.inference_mode()
@@ -302,7 +281,7 @@ def prefill(model, input_ids: Tensor, cache: PHDCache, lengths: Tensor | None = 
         raise ValueError("the cache was made for another model config; make it with model.new_cache(...)")
     ids, lengths = _prompt_lengths(model, input_ids, cache, lengths, attention_mask)
     cache.reset()
-    if mode == "full" or all_logits or (model.config.naive and model.config.repeat_k > 1):
+    if mode == "full" or all_logits or model.config.naive:
         logits = _prefill_full(model, ids, lengths, cache, all_logits)
     else:
         logits = _prefill_bounded(model, ids, lengths, cache)
@@ -340,12 +319,10 @@ def decode_step(model, token_ids: Tensor, cache: PHDCache, check: bool = True) -
         )
     if check:
         check_token_ids(token_ids, cfg.vocab_size, "token_ids")
-    k = cfg.repeat_k
-    b = token_ids.shape[0]
-    device = token_ids.device
+    repeat_k = cfg.repeat_k
     pos = cache.lengths
-    copies = torch.arange(1, k + 1, device=device)
-    q_pos = pos[:, None].expand(-1, k)
+    copies = torch.arange(1, repeat_k + 1, device=token_ids.device)
+    q_pos = pos[:, None].expand(-1, repeat_k)
     if cfg.is_causal:
         slots = cache.orig_slot(q_pos, copies)
     else:
@@ -357,19 +334,22 @@ def decode_step(model, token_ids: Tensor, cache: PHDCache, check: bool = True) -
         slots = torch.cat([cache.orig_slot(pos)[:, None], ring], dim=1)
     n_slots = cache.used_slots(cache.longest + 1)
     mask = cache.mask(q_pos, copies, n_slots)
-    cos, sin = _rope(model, q_pos, copies)
-    x = model.embed(token_ids)[:, None].expand(b, k, -1)
+    cos, sin = model.rope_at(q_pos, copies)
+
+    def attention(layer: int) -> Attend:
+        def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            cache.write(layer, slots, k, v.expand(-1, -1, repeat_k, -1))
+            keys, values = cache.keys[layer][:, :, :n_slots], cache.values[layer][:, :, :n_slots]
+            return _sdpa(q, keys, values, mask[:, :, mask.shape[2] - q.shape[2] :])
+
+        return attend
+
+    # The K copies share one input: layer 0 projects it once as one row, and RoPE spreads it over K positions.
+    x = model.embed(token_ids)[:, None]
     n_layers = len(model.layers)
     for i, block in enumerate(model.layers):
-        # Layer 0: the K copies share one input, so project it once; RoPE then broadcasts it to the K positions.
-        a = block.attn_input(x[:, :1] if i == 0 else x)
-        k_new, v_new = block.attn.project_kv(a, cos, sin)
-        cache.write(i, slots, k_new, v_new.expand(-1, -1, k, -1))
-        if i == n_layers - 1:  # only copy K predicts; the other copies' outputs here are never read
-            x, a, cos, sin, mask = x[:, -1:], a[:, -1:], cos[..., -1:, :], sin[..., -1:, :], mask[:, :, -1:]
-        q = block.attn.project_q(a, cos, sin)
-        o = _sdpa(q, cache.keys[i][:, :, :n_slots], cache.values[i][:, :, :n_slots], mask)
-        x = block.mlp_residual(block.attn_residual(x, block.attn.output(o)))
+        # In the last layer only copy K predicts; the other copies' outputs there are never read.
+        x = block(x, cos, sin, attention(i), 1 if i == n_layers - 1 else None)
     cache.lengths += 1
     cache.longest += 1
     return model.lm_head(model.norm(x[:, -1]))
