@@ -1,0 +1,90 @@
+"""vLLM serving (phd.vllm): greedy tokens from vLLM equal the native engine's, for every variant.
+
+Runs in the vLLM virtual environment (scripts/setup-vllm.sh; scripts/test.sh runs it there); skipped where vLLM
+is not installed. One engine per variant (about 30 s to start on 2 cores), in-process to save the worker spawn.
+Each variant runs a batch of mixed prompt lengths submitted at once, then requests arriving while others
+decode; W and C are small so that windows and chunks are crossed many times. The CSWA engine's KV cache is
+too small for its batch at once, so vLLM preempts and recomputes requests there.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+pytest.importorskip("vllm")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in this process: no worker spawn
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB
+
+from vllm import LLM, SamplingParams  # noqa: E402
+from vllm.inputs import TokensPrompt  # noqa: E402
+from vllm_utils import native_greedy, prompts, write_tiny  # noqa: E402
+
+NEW = 12
+VARIANTS = {
+    "vanilla": {},
+    "PHD-2": {"repeat_k": 2},
+    "PHD-3-shared": {"repeat_k": 3, "positions": "shared"},
+    "PHD-SWA-3-2-inf": {"repeat_k": 3, "window": 2},
+    "PHD-CSWA-4-3-5": {"repeat_k": 4, "window": 3, "chunk": 5},
+    "PHD-CSWA-2-2-4-shared": {"repeat_k": 2, "window": 2, "chunk": 4, "positions": "shared"},
+}
+# Three 32-token blocks (plus vLLM's null block): the batch's first two prompts (30 and 28 tokens) both grow
+# past a block boundary while decoding, and the second finds no free block: vLLM preempts and recomputes it.
+ENGINE = {"PHD-CSWA-4-3-5": {"block_size": 32, "num_gpu_blocks_override": 4, "max_model_len": 96}}
+GREEDY = SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True, detokenize=False)
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def served(request, tmp_path_factory):
+    """(native model, vLLM engine) of one variant, from a `phd convert --to phd-hf`-style folder."""
+    folder = tmp_path_factory.mktemp(request.param)
+    model = write_tiny(folder, **VARIANTS[request.param])
+    settings = {"max_model_len": 256, **ENGINE.get(request.param, {})}
+    llm = LLM(model=str(folder), dtype="float32", enforce_eager=True, skip_tokenizer_init=True, max_num_seqs=8,
+              seed=0, **settings)
+    yield model, llm, request.param
+    llm.llm_engine.engine_core.shutdown()
+
+
+def _count_preemptions(llm: LLM) -> list[int]:
+    """Count the scheduler's preemptions (the engine runs in this process)."""
+    scheduler = llm.llm_engine.engine_core.engine_core.scheduler
+    count = [0]
+    preempt = scheduler._preempt_request
+
+    def counted(*args, **kwargs):
+        count[0] += 1
+        return preempt(*args, **kwargs)
+
+    scheduler._preempt_request = counted
+    return count
+
+
+def test_batch_of_mixed_lengths(served):
+    model, llm, name = served
+    preempted = _count_preemptions(llm)
+    batch = prompts([30, 28, 70, 1, 33])
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in batch], GREEDY, use_tqdm=False)
+    assert [list(o.outputs[0].token_ids) for o in outs] == [native_greedy(model, p, NEW) for p in batch]
+    assert (preempted[0] > 0) == (name in ENGINE)  # the small cache forced recomputes, and only there
+
+
+def test_requests_arriving_while_others_decode(served):
+    """Continuous batching: new prompts join steps in which earlier requests decode (prefill + decode mixed)."""
+    model, llm, _ = served
+    engine = llm.llm_engine
+    batch = prompts([9, 3, 26, 14, 6], seed=2)
+    arrivals = {0: [0, 1], 3: [2], 5: [3, 4]}  # step -> requests added before it
+    done: dict[str, list[int]] = {}
+    step = 0
+    while len(done) < len(batch):
+        for i in arrivals.get(step, []):
+            engine.add_request(f"r{i}", TokensPrompt(prompt_token_ids=batch[i]), GREEDY)
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = list(out.outputs[0].token_ids)
+        step += 1
+        assert step < 200
+    assert [done[f"r{i}"] for i in range(len(batch))] == [native_greedy(model, p, NEW) for p in batch]
