@@ -23,4 +23,7 @@ def test_quick_benchmark_writes_report(tmp_path, capsys):
     assert rows["PHD-SWA-2-4-inf"]["hidden_token_share"] < rows["PHD-SWA-2-4-inf (full prefill)"]["hidden_token_share"]
     assert report["goals"][-1]["met"] is True  # cache bytes: exactly vanilla + the fixed window
     text = (out / "inference.md").read_text()
-    assert "| PHD-CSWA-2-4-8 |" in text and "## Goals" in text
+    assert "| PHD-CSWA-2-4-8 |" in text and "## Goals" in text and "## The memory bound" in text
+    bound = report["memory_bound"]  # the weights' bytes (tied embedding read once by the LM head) / bandwidth
+    assert bound["weight_bytes"] == 4 * report["environment"]["params"] and bound["seconds"] > 0
+    assert set(report["matmul_seconds"]) == {"row", "column"} and report["environment"]["weights"] == "column"

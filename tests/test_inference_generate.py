@@ -91,6 +91,24 @@ def test_greedy_generate_equals_argmax_of_the_training_forward(name):
     assert torch.equal(phd.generate(model, ids[0], 8), out[0])  # a 1-D prompt gives a 1-D result
 
 
+def test_column_major_weights_change_storage_not_values_nor_tokens():
+    """phd.generate stores linear weights column-major (fast few-row decode on CPU): same values, same module
+    tree, the tied embedding untouched, idempotent, and the same greedy tokens as row-major weights."""
+    from phd.inference.weights import column_major_linears
+
+    model, reference = _model("PHD-CSWA-3-2-4"), _model("PHD-CSWA-3-2-4")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert column_major_linears(model) == 7 * model.config.n_layers + 1 and column_major_linears(model) == 0
+    w = model.layers[0].mlp.w_up.weight
+    assert w.stride() == (1, w.shape[0]) and model.embed.weight.stride() == (model.config.d_model, 1)
+    tied = PHDTransformer(PHDConfig.from_name("vanilla", preset="cpu-1m"))
+    assert column_major_linears(tied) == 7 * tied.config.n_layers  # the tied LM head stays row-major
+    assert tied.lm_head.weight.stride() == (tied.config.d_model, 1)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    ids = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(phd.generate(model, ids, 8), _greedy_by_forward(reference, ids, 8))
+
+
 def test_seed_makes_sampling_reproducible():
     model = _model()
     ids = torch.tensor([[1, 2, 3]])

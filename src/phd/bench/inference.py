@@ -24,6 +24,15 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import torch
+import torch.nn.functional as F
+
+from ..config import PHDConfig
+from ..inference import PHDCache, decode_step, prefill
+from ..inference.engine import hidden_widths
+from ..inference.weights import column_major_linears
+from ..masks import hidden_token
+from ..model import PHDTransformer
 from .timing import CLOCKS
 
 GOALS = {  # ratio to vanilla; prefill at the longest prompt, decode at K = 4
@@ -38,7 +47,7 @@ QUICK = dict(preset="cpu-1m", ks=[1, 2, 4], prompt_lens=[64, 128], batches=[1, 2
              decode_context=64, decode_steps=4, repeats=2, warmup=1)
 # Every option (`phd bench inference --help`); None: taken from FULL or QUICK.
 DEFAULTS = dict(dict.fromkeys(FULL), quick=False, kfold_repeats=1, max_prefill_tokens=8192, max_cache_gb=4.0,
-                device="cpu", dtype="float32", threads=None, clock="wall", out="docs/bench")
+                device="cpu", dtype="float32", threads=None, clock="wall", out="docs/bench", weights="column")
 
 
 def options(**given: Any) -> SimpleNamespace:
@@ -92,7 +101,6 @@ def _with_variant(model, name: str):
 
 
 def _hidden_share(cfg, t: int) -> float:
-    from ..inference.engine import hidden_widths
 
     if cfg.is_causal:
         return 0.0
@@ -101,33 +109,48 @@ def _hidden_share(cfg, t: int) -> float:
 
 
 def _matmul_scaling(d_in: int, d_out: int, rows: list[int], clock, n_weights: int = 24, device: str = "cpu",
-                    dtype=None) -> dict[int, float]:
+                    dtype=None) -> dict[str, dict[int, float]]:
     """Seconds of one [rows, d_in] x [d_in, d_out] linear, weights streamed from memory as in decoding
-    (cycling through n_weights distinct matrices, larger than the caches): how cost grows with the rows."""
-    import torch
-    import torch.nn.functional as F
-
-    weights = [torch.randn(d_out, d_in, device=device, dtype=dtype) for _ in range(n_weights)]
-    out = {}
+    (cycling through n_weights distinct matrices, larger than the caches): how cost grows with the rows, for
+    weights stored row-major (nn.Linear's default) and column-major (what inference uses on CPU)."""
+    row_major = [torch.randn(d_out, d_in, device=device, dtype=dtype) for _ in range(n_weights)]
+    layouts = {"row": row_major, "column": [w.t().contiguous().t() for w in row_major]}
+    out: dict[str, dict[int, float]] = {name: {} for name in layouts}
     for m in rows:
         x = torch.randn(m, d_in, device=device, dtype=dtype)
-        times = []
-        for _ in range(3):
-            start = clock()
-            for w in weights:
-                F.linear(x, w)
-            times.append((clock() - start) / n_weights)
-        out[m] = min(times)
+        for _ in range(3):  # round-robin over the layouts, best of 3 each
+            for name, weights in layouts.items():
+                start = clock()
+                for w in weights:
+                    F.linear(x, w)
+                seconds = (clock() - start) / n_weights
+                out[name][m] = min(out[name].get(m, seconds), seconds)
     return out
+
+
+def _read_bandwidth(device: str, dtype, clock, mib: int = 512) -> float:
+    """Bytes per second one pass over a buffer far larger than the caches reads (best of 5): the speed at which
+    a decode step can at best stream the weights."""
+    buf = torch.ones(mib * 2**20 // torch.finfo(dtype).bits * 8, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(5):
+        start = clock()
+        buf.sum()
+        best = min(best, clock() - start)
+    return buf.numel() * buf.element_size() / best
+
+
+def _decode_weight_bytes(model) -> int:
+    """Bytes a decode step must read at least once: every parameter, except an untied embedding table, of
+    which it reads only the rows of the new tokens."""
+    embed = model.embed.weight
+    tied = model.lm_head.weight is embed
+    return sum(p.numel() * p.element_size() for p in model.parameters() if tied or p is not embed)
 
 
 def run(args: SimpleNamespace) -> int:
     """Measure and write the report; `args`: the DEFAULTS options (`phd bench inference` or options())."""
-    import torch
 
-    from ..config import PHDConfig
-    from ..inference import PHDCache
-    from ..model import PHDTransformer
 
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:
@@ -141,6 +164,8 @@ def run(args: SimpleNamespace) -> int:
     cfg = PHDConfig.preset(args.preset, max_seq_len=max(t_max, args.decode_context + args.decode_steps + 8))
     dtype = getattr(torch, args.dtype)
     base = PHDTransformer(cfg).to(args.device, dtype).eval()
+    if args.weights == "column":
+        column_major_linears(base)  # as phd.generate does; the variants below share these weights
     variants = _variants(args.ks, args.window, args.chunk)
     models = {v.label: _with_variant(base, v.name) for v in variants}
     load_before = os.getloadavg()
@@ -167,6 +192,9 @@ def run(args: SimpleNamespace) -> int:
 
     rows = sorted({b * k for b in args.batches for k in args.ks} | set(args.batches))
     scaling = _matmul_scaling(cfg.d_model, cfg.d_ff, rows, _clock(args), device=args.device, dtype=dtype)
+    bandwidth = _read_bandwidth(args.device, dtype, _clock(args))
+    bound = {"weight_bytes": _decode_weight_bytes(base), "read_bytes_per_s": bandwidth,
+             "seconds": _decode_weight_bytes(base) / bandwidth}
     env = {
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(), "device": _device_name(args.device),
@@ -175,8 +203,10 @@ def run(args: SimpleNamespace) -> int:
         "preset": args.preset, "params": cfg.num_params(), "dtype": args.dtype,
         "decode_context": args.decode_context, "decode_steps": args.decode_steps,
         "repeats": args.repeats, "warmup": args.warmup, "kfold_repeats": args.kfold_repeats, "clock": args.clock,
+        "weights": args.weights,
     }
     report = _report(cfg, variants, args, scaling, env)
+    report["memory_bound"] = bound
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "inference.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -191,7 +221,6 @@ def _clock(args):
     clock = CLOCKS[args.clock]
     if args.device != "cuda":
         return clock
-    import torch
 
     def synced() -> float:
         torch.cuda.synchronize()
@@ -201,7 +230,6 @@ def _clock(args):
 
 
 def _device_name(device: str) -> str:
-    import torch
 
     return torch.cuda.get_device_name() if device == "cuda" else "cpu"
 
@@ -211,9 +239,7 @@ def _time_prefill(models: dict, variants: list[Variant], vocab: int, t: int, arg
 
     Each run gets a fresh cache, made before the clock starts: one cache alive at a time keeps memory low.
     """
-    import torch
 
-    from ..inference import prefill
 
     ids = torch.randint(0, vocab, (1, t), device=args.device)
     times: dict[str, list[float]] = {v.label: [] for v in variants}
@@ -236,9 +262,7 @@ def _time_prefill(models: dict, variants: list[Variant], vocab: int, t: int, arg
 def _decode_cache(model, batch: int, ctx: int, max_len: int):
     """A cache as after a prompt of ctx tokens (zeros: latency does not depend on the values), with a full
     hidden window, as in steady-state decoding."""
-    import torch
 
-    from ..masks import hidden_token
 
     cache = model.new_cache(batch, max_len)
     cache.lengths.fill_(ctx)
@@ -251,9 +275,7 @@ def _decode_cache(model, batch: int, ctx: int, max_len: int):
 
 def _time_decode(models: dict, variants: list[Variant], vocab: int, batch: int, args) -> dict:
     """Median seconds per decode step of each variant, round-robin, each run on a fresh cache."""
-    import torch
 
-    from ..inference import PHDCache, decode_step
 
     ctx, steps = args.decode_context, args.decode_steps
     max_len = ctx + steps + 1
@@ -282,7 +304,7 @@ def _time_decode(models: dict, variants: list[Variant], vocab: int, batch: int, 
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _report(cfg, variants: list[Variant], args, scaling: dict[int, float], env: dict) -> dict:
+def _report(cfg, variants: list[Variant], args, scaling: dict[str, dict[int, float]], env: dict) -> dict:
     vanilla = variants[0]
     t_max = max(args.prompt_lens)
 
@@ -325,7 +347,7 @@ def _report(cfg, variants: list[Variant], args, scaling: dict[int, float], env: 
                 if r is not None:
                     goals.append({"goal": f"decode K=4 <= {GOALS['decode K=4']}x, batch {b}", "variant": row["label"],
                                   "measured": r, "met": r <= GOALS["decode K=4"],
-                                  "matmul_ratio": round(scaling[4 * b] / scaling[b], 2)})
+                                  "matmul_ratio": round(scaling[args.weights][4 * b] / scaling[args.weights][b], 2)})
     goals.append({"goal": "cache bytes exactly vanilla + L*2*(K-1)*W*kv_heads*head_dim (naive: K x vanilla)",
                   "variant": "all", "measured": exact, "met": exact})
     return {
@@ -336,7 +358,7 @@ def _report(cfg, variants: list[Variant], args, scaling: dict[int, float], env: 
                     "decode_s_per_token": {str(b): vanilla.decode.get(b) for b in args.batches},
                     "cache_bytes": vanilla.cache_bytes},
         "rows": table, "goals": goals,
-        "matmul_seconds": {str(m): s for m, s in scaling.items()},
+        "matmul_seconds": {layout: {str(m): s for m, s in by_rows.items()} for layout, by_rows in scaling.items()},
         "environment": env,
     }
 
@@ -394,6 +416,21 @@ def _markdown(report: dict, plots: list[str]) -> str:
         measured = g["measured"] if isinstance(g["measured"], bool) else f"{g['measured']:.2f}x"
         lines.append(f"| {g['goal']} | {g['variant']} | {measured} | {'yes' if g['met'] else 'no'} |")
     m = report["matmul_seconds"]
+    bound = report.get("memory_bound")
+    if bound:
+        lines += ["", "## The memory bound", "",
+                  f"A decode step reads every weight at least once: {bound['weight_bytes'] / 2**20:.0f} MiB, "
+                  f"{1e3 * bound['seconds']:.1f} ms at the {bound['read_bytes_per_s'] / 1e9:.1f} GB/s one pass "
+                  "over a 512 MiB buffer reads here (same threads). Decode time per step as a multiple of that "
+                  "bound:", "",
+                  "| variant | " + " | ".join(f"decode b={b}" for b in batches) + " |",
+                  "|---|" + "---|" * len(batches)]
+        for row in report["rows"]:
+            if row["family"] == "PHD-SWA full":
+                continue
+            cells = [_fmt(None if row["decode_s_per_token"][str(b)] is None
+                          else row["decode_s_per_token"][str(b)] / bound["seconds"]) for b in batches]
+            lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "Measured reasons, where a goal is missed:",
@@ -401,8 +438,10 @@ def _markdown(report: dict, plots: list[str]) -> str:
         "adds its *hidden share* of vanilla's token-layers (plus their attention over the whole prompt).",
         "- Decode: K copies turn each matmul of B rows into one of K*B rows. On a GPU decoding is memory-bound "
         "and extra rows are nearly free; on this CPU a d_model x d_ff linear takes "
-        + ", ".join(f"{1e3 * s:.3g} ms at {r} rows" for r, s in m.items())
-        + " (column *matmul_ratio* in inference.json: time at 4B rows / time at B rows).",
+        + "; ".join(f"{layout}-major weights: " + ", ".join(f"{1e3 * s:.3g} ms at {r} rows" for r, s in by.items())
+                    for layout, by in m.items())
+        + f" (this run: {env.get('weights', 'row')}-major; column *matmul_ratio* in inference.json: time at 4B rows"
+        " / time at B rows).",
     ]
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]

@@ -55,6 +55,8 @@ def _inference_arguments(parser: argparse.ArgumentParser) -> None:
                         help="wall: elapsed time (default); cpu: this process's CPU time, steadier on a shared "
                              "machine (use with --threads 1: spinning threads would count)")
     parser.add_argument("--out", help="directory for inference.md / .json / *.png")
+    parser.add_argument("--weights", choices=("column", "row"),
+                        help="linear weight storage: column-major as phd.generate uses on CPU (default), or row-major")
     parser.set_defaults(**inference.DEFAULTS)
 
 
