@@ -207,3 +207,17 @@ def test_costs_rows_price_the_trained_shape(tmp_path):
     assert read_results(results) == rows
     text = (write_report(results, tmp_path / "docs")[0]).read_text()
     assert "Cost beside quality" not in text  # cost rows alone make no suite section
+
+
+def test_report_joins_runs_of_one_setting_across_recipes():
+    """More seeds of a setting may be added later under another recipe name (a recipe is a scheduling unit):
+    the report counts them as one group; a different setting (here: tokens) stays apart."""
+    from phd.study.report import Report
+
+    def row(recipe, seed, tokens=1024, lr=0.01):
+        return {"recipe": recipe, "variant": "PHD-2", "seed": seed, "tokens": tokens, "baseline": "core",
+                "role": "main", "config": {"lr": lr, "seed": seed, "out": f"runs/{recipe}/{seed}", "model": {}}}
+
+    groups = Report.by_variant([row("headline", 0), row("more-seeds", 1), row("more-seeds", 2), row("longer", 0, 2048)])
+    assert {k: [r["seed"] for r in g] for k, g in groups.items()} == {
+        ("headline+more-seeds", "PHD-2"): [0, 1, 2], ("longer", "PHD-2"): [0]}

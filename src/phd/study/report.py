@@ -36,6 +36,12 @@ def _g(x: float) -> str:
     return f"{x:.3g}"
 
 
+def _setting(row: dict[str, Any]) -> str:
+    """Everything a run trains with except its seed and folders (from the row alone, as the report must)."""
+    config = {k: v for k, v in row.get("config", {}).items() if k not in ("seed", "out", "data", "progress")}
+    return json.dumps([row.get("baseline", ""), row.get("role", "main"), row["tokens"], config], sort_keys=True)
+
+
 def _flops(x: float) -> str:
     return f"{x / 1e12:.2f} TF" if x >= 1e12 else f"{x / 1e9:.1f} GF"
 
@@ -75,10 +81,17 @@ class Report:
 
     @staticmethod
     def by_variant(rows: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+        """Rows grouped by what they train: the variant and every setting but the seed. A recipe is a unit of
+        scheduling, so runs of one setting split over recipes (e.g. more seeds added later under another name)
+        form one group, labelled with their recipes joined by '+'."""
         groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
         for r in rows:
-            groups[(r["recipe"], r["variant"])].append(r)
-        return dict(sorted(groups.items(), key=lambda kv: (variant_order(kv[0][1]), kv[0][0])))
+            groups[(r["variant"], _setting(r))].append(r)
+        labelled = {}
+        for (variant, _), group in groups.items():
+            recipes = list(dict.fromkeys(r["recipe"] for r in group))
+            labelled[("+".join(recipes), variant)] = group
+        return dict(sorted(labelled.items(), key=lambda kv: (variant_order(kv[0][1]), kv[0][0])))
 
     # ----- markdown -----
     def markdown(self) -> str:
