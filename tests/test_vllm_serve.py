@@ -6,6 +6,7 @@ engine's, and many concurrent requests all come back complete. Runs in the vLLM 
 
 from __future__ import annotations
 
+import json
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -64,3 +65,19 @@ def test_concurrent_requests_none_lost(server):
     with ThreadPoolExecutor(12) as pool:
         outs = list(pool.map(lambda p: _complete(base, p)["choices"][0]["token_ids"], batch))
     assert outs == [native_greedy(model, p, NEW) for p in batch]
+
+
+def test_bench_serving_quick(tmp_path):
+    """`phd bench serving --quick` (two of its three variants: each server costs two vLLM process starts): the
+    tiny servers started together, vLLM and native measured, the report written."""
+    from phd.commands import main
+
+    variants = ["vanilla", "PHD-CSWA-4-2-4"]
+    assert main(["bench", "serving", "--quick", "--variants", *variants, "--work", str(tmp_path / "work"),
+                 "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "serving.json").read_text())
+    keys = {(r["engine"], r["variant"], r["concurrency"]) for r in report["rows"]}
+    assert keys == {(e, v, c) for e in ("vllm", "native") for v in variants for c in (1, 2)}
+    assert all(r["throughput_vs_vanilla"] > 0 and r["ttft_ms"]["p50"] <= r["latency_ms"]["p99"]
+               for r in report["rows"])
+    assert "| vllm | PHD-CSWA-4-2-4 | 2 |" in (tmp_path / "serving.md").read_text()
