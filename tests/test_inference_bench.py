@@ -26,4 +26,4 @@ def test_quick_benchmark_writes_report(tmp_path, capsys):
     assert "| PHD-CSWA-2-4-8 |" in text and "## Goals" in text and "## The memory bound" in text
     bound = report["memory_bound"]  # the weights' bytes (tied embedding read once by the LM head) / bandwidth
     assert bound["weight_bytes"] == 4 * report["environment"]["params"] and bound["seconds"] > 0
-    assert set(report["matmul_seconds"]) == {"row", "column"} and report["environment"]["weights"] == "column"
+    assert set(report["matmul_seconds"]) == {"row", "column"} and report["environment"]["weights"] == "row"

@@ -333,3 +333,22 @@ def test_model_folder_records_the_eos_id_of_its_data(tmp_path):
     assert eos_id(folder) == 0  # "<eos>", the first usual spelling in its vocabulary
     save_model(load_model(folder), tmp_path / "no-tokenizer")
     assert eos_id(tmp_path / "no-tokenizer") is None
+
+
+def test_compare_reference_pairs_with_the_equal_parameter_vanilla_only(tmp_path):
+    """The printed study spread pairs each seed with the vanilla run of the same shape: a deeper vanilla trained
+    on the same tokens for the equal-FLOPs question (same suite, same seed) must not stand in for it."""
+    from phd.study import compare
+
+    def row(variant, seed, loss, role="main"):
+        return {"suite": compare.STUDY_SUITE, "recipe": "r", "variant": variant, "seed": seed, "val_loss": loss,
+                "tokens": 1000, "role": role, "config": {"seq_len": 8, "batch_size": 2, "lr": 0.1,
+                                                           "model": {"vocab_size": 10}}}
+
+    rows = [row("vanilla", 0, 5.0), row("vanilla", 0, 6.0, "equal-flops"), row("PHD-2", 0, 4.9),
+            row("vanilla", 1, 5.0), row("PHD-2", 1, 4.8)]
+    path = tmp_path / "results.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = compare.study_reference({"seq_len": 8, "batch_size": 2, "lr": 0.1, "tokens": 1000}, ["vanilla", "PHD-2"],
+                                   path)
+    assert "by seed: -0.1000, -0.2000" in text

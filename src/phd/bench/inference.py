@@ -47,7 +47,7 @@ QUICK = dict(preset="cpu-1m", ks=[1, 2, 4], prompt_lens=[64, 128], batches=[1, 2
              decode_context=64, decode_steps=4, repeats=2, warmup=1)
 # Every option (`phd bench inference --help`); None: taken from FULL or QUICK.
 DEFAULTS = dict(dict.fromkeys(FULL), quick=False, kfold_repeats=1, max_prefill_tokens=8192, max_cache_gb=4.0,
-                device="cpu", dtype="float32", threads=None, clock="wall", out="docs/bench", weights="column")
+                device="cpu", dtype="float32", threads=None, clock="wall", out="docs/bench", weights="row")
 
 
 def options(**given: Any) -> SimpleNamespace:
@@ -165,7 +165,7 @@ def run(args: SimpleNamespace) -> int:
     dtype = getattr(torch, args.dtype)
     base = PHDTransformer(cfg).to(args.device, dtype).eval()
     if args.weights == "column":
-        column_major_linears(base)  # as phd.generate does; the variants below share these weights
+        column_major_linears(base)  # the variants below share these weights
     variants = _variants(args.ks, args.window, args.chunk)
     models = {v.label: _with_variant(base, v.name) for v in variants}
     load_before = os.getloadavg()

@@ -56,7 +56,8 @@ def _inference_arguments(parser: argparse.ArgumentParser) -> None:
                              "machine (use with --threads 1: spinning threads would count)")
     parser.add_argument("--out", help="directory for inference.md / .json / *.png")
     parser.add_argument("--weights", choices=("column", "row"),
-                        help="linear weight storage: column-major as phd.generate uses on CPU (default), or row-major")
+                        help="linear weight storage: row-major (nn.Linear's, what phd.generate uses; default) "
+                             "or column-major")
     parser.set_defaults(**inference.DEFAULTS)
 
 

@@ -14,7 +14,6 @@ from torch import Tensor
 from ..errors import InputError
 from .engine import decode_step, prefill
 from .sampling import SamplingConfig, sample
-from .weights import column_major_linears
 
 
 def _as_batch(input_ids: Tensor | list) -> tuple[Tensor, bool]:
@@ -63,7 +62,6 @@ def generate_stream(
     A row that produced a stop token yields `pad_id` afterwards; the stream ends when every row has stopped.
     """
     sampling = sampling or SamplingConfig()
-    column_major_linears(model)  # decode's few rows per weight run near the memory bound on CPU (same values)
     ids, _ = _as_batch(input_ids)
     ids = ids.to(model.embed.weight.device)
     b, t = ids.shape

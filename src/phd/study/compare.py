@@ -136,13 +136,15 @@ def summary(rows: list[dict[str, Any]], args: Comparison, settings: dict[str, An
     return "\n".join(lines)
 
 
-def study_reference(settings: dict[str, Any], variants: list[str]) -> str | None:
-    """The same setting's paired differences over seeds from the project's study, when this is a checkout."""
-    path = REPO / "experiments" / "results.jsonl"
+def study_reference(settings: dict[str, Any], variants: list[str],
+                    path: Path = REPO / "experiments" / "results.jsonl") -> str | None:
+    """The same setting's paired differences over seeds from the project's study, when this is a checkout. Only
+    runs at equal parameters and tokens (role "main"): a suite also holds vanilla runs of other shapes (equal
+    FLOPs) and ablations at the same token count, which are not this comparison's baseline."""
     if not path.exists():
         return None
     keys = ("seq_len", "batch_size", "lr")
-    rows = [r for r in run_rows(read_results(path)) if r.get("suite") == STUDY_SUITE
+    rows = [r for r in run_rows(read_results(path)) if r.get("suite") == STUDY_SUITE and r.get("role", "main") == "main"
             and all(r["config"][k] == settings[k] for k in keys) and r["tokens"] >= settings["tokens"] * 0.99
             and r["tokens"] <= settings["tokens"] * 1.01 and r["config"]["model"]["vocab_size"] > 0]
     base = [r for r in rows if r["variant"] == variants[0]]
