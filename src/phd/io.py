@@ -12,6 +12,9 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
 
 from .config import PHDConfig
 from .data.tokenizer import EOS_CANDIDATES
@@ -44,7 +47,6 @@ def save_model(
 
 def write_model_files(model: PHDTransformer, folder: Path, tokenizer: str | Path | None = None) -> None:
     """The model folder's files (weights, config, checksums, tokenizer) into an existing folder; finite weights only."""
-    from safetensors.torch import save_file
 
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_embeddings:
@@ -91,8 +93,6 @@ def is_phd_model(path: str | Path) -> bool:
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", verify: bool = True) -> PHDTransformer:
     """Rebuild the model from its config and load the weights (checksums verified when present)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     root = model_dir(path)
     config, prefix = _read_config(root / CONFIG)
@@ -135,7 +135,6 @@ def _read_config(file: Path) -> tuple[PHDConfig, str]:
 
 def load_tokenizer(path: str | Path):
     """The `tokenizers.Tokenizer` saved beside an export (or a data directory)."""
-    from tokenizers import Tokenizer
 
     path = Path(path)
     file = path if path.suffix == ".json" else path / TOKENIZER

@@ -10,7 +10,9 @@ import torch
 from torch import Tensor
 
 from ..attention import dense_attention
+from ..config import PHDConfig
 from ..masks import AttentionLayout
+from ..model import PHDTransformer
 
 # Largest |error| allowed against dense on unit-normal inputs: outputs; q/k/v gradients get GRAD_FACTOR times it.
 ATTENTION_TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
@@ -29,8 +31,6 @@ def within(errors: dict[str, float], tol: float) -> bool:
 
 def tiny_model(name: str, seed: int = 0, device: torch.device | str = "cpu", **arch):
     """A TINY_ARCH model of a named variant, in eval mode."""
-    from ..config import PHDConfig
-    from ..model import PHDTransformer
 
     torch.manual_seed(seed)
     return PHDTransformer(PHDConfig.from_name(name, **{**TINY_ARCH, **arch})).to(device).eval()

@@ -12,11 +12,18 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
+
+import torch
+
+from .gpu_report import markdown, summary
+from .gpu_sections import SECTIONS, Context
 
 # Share of the budget per section, in running order (the cheap, decisive checks first); --quick on a CPU spends
 # its time differently (the two torchrun launches of fsdp dominate, nothing is large).
@@ -30,7 +37,6 @@ def run(args: Any) -> int:
     """`args`: the options of `phd bench gpu-check` (phd.commands.bench); --section runs one section here."""
     if args.section:
         return _run_section(args)
-    import torch
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     budget = args.budget_s or (100.0 if args.quick else 450.0)
@@ -53,7 +59,6 @@ def run(args: Any) -> int:
     report = {"device": device, "environment": _environment(device), "quick": args.quick, "budget_s": budget,
               "seconds": round(time.time() - started, 1), "sections": results}
     (out / "gpu-check.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    from .gpu_report import markdown, summary
 
     (out / "gpu-check.md").write_text(markdown(report))
     print(summary(report))
@@ -96,10 +101,6 @@ def _log_tail(path: Path, lines: int = 15) -> str:
 
 
 def _run_section(args: Any) -> int:
-    import torch
-
-    from .gpu_sections import SECTIONS, Context
-
     if args.device == "cpu":
         torch.set_num_threads(1 if args.quick else torch.get_num_threads())
     ctx = Context(torch.device(args.device), args.quick, args.deadline, Path(args.out), Path(args.result))
@@ -107,8 +108,6 @@ def _run_section(args: Any) -> int:
     try:
         SECTIONS[args.section](ctx)
     except Exception as exc:  # noqa: BLE001 - recorded, and the exit status says the section failed
-        import traceback
-
         traceback.print_exc()
         ctx.result["error"] = f"{type(exc).__name__}: {exc}"[:2000]
         ctx.flush()
@@ -118,10 +117,6 @@ def _run_section(args: Any) -> int:
 
 
 def _environment(device: str) -> dict[str, Any]:
-    import platform
-
-    import torch
-
     env = {"torch": torch.__version__, "python": platform.python_version(), "cpu_cores": os.cpu_count()}
     if device == "cuda" and torch.cuda.is_available():
         env.update(gpu=torch.cuda.get_device_name(), gpus=torch.cuda.device_count(), cuda=torch.version.cuda)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,8 +17,14 @@ from typing import Any
 
 import torch
 
+from ..attention import flex_attention, split_attention
+from ..config import PHDConfig
+from ..masks import AttentionLayout
+from ..model import PHDTransformer
+from ..train.parallelize import apply_compile
 from . import agreement as agree
 from . import inference as bench_inference
+from .scaling import _measure, _peak_tflops, _synthetic_data, train_flops_per_token
 
 # fp32 on a GPU: the fused kernels and the dense reference reduce up to ~4,000 keys in different orders.
 CUDA_FP32_TOL = 1e-4
@@ -77,9 +84,6 @@ def _error_text(exc: BaseException) -> str:
 
 
 def equivalence(ctx: Context) -> None:
-    from ..attention import flex_attention, split_attention
-    from ..masks import AttentionLayout
-
     if ctx.quick:
         ts, ks, ws, cs, shape = [1, 33], [1, 3], [None, 2], [None, 4], dict(heads=4, kv_heads=2, dim=8, batch=2)
         flex_layouts = [(33, 3, 2, 4)]  # fp32 only: each flex compile costs seconds on a CPU
@@ -167,8 +171,6 @@ def _train_runs(quick: bool, cuda: bool) -> list[tuple[str, str, bool]]:
 
 def _time_training(ctx: Context, cfg, seq_len: int, batch: int, compile_blocks: bool, steps: int) -> dict[str, Any]:
     """Seconds per training step (median), tokens/s and peak memory of one model; the first step is apart."""
-    from ..model import PHDTransformer
-    from ..train.parallelize import apply_compile
 
     cuda = ctx.device.type == "cuda"
     if compile_blocks:
@@ -206,9 +208,6 @@ def _time_training(ctx: Context, cfg, seq_len: int, batch: int, compile_blocks: 
 
 
 def training(ctx: Context) -> None:
-    from ..config import PHDConfig
-    from .scaling import _peak_tflops, train_flops_per_token
-
     cuda = ctx.device.type == "cuda"
     preset, seq_len, batch, steps = ("cpu-1m", 64, 2, 2) if ctx.quick else ("bench-100m", 2048, 8, 5)
     peak = _peak_tflops(SimpleNamespace(peak_tflops=None)) if cuda else None
@@ -287,10 +286,6 @@ def inference(ctx: Context) -> None:
 
 
 def fsdp(ctx: Context) -> None:
-    import tempfile
-
-    from .scaling import _measure, _synthetic_data
-
     cuda = ctx.device.type == "cuda"
     if cuda and torch.cuda.device_count() < 2:
         ctx.result["skipped"] = f"{torch.cuda.device_count()} GPU: the 2-process NCCL FSDP2 step needs 2"

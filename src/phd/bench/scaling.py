@@ -21,6 +21,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
+from ..config import PHDConfig
+from ..data.shards import token_dtype, write_meta, write_split
+
 # Dense bf16 peak (TFLOP/s) of common accelerators, for MFU; others: pass --peak-tflops.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
 
@@ -40,10 +46,6 @@ def train_flops_per_token(config, seq_len: int) -> float:
 
 
 def _synthetic_data(root: Path, vocab_size: int, tokens: int) -> Path:
-    import numpy as np
-
-    from ..data.shards import token_dtype, write_meta, write_split
-
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     dtype = token_dtype(vocab_size)
@@ -84,8 +86,6 @@ def _measure(args, variant: str, procs: int, data: Path, work: Path, device: str
 
 
 def _peak_tflops(args) -> float | None:
-    import torch
-
     if args.peak_tflops:
         return args.peak_tflops
     if not torch.cuda.is_available():
@@ -108,9 +108,6 @@ def format_markdown(rows: list[dict[str, Any]], header: str) -> str:
 
 def run(args: Any) -> int:
     """`args`: the options of `phd bench scaling` (phd.commands.bench)."""
-    import torch
-
-    from ..config import PHDConfig
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and max(args.procs) > torch.cuda.device_count():

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -60,9 +62,6 @@ def write_report(out_dir: str | Path, stem: str, markdown: str, data: dict) -> P
 
 
 def machine_line() -> str:
-    import os
-    import platform
-
     threads = torch.get_num_threads()
     cpu = platform.processor() or platform.machine()
     return f"torch {torch.__version__}, {cpu}, {os.cpu_count()} cores, {threads} threads"

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from ..fsutil import check_out, output_dir
 from .corpus import cache_dir, default_corpus
@@ -86,8 +87,6 @@ class _Progress:
     def __init__(self, total: int, desc: str, enabled: bool):
         self.bar = None
         if enabled:
-            from tqdm import tqdm
-
             self.bar = tqdm(total=total, desc=desc, unit="char", unit_scale=True, disable=None, leave=False)
 
     def update(self, n: int) -> None:

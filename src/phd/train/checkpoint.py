@@ -27,7 +27,15 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 
 from ..config import SHAPE_FIELDS, PHDConfig
 from ..fsutil import fsync_dir, sha256_file
@@ -65,16 +73,12 @@ def _no_dist() -> bool:
 
 
 def _dcp_save(state: dict[str, Any], path: Path) -> None:
-    import torch.distributed.checkpoint as dcp
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "assuming the intent is to save in a single process"
         dcp.save(state, storage_writer=dcp.FileSystemWriter(str(path)), no_dist=_no_dist())
 
 
 def _dcp_load(state: dict[str, Any], path: Path) -> None:
-    import torch.distributed.checkpoint as dcp
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         dcp.load(state, storage_reader=dcp.FileSystemReader(str(path)), no_dist=_no_dist())
@@ -88,8 +92,6 @@ def _rng_state() -> dict[str, torch.Tensor]:
 
 
 def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
-
     if optimizer is None:
         return {"model": get_model_state_dict(model)}
     model_sd, optim_sd = get_state_dict(model, optimizer)
@@ -120,8 +122,6 @@ class Checkpointer:
         self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, model_config: PHDConfig,
         trainer_state: dict[str, Any], world: int,
     ) -> Path:
-        from torch.distributed.checkpoint.api import CheckpointException
-
         name = step_dir_name(step)
         final, tmp = self.root / name, self.root / f"{TMP_PREFIX}{name}"
         previous = self.latest()
@@ -258,7 +258,6 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
 
     Every rank calls it; `model` may be plain or FSDP-sharded, with any number of processes.
     """
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
     meta = verify(path)
     check_model_config(PHDConfig.from_dict(meta["model"]), unwrap(model).config, path, fields=None)

@@ -15,6 +15,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.checkpoint import checkpoint
 
 from ..checks import resolve_device
 
@@ -75,7 +79,6 @@ def shutdown_distributed() -> None:
 def apply_activation_checkpointing(model: nn.Module) -> None:
     """Recompute each block's activations in the backward pass (memory for compute): the model's own switch,
     the one transformers' gradient_checkpointing_enable sets too."""
-    from torch.utils.checkpoint import checkpoint
 
     model.checkpoint_fn = functools.partial(checkpoint, use_reentrant=False, preserve_rng_state=False)
 
@@ -89,8 +92,6 @@ def apply_compile(model: nn.Module, backend: str = "inductor") -> None:
 def apply_fsdp(model: nn.Module, device: torch.device, bf16: bool) -> None:
     """FSDP2: each block, then the root (embeddings, final norm, head). On CUDA with bf16: bf16 parameters for
     compute, fp32 gradient reduction."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     kwargs: dict = {"mesh": mesh}
@@ -116,14 +117,11 @@ def parallelize(
     if info.distributed and data_parallel == "fsdp":
         apply_fsdp(model, info.device, bf16)
     elif info.distributed:
-        from torch.nn.parallel import DistributedDataParallel
-
         model = DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
     return model
 
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The PHDTransformer inside a DDP wrapper (FSDP2 keeps the model itself)."""
-    from torch.nn.parallel import DistributedDataParallel
 
     return model.module if isinstance(model, DistributedDataParallel) else model

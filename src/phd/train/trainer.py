@@ -21,8 +21,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from tokenizers import Tokenizer
 from torch import Tensor
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
 
 from ..config import PHDConfig
 from ..data.shards import DataError, TokenShards, open_shards
@@ -80,8 +83,6 @@ def check_vocab(shards: TokenShards, model_config: PHDConfig) -> None:
     """The data's tokenizer, its meta.json and the model must agree on the vocabulary, before any work starts."""
     tok_path = shards.tokenizer_path
     if tok_path.exists():
-        from tokenizers import Tokenizer
-
         tok_vocab = Tokenizer.from_file(str(tok_path)).get_vocab_size(with_added_tokens=True)
         if tok_vocab != shards.vocab_size:
             raise DataError(
@@ -412,7 +413,6 @@ class Trainer:
 
     def export(self, out: Path) -> Path | None:
         """The consolidated model in io.save_model's format (collective; rank 0 writes)."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if not self.info.is_main:
@@ -426,14 +426,11 @@ class Trainer:
     def _bar(self, total: int):
         if not (self.info.is_main and self.cfg.progress):
             return None
-        from tqdm import tqdm
 
         return tqdm(total=total, initial=self.progress.step, desc=self.model_config.name, dynamic_ncols=True)
 
     def _log(self, message: str) -> None:
         if self.info.is_main:
-            from tqdm import tqdm
-
             tqdm.write(f"[phd train] {message}", file=sys.stderr)  # above the progress bar, not through it
 
     def _write_metrics(self, record: dict[str, Any]) -> None:
