@@ -20,35 +20,10 @@ from torch import Tensor
 from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from ..inference.padding import padding_offsets, shift_rows
 from ..model import PHDTransformer
 from .cache import PHDHFCache
 from .configuration import PHDHFConfig
-
-
-def padding_offsets(attention_mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Start and length of the real tokens of every row; raises unless each row is one contiguous run of 1s."""
-    mask = attention_mask.to(torch.bool)
-    lengths = mask.sum(dim=1)
-    starts = torch.where(lengths > 0, mask.int().argmax(dim=1), torch.zeros_like(lengths))
-    cols = torch.arange(mask.shape[1], device=mask.device)
-    expected = (cols >= starts[:, None]) & (cols < (starts + lengths)[:, None])
-    if not torch.equal(expected, mask):
-        raise ValueError(
-            "attention_mask must mark one contiguous run of tokens per row (left or right padding); masks with "
-            "holes (packed sequences) are not supported by PHD models"
-        )
-    return starts, lengths
-
-
-def shift_rows(x: Tensor, shifts: Tensor, fill: int | float = 0) -> Tensor:
-    """out[b, t] = x[b, t + shifts[b]] where that index is in range, else `fill` ([B, T, ...] tensors)."""
-    t = x.shape[1]
-    src = torch.arange(t, device=x.device)[None, :] + shifts[:, None]
-    valid = (src >= 0) & (src < t)
-    index = src.clamp(0, t - 1)
-    index = index.view(*index.shape, *([1] * (x.dim() - 2))).expand_as(x)
-    out = torch.gather(x, 1, index)
-    return out.masked_fill(~valid.view(*valid.shape, *([1] * (x.dim() - 2))), fill)
 
 
 class PHDPreTrainedModel(PreTrainedModel):

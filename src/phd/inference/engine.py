@@ -37,6 +37,7 @@ from ..checks import check_token_ids
 from ..masks import allowed, hidden_tokens
 from ..model import Attend, pick_rows
 from .cache import PHDCache
+from .padding import right_pad
 
 PREFILL_MODES = ("bounded", "full")
 
@@ -44,24 +45,6 @@ PREFILL_MODES = ("bounded", "full")
 # ----------------------------------------------------------------------------------------------------------
 # Input checks
 # ----------------------------------------------------------------------------------------------------------
-
-
-def _right_pad(input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Rows with one contiguous run of real tokens (left or right padded) -> right-padded rows, lengths."""
-    if attention_mask.shape != input_ids.shape:
-        raise ValueError(
-            f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids {tuple(input_ids.shape)}: "
-            "they must match"
-        )
-    real = attention_mask.bool()
-    lengths = real.sum(1)
-    first = torch.where(real.any(1), real.int().argmax(1), torch.zeros_like(lengths))
-    col = torch.arange(input_ids.shape[1], device=input_ids.device)
-    contiguous = (real == ((col >= first[:, None]) & (col < (first + lengths)[:, None]))).all()
-    if not bool(contiguous):
-        raise ValueError("attention_mask must mark one contiguous run of real tokens per row (left or right padding)")
-    index = (first[:, None] + col).clamp(max=input_ids.shape[1] - 1)
-    return input_ids.gather(1, index), lengths
 
 
 def _prompt_lengths(model, input_ids: Tensor, cache: PHDCache, lengths: Tensor | None,
@@ -76,7 +59,7 @@ def _prompt_lengths(model, input_ids: Tensor, cache: PHDCache, lengths: Tensor |
     if attention_mask is not None:
         if lengths is not None:
             raise ValueError("pass either lengths or attention_mask, not both")
-        input_ids, lengths = _right_pad(input_ids, attention_mask.to(input_ids.device))
+        input_ids, lengths = right_pad(input_ids, attention_mask.to(input_ids.device))
     if lengths is None:
         lengths = torch.full((b,), t, dtype=torch.long, device=input_ids.device)
     lengths = torch.as_tensor(lengths, device=input_ids.device).long()
