@@ -193,8 +193,8 @@ def run(args: SimpleNamespace) -> int:
     rows = sorted({b * k for b in args.batches for k in args.ks} | set(args.batches))
     scaling = _matmul_scaling(cfg.d_model, cfg.d_ff, rows, _clock(args), device=args.device, dtype=dtype)
     bandwidth = _read_bandwidth(args.device, dtype, _clock(args))
-    bound = {"weight_bytes": _decode_weight_bytes(base), "read_bytes_per_s": bandwidth,
-             "seconds": _decode_weight_bytes(base) / bandwidth}
+    weight_bytes = _decode_weight_bytes(base)
+    bound = {"weight_bytes": weight_bytes, "read_bytes_per_s": bandwidth, "seconds": weight_bytes / bandwidth}
     env = {
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(), "device": _device_name(args.device),
