@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 from phd.commands import main
+from phd.inference.weights import packing_available
 
 
 def test_quick_benchmark_writes_report(tmp_path, capsys):
@@ -14,10 +15,14 @@ def test_quick_benchmark_writes_report(tmp_path, capsys):
                  "--batches", "1", "--out", str(out)]) == 0
     report = json.loads((out / "inference.json").read_text())
     labels = [row["label"] for row in report["rows"]]
-    assert labels == ["vanilla", "repeat-2", "PHD-2", "PHD-SWA-2-4-inf", "PHD-SWA-2-4-inf (full prefill)",
-                      "PHD-CSWA-2-4-8"]
+    plain = packing_available()  # packed decode (the default) is measured beside plain-weight reference rows
+    assert labels == ["vanilla", *["vanilla (plain weights)"] * plain, "repeat-2", "PHD-2", "PHD-SWA-2-4-inf",
+                      "PHD-SWA-2-4-inf (full prefill)", "PHD-CSWA-2-4-8", *["PHD-CSWA-2-4-8 (plain weights)"] * plain]
     rows = {row["label"]: row for row in report["rows"]}
-    assert all(row["prefill_s"]["128"] > 0 for row in report["rows"])
+    assert all(row["prefill_s"]["128"] > 0 for row in report["rows"] if row["family"] != "plain")
+    if plain:  # decode only: their prefill is the packed rows' own
+        assert rows["vanilla (plain weights)"]["prefill_s"]["128"] is None
+        assert rows["PHD-CSWA-2-4-8 (plain weights)"]["decode_s_per_token"]["1"] > 0
     assert rows["PHD-SWA-2-4-inf (full prefill)"]["decode_ratio"]["1"] is None  # same decode as bounded
     assert rows["repeat-2"]["cache_ratio"] == 2.0 and rows["PHD-2"]["cache_ratio"] == 1.0
     assert rows["PHD-SWA-2-4-inf"]["hidden_token_share"] < rows["PHD-SWA-2-4-inf (full prefill)"]["hidden_token_share"]
@@ -26,4 +31,6 @@ def test_quick_benchmark_writes_report(tmp_path, capsys):
     assert "| PHD-CSWA-2-4-8 |" in text and "## Goals" in text and "## The memory bound" in text
     bound = report["memory_bound"]  # the weights' bytes (tied embedding read once by the LM head) / bandwidth
     assert bound["weight_bytes"] == 4 * report["environment"]["params"] and bound["seconds"] > 0
-    assert set(report["matmul_seconds"]) == {"row", "column"} and report["environment"]["weights"] == "row"
+    assert report["environment"]["weights"] == "packed"  # the default: what `phd generate` decodes with on CPU
+    assert set(report["matmul_seconds"]) == {"row", "column"} | ({"packed"} if packing_available() else set())
+    assert "(this run: weights packed by MKL for the row count, one row plain" in text

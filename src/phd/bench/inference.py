@@ -30,11 +30,12 @@ import torch.nn.functional as F
 from ..config import PHDConfig
 from ..inference import PHDCache, decode_step, prefill
 from ..inference.engine import hidden_widths
-from ..inference.weights import column_major_linears
+from ..inference.weights import column_major_linears, pack_linears, packing_available, unpack_linears
 from ..masks import hidden_token
 from ..model import PHDTransformer
 from .timing import CLOCKS
 
+PLAIN = "{} (plain weights)"  # label of a reference row decoded with nn.Linear's own kernel
 GOALS = {  # ratio to vanilla; prefill at the longest prompt, decode at K = 4
     "PHD prefill": 1.05, "PHD-CSWA prefill": 1.10, "PHD-SWA bounded prefill": 1.15, "decode K=4": 1.25,
 }
@@ -47,7 +48,7 @@ QUICK = dict(preset="cpu-1m", ks=[1, 2, 4], prompt_lens=[64, 128], batches=[1, 2
              decode_context=64, decode_steps=4, repeats=2, warmup=1)
 # Every option (`phd bench inference --help`); None: taken from FULL or QUICK.
 DEFAULTS = dict(dict.fromkeys(FULL), quick=False, kfold_repeats=1, max_prefill_tokens=8192, max_cache_gb=4.0,
-                device="cpu", dtype="float32", threads=None, clock="wall", out="docs/bench", weights="row")
+                device="cpu", dtype="float32", threads=None, clock="wall", out="docs/bench", weights="packed")
 
 
 def options(**given: Any) -> SimpleNamespace:
@@ -68,15 +69,20 @@ class Variant:
     name: str  # PHDConfig variant name
     k: int
     mode: str = "bounded"  # prefill mode
-    family: str = ""  # vanilla | repeat | PHD | PHD-SWA | PHD-SWA full | PHD-CSWA
+    family: str = ""  # vanilla | repeat | PHD | PHD-SWA | PHD-SWA full | PHD-CSWA | plain
+    plain: bool = False  # decode with nn.Linear's own kernel whatever --weights (a reference row; no prefill)
     prefill: dict = field(default_factory=dict)  # T -> seconds (median)
     decode: dict = field(default_factory=dict)  # batch -> seconds per token (median)
     cache_bytes: int = 0
     hidden_share: float = 0.0  # hidden token-layers computed by prefill at the longest prompt / (T * L)
 
 
-def _variants(ks: list[int], window: int, chunk: int) -> list[Variant]:
+def _variants(ks: list[int], window: int, chunk: int, plain_rows: bool = False) -> list[Variant]:
+    """Every variant at every K; plain_rows: vanilla and PHD-CSWA again with plain weights (decode only), so that
+    packed and plain decode are measured side by side in one run."""
     out = [Variant("vanilla", "vanilla", 1, family="vanilla")]
+    if plain_rows:
+        out.append(Variant(PLAIN.format("vanilla"), "vanilla", 1, family="plain", plain=True))
     for k in (k for k in ks if k > 1):
         out += [
             Variant(f"repeat-{k}", f"repeat-{k}", k, "full", "repeat"),
@@ -86,6 +92,9 @@ def _variants(ks: list[int], window: int, chunk: int) -> list[Variant]:
                     "PHD-SWA full"),
             Variant(f"PHD-CSWA-{k}-{window}-{chunk}", f"PHD-CSWA-{k}-{window}-{chunk}", k, family="PHD-CSWA"),
         ]
+        if plain_rows:
+            name = f"PHD-CSWA-{k}-{window}-{chunk}"
+            out.append(Variant(PLAIN.format(name), name, k, family="plain", plain=True))
     return out
 
 
@@ -112,20 +121,41 @@ def _matmul_scaling(d_in: int, d_out: int, rows: list[int], clock, n_weights: in
                     dtype=None) -> dict[str, dict[int, float]]:
     """Seconds of one [rows, d_in] x [d_in, d_out] linear, weights streamed from memory as in decoding
     (cycling through n_weights distinct matrices, larger than the caches): how cost grows with the rows, for
-    weights stored row-major (nn.Linear's default) and column-major (what inference uses on CPU)."""
+    weights stored row-major (nn.Linear's default), column-major, and packed by MKL for that row count (what
+    inference uses on CPU: phd.inference.weights)."""
     row_major = [torch.randn(d_out, d_in, device=device, dtype=dtype) for _ in range(n_weights)]
     layouts = {"row": row_major, "column": [w.t().contiguous().t() for w in row_major]}
+    packable = device == "cpu" and dtype in (None, torch.float32) and packing_available()
+    if packable:
+        layouts["packed"] = row_major
     out: dict[str, dict[int, float]] = {name: {} for name in layouts}
     for m in rows:
         x = torch.randn(m, d_in, device=device, dtype=dtype)
+        packs = [torch.ops.mkl._mkl_reorder_linear_weight(w, m) for w in row_major] if packable else []
         for _ in range(3):  # round-robin over the layouts, best of 3 each
             for name, weights in layouts.items():
                 start = clock()
-                for w in weights:
-                    F.linear(x, w)
+                if name == "packed":
+                    for w, packed in zip(weights, packs, strict=True):
+                        torch.ops.mkl._mkl_linear(x, packed, w, None, m)
+                else:
+                    for w in weights:
+                        F.linear(x, w)
                 seconds = (clock() - start) / n_weights
                 out[name][m] = min(out[name].get(m, seconds), seconds)
     return out
+
+
+LAYOUTS = {"row": "row-major weights", "column": "column-major weights",
+           "packed": "weights packed by MKL for the row count"}
+
+
+def _used(scaling: dict[str, dict[int, float]], weights: str, rows: int) -> float:
+    """Seconds of the kernel a decode of `rows` rows runs under `weights`: packs serve 2+ rows where MKL has them
+    (pack_linears), one row stays a plain matrix-vector product."""
+    if weights == "packed":
+        weights = "packed" if rows > 1 and "packed" in scaling else "row"
+    return scaling[weights][rows]
 
 
 def _read_bandwidth(device: str, dtype, clock, mib: int = 512) -> float:
@@ -166,7 +196,8 @@ def run(args: SimpleNamespace) -> int:
     base = PHDTransformer(cfg).to(args.device, dtype).eval()
     if args.weights == "column":
         column_major_linears(base)  # the variants below share these weights
-    variants = _variants(args.ks, args.window, args.chunk)
+    packs = args.weights == "packed" and args.device == "cpu" and packing_available()
+    variants = _variants(args.ks, args.window, args.chunk, plain_rows=packs)
     models = {v.label: _with_variant(base, v.name) for v in variants}
     load_before = os.getloadavg()
     started = time.perf_counter()
@@ -179,7 +210,8 @@ def run(args: SimpleNamespace) -> int:
             v.hidden_share = float(v.k - 1) if _is_kfold(v) else _hidden_share(models[v.label].config, t_max)
 
         for t in args.prompt_lens:
-            todo = [v for v in variants if not (_is_kfold(v) and v.k * t > args.max_prefill_tokens)]
+            todo = [v for v in variants
+                    if not v.plain and not (_is_kfold(v) and v.k * t > args.max_prefill_tokens)]
             medians = _time_prefill(models, todo, cfg.vocab_size, t, args, started)
             for v in todo:
                 v.prefill[t] = medians[v.label]
@@ -289,6 +321,11 @@ def _time_decode(models: dict, variants: list[Variant], vocab: int, batch: int, 
         for v in todo:
             model = models[v.label]
             cache = _decode_cache(model, batch, ctx, max_len)
+            if args.weights == "packed":  # what `phd generate` does before decoding (untimed, like its prefill)
+                if v.plain:
+                    unpack_linears(model)
+                else:
+                    pack_linears(model, v.k * batch)
             decode_step(model, token, cache, check=False)  # untimed: the first step on a fresh cache
             start = _clock(args)()
             for _ in range(steps):
@@ -296,6 +333,8 @@ def _time_decode(models: dict, variants: list[Variant], vocab: int, batch: int, 
             if r >= args.warmup:
                 times[v.label].append((_clock(args)() - start) / steps)
             del cache
+    if args.weights == "packed":
+        unpack_linears(models[todo[0].label])
     return {label: statistics.median(values) for label, values in times.items()}
 
 
@@ -325,7 +364,7 @@ def _report(cfg, variants: list[Variant], args, scaling: dict[str, dict[int, flo
     itemsize = 2 if args.dtype == "bfloat16" else 4
     window_bytes = {
         v.label: cfg.n_layers * 2 * (v.k - 1) * args.window * cfg.n_kv_heads * cfg.head_dim * itemsize
-        for v in variants if v.family in ("PHD-SWA", "PHD-SWA full", "PHD-CSWA")
+        for v in variants if v.family in ("PHD-SWA", "PHD-SWA full", "PHD-CSWA") or (v.plain and v.k > 1)
     }
     exact = all(
         v.cache_bytes == vanilla.cache_bytes * (v.k if v.family == "repeat" else 1) + window_bytes.get(v.label, 0)
@@ -347,7 +386,8 @@ def _report(cfg, variants: list[Variant], args, scaling: dict[str, dict[int, flo
                 if r is not None:
                     goals.append({"goal": f"decode K=4 <= {GOALS['decode K=4']}x, batch {b}", "variant": row["label"],
                                   "measured": r, "met": r <= GOALS["decode K=4"],
-                                  "matmul_ratio": round(scaling[args.weights][4 * b] / scaling[args.weights][b], 2)})
+                                  "matmul_ratio": round(_used(scaling, args.weights, 4 * b)
+                                                        / _used(scaling, args.weights, b), 2)})
     goals.append({"goal": "cache bytes exactly vanilla + L*2*(K-1)*W*kv_heads*head_dim (naive: K x vanilla)",
                   "variant": "all", "measured": exact, "met": exact})
     return {
@@ -438,10 +478,11 @@ def _markdown(report: dict, plots: list[str]) -> str:
         "adds its *hidden share* of vanilla's token-layers (plus their attention over the whole prompt).",
         "- Decode: K copies turn each matmul of B rows into one of K*B rows. On a GPU decoding is memory-bound "
         "and extra rows are nearly free; on this CPU a d_model x d_ff linear takes "
-        + "; ".join(f"{layout}-major weights: " + ", ".join(f"{1e3 * s:.3g} ms at {r} rows" for r, s in by.items())
+        + "; ".join(f"{LAYOUTS[layout]}: " + ", ".join(f"{1e3 * s:.3g} ms at {r} rows" for r, s in by.items())
                     for layout, by in m.items())
-        + f" (this run: {env.get('weights', 'row')}-major; column *matmul_ratio* in inference.json: time at 4B rows"
-        " / time at B rows).",
+        + f" (this run: {LAYOUTS.get(env.get('weights', 'row'), 'row-major weights')}"
+        + (", one row plain" if env.get("weights") == "packed" else "")
+        + "; column *matmul_ratio* in inference.json: time at 4B rows / time at B rows).",
     ]
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]

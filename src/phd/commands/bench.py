@@ -55,9 +55,9 @@ def _inference_arguments(parser: argparse.ArgumentParser) -> None:
                         help="wall: elapsed time (default); cpu: this process's CPU time, steadier on a shared "
                              "machine (use with --threads 1: spinning threads would count)")
     parser.add_argument("--out", help="directory for inference.md / .json / *.png")
-    parser.add_argument("--weights", choices=("column", "row"),
-                        help="linear weight storage: row-major (nn.Linear's, what phd.generate uses; default) "
-                             "or column-major")
+    parser.add_argument("--weights", choices=("packed", "row", "column"),
+                        help="linear weights of decode: packed by MKL for the K x batch rows (what phd generate "
+                             "does on CPU; default), row-major (nn.Linear's) or column-major")
     parser.set_defaults(**inference.DEFAULTS)
 
 
