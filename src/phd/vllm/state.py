@@ -32,6 +32,10 @@ class PagedReader:
 
     def __init__(self, key_index: Tensor, value_index: Tensor) -> None:
         self.key_index, self.value_index = key_index, value_index  # [block_size, D] -> place in a block's slab
+        # Where each index is affine (place = base + offset * s_t + d * s_d: the CPU backend's keys [D, size] and
+        # values [size, D]), keys and values are strided views of whole copied blocks, which is several times
+        # faster than an element-wise gather (measured: the gather took 22% of a PHD-CSWA-2 SmolLM2 serving run).
+        self.strides = [_affine(key_index), _affine(value_index)]
 
     @classmethod
     @torch.no_grad()
@@ -60,6 +64,33 @@ class PagedReader:
     def read(self, kv_cache: Tensor, block_table: Tensor, seq_lens: Tensor, length: int) -> tuple[Tensor, Tensor]:
         """Keys and values [R, Hkv, length, D] of positions 0..length-1 of each request; positions a request does
         not hold yet are zeros (finite: padding queries may attend them)."""
+        if None not in self.strides:
+            return self._read_blocks(kv_cache, block_table, seq_lens, length)
+        return self.read_gather(kv_cache, block_table, seq_lens, length)
+
+    def _read_blocks(self, kv_cache: Tensor, block_table: Tensor, seq_lens: Tensor, length: int
+                     ) -> tuple[Tensor, Tensor]:
+        """`read` for affine layouts: copy the requests' blocks whole, then view keys and values by strides."""
+        size, dim = self.key_index.shape
+        n_blocks = -(-length // size)
+        heads, slab = kv_cache.shape[1], kv_cache[0].numel() // kv_cache.shape[1]
+        r = block_table.shape[0]
+        table = block_table[:, :n_blocks].long().flatten()  # index_select: 4x faster here than indexing with []
+        blocks = kv_cache.view(kv_cache.shape[0], -1).index_select(0, table).view(r, n_blocks, -1)
+        held = int(seq_lens.min())  # positions every request holds need no zeroing
+        empty = (torch.arange(held, length, device=blocks.device) >= seq_lens[:, None])[:, None, :, None]
+        out = []
+        for base, s_t, s_d in self.strides:
+            x = blocks.as_strided((r, heads, n_blocks, size, dim), (n_blocks * heads * slab, slab, heads * slab, s_t,
+                                  s_d), blocks.storage_offset() + base)
+            x = x.reshape(r, heads, n_blocks * size, dim)[:, :, :length]
+            x[:, :, held:].masked_fill_(empty, 0)
+            out.append(x)
+        return out[0], out[1]
+
+    def read_gather(self, kv_cache: Tensor, block_table: Tensor, seq_lens: Tensor, length: int
+                    ) -> tuple[Tensor, Tensor]:
+        """`read` for any layout the probe saw: an element-wise gather (the reference of the strided path)."""
         size = self.key_index.shape[0]
         pos = torch.arange(length, device=block_table.device)
         block = block_table.long().gather(1, (pos // size).expand(block_table.shape[0], -1))[..., None]
@@ -70,6 +101,16 @@ class PagedReader:
             x = slab[block, :, index[pos % size]]  # [R, length, D, Hkv]
             out.append(torch.where(held, x, 0).permute(0, 3, 1, 2))
         return out[0], out[1]
+
+
+def _affine(index: Tensor) -> tuple[int, int, int] | None:
+    """(base, s_t, s_d) when index[t, d] == base + t * s_t + d * s_d for every block offset t and dimension d."""
+    size, dim = index.shape
+    base = int(index[0, 0])
+    s_t = int(index[1, 0]) - base if size > 1 else 0
+    s_d = int(index[0, 1]) - base if dim > 1 else 0
+    grid = base + torch.arange(size, device=index.device)[:, None] * s_t + torch.arange(dim, device=index.device) * s_d
+    return (base, s_t, s_d) if torch.equal(grid, index) else None
 
 
 def block_size(kv_cache: Tensor) -> int:
