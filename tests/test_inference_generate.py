@@ -9,6 +9,7 @@ import phd
 from phd import PHDConfig, PHDTransformer
 from phd.commands import main
 from phd.inference.sampling import SamplingConfig, apply_repetition_penalty, restrict_support, sample
+from phd.inference.weights import packing_available
 from phd.io import save_model
 
 VOCAB = 40
@@ -109,8 +110,7 @@ def test_column_major_weights_change_storage_not_values_nor_tokens():
     assert torch.equal(phd.generate(model, ids, 8), phd.generate(reference, ids, 8))
 
 
-needs_mkl = pytest.mark.skipif(not __import__("phd.inference.weights").inference.weights.packing_available(),
-                               reason="this PyTorch has no MKL packed GEMM")
+needs_mkl = pytest.mark.skipif(not packing_available(), reason="this PyTorch has no MKL packed GEMM")
 
 
 @needs_mkl

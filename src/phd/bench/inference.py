@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from ..config import PHDConfig
 from ..inference import PHDCache, decode_step, prefill
 from ..inference.engine import hidden_widths
-from ..inference.weights import column_major_linears, pack_linears, packing_available, unpack_linears
+from ..inference.weights import column_major_linears, pack_linears, packs_apply, unpack_linears
 from ..masks import hidden_token
 from ..model import PHDTransformer
 from .timing import CLOCKS
@@ -125,7 +125,7 @@ def _matmul_scaling(d_in: int, d_out: int, rows: list[int], clock, n_weights: in
     inference uses on CPU: phd.inference.weights)."""
     row_major = [torch.randn(d_out, d_in, device=device, dtype=dtype) for _ in range(n_weights)]
     layouts = {"row": row_major, "column": [w.t().contiguous().t() for w in row_major]}
-    packable = device == "cpu" and dtype in (None, torch.float32) and packing_available()
+    packable = packs_apply(device, dtype or torch.float32)
     if packable:
         layouts["packed"] = row_major
     out: dict[str, dict[int, float]] = {name: {} for name in layouts}
@@ -196,8 +196,8 @@ def run(args: SimpleNamespace) -> int:
     base = PHDTransformer(cfg).to(args.device, dtype).eval()
     if args.weights == "column":
         column_major_linears(base)  # the variants below share these weights
-    packs = args.weights == "packed" and args.device == "cpu" and packing_available()
-    variants = _variants(args.ks, args.window, args.chunk, plain_rows=packs)
+    plain_rows = args.weights == "packed" and packs_apply(args.device, dtype)
+    variants = _variants(args.ks, args.window, args.chunk, plain_rows=plain_rows)
     models = {v.label: _with_variant(base, v.name) for v in variants}
     load_before = os.getloadavg()
     started = time.perf_counter()
@@ -333,7 +333,7 @@ def _time_decode(models: dict, variants: list[Variant], vocab: int, batch: int, 
             if r >= args.warmup:
                 times[v.label].append((_clock(args)() - start) / steps)
             del cache
-    if args.weights == "packed":
+    if args.weights == "packed" and todo:  # the variants share their linears: one model unpacks them all
         unpack_linears(models[todo[0].label])
     return {label: statistics.median(values) for label, values in times.items()}
 

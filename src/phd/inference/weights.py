@@ -43,12 +43,17 @@ class PackedLinear(nn.Linear):
         return y.view(*x.shape[:-1], y.shape[-1])
 
 
-def _eligible(model: nn.Module) -> list[nn.Linear]:
-    """CPU float32 linears, except a weight shared with an embedding (a tied LM head: one row per sequence)."""
+def _untied_linears(model: nn.Module) -> list[nn.Linear]:
+    """The CPU linears whose weight is not an embedding's (a tied LM head computes one row per sequence, and the
+    embedding's row lookups want its own storage)."""
     shared = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     return [m for m in model.modules()
-            if isinstance(m, nn.Linear) and id(m.weight) not in shared and m.weight.device.type == "cpu"
-            and m.weight.dtype == torch.float32]
+            if isinstance(m, nn.Linear) and id(m.weight) not in shared and m.weight.device.type == "cpu"]
+
+
+def packs_apply(device: str | torch.device, dtype: torch.dtype) -> bool:
+    """Whether pack_linears does anything for weights of this device and dtype (CPU float32 with MKL)."""
+    return torch.device(device).type == "cpu" and dtype == torch.float32 and packing_available()
 
 
 def pack_linears(model: nn.Module, rows: int) -> int:
@@ -63,8 +68,10 @@ def pack_linears(model: nn.Module, rows: int) -> int:
         return 0
     n = 0
     with torch.no_grad():
-        for m in _eligible(model):
+        for m in _untied_linears(model):
             w = m.weight
+            if not packs_apply(w.device, w.dtype):
+                continue
             key = (w.data_ptr(), w._version)
             if not (isinstance(m, PackedLinear) and m.packed_rows == rows and m.packed_key == key):
                 m.__class__ = PackedLinear
@@ -93,13 +100,10 @@ def column_major_linears(model: nn.Module) -> int:
     Weights shared with an `nn.Embedding` (tied LM heads) keep their row-major order, which the embedding's row
     lookups want.
     """
-    shared = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     changed = 0
-    for module in model.modules():
-        if not isinstance(module, nn.Linear) or id(module.weight) in shared:
-            continue
+    for module in _untied_linears(model):
         w = module.weight
-        if w.device.type != "cpu" or w.dim() != 2 or (w.stride(0) == 1 and w.stride(1) == w.shape[0]):
+        if w.dim() != 2 or (w.stride(0) == 1 and w.stride(1) == w.shape[0]):
             continue
         w.data = w.data.t().contiguous().t()
         changed += 1
