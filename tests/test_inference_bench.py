@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 from phd.commands import main
-from phd.inference.weights import packing_available
+from phd.inference.kernels import rows_linear_op
+from phd.inference.weights import decode_applies, packing_available
 
 
 def test_quick_benchmark_writes_report(tmp_path, capsys):
@@ -15,14 +18,14 @@ def test_quick_benchmark_writes_report(tmp_path, capsys):
                  "--batches", "1", "--out", str(out)]) == 0
     report = json.loads((out / "inference.json").read_text())
     labels = [row["label"] for row in report["rows"]]
-    plain = packing_available()  # packed decode (the default) is measured beside plain-weight reference rows
-    assert labels == ["vanilla", *["vanilla (plain weights)"] * plain, "repeat-2", "PHD-2", "PHD-SWA-2-4-inf",
-                      "PHD-SWA-2-4-inf (full prefill)", "PHD-CSWA-2-4-8", *["PHD-CSWA-2-4-8 (plain weights)"] * plain]
+    plain = decode_applies("cpu", torch.float32)  # decode_linears (the default) is measured beside plain rows
+    assert labels == ["vanilla", *["vanilla (plain linears)"] * plain, "repeat-2", "PHD-2", "PHD-SWA-2-4-inf",
+                      "PHD-SWA-2-4-inf (full prefill)", "PHD-CSWA-2-4-8", *["PHD-CSWA-2-4-8 (plain linears)"] * plain]
     rows = {row["label"]: row for row in report["rows"]}
     assert all(row["prefill_s"]["128"] > 0 for row in report["rows"] if row["family"] != "plain")
-    if plain:  # decode only: their prefill is the packed rows' own
-        assert rows["vanilla (plain weights)"]["prefill_s"]["128"] is None
-        assert rows["PHD-CSWA-2-4-8 (plain weights)"]["decode_s_per_token"]["1"] > 0
+    if plain:  # decode only: their prefill is the other rows' own
+        assert rows["vanilla (plain linears)"]["prefill_s"]["128"] is None
+        assert rows["PHD-CSWA-2-4-8 (plain linears)"]["decode_s_per_token"]["1"] > 0
     assert rows["PHD-SWA-2-4-inf (full prefill)"]["decode_ratio"]["1"] is None  # same decode as bounded
     assert rows["repeat-2"]["cache_ratio"] == 2.0 and rows["PHD-2"]["cache_ratio"] == 1.0
     assert rows["PHD-SWA-2-4-inf"]["hidden_token_share"] < rows["PHD-SWA-2-4-inf (full prefill)"]["hidden_token_share"]
@@ -31,6 +34,10 @@ def test_quick_benchmark_writes_report(tmp_path, capsys):
     assert "| PHD-CSWA-2-4-8 |" in text and "## Goals" in text and "## The memory bound" in text
     bound = report["memory_bound"]  # the weights' bytes (tied embedding read once by the LM head) / bandwidth
     assert bound["weight_bytes"] == 4 * report["environment"]["params"] and bound["seconds"] > 0
-    assert report["environment"]["weights"] == "packed"  # the default: what `phd generate` decodes with on CPU
-    assert set(report["matmul_seconds"]) == {"row", "column"} | ({"packed"} if packing_available() else set())
-    assert "(this run: weights packed by MKL for the row count, one row plain" in text
+    assert report["environment"]["weights"] == "decode"  # the default: what `phd generate` decodes with on CPU
+    kernel = rows_linear_op() is not None
+    assert set(report["matmul_seconds"]) == ({"row", "column"} | ({"packed"} if packing_available() else set())
+                                             | ({"kernel"} if kernel else set()))
+    if kernel:  # the kernel serves up to 4 rows only
+        assert set(report["matmul_seconds"]["kernel"]) == {"1", "2"}
+    assert "(this run: decode_linears: the rows kernel up to 4 rows, MKL's packs beyond" in text

@@ -116,14 +116,14 @@ needs_mkl = pytest.mark.skipif(not packing_available(), reason="this PyTorch has
 @needs_mkl
 @pytest.mark.parametrize("name", ["vanilla", "PHD-3", "PHD-CSWA-3-2-4"])
 def test_packed_linears_decode_the_same_tokens(name):
-    """Decode with MKL-packed linears (`phd generate`'s default on CPU) gives the plain model's greedy tokens for
-    batches whose K x B rows are packed and for others (they fall back to F.linear)."""
-    from phd.inference import pack_linears
+    """Decode with MKL-packed linears (decode_linears beyond 4 rows, or without the rows kernel) gives the plain
+    model's greedy tokens for batches whose K x B rows are packed and for others (they fall back to F.linear)."""
+    from phd.inference import decode_linears
 
     model, reference = _model(name), _model(name)
     ids = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(1))
     k = model.config.repeat_k
-    assert pack_linears(model, 2 * k) == (7 * model.config.n_layers + 1 if k * 2 > 1 else 0)
+    assert decode_linears(model, 2 * k, kernel=False) == (7 * model.config.n_layers + 1 if k * 2 > 1 else 0)
     assert torch.equal(phd.generate(model, ids, 8), phd.generate(reference, ids, 8))
     assert torch.equal(phd.generate(model, ids[:1], 8), phd.generate(reference, ids[:1], 8))
     assert torch.equal(_greedy_by_forward(model, ids, 3), _greedy_by_forward(reference, ids, 3))
@@ -133,37 +133,37 @@ def test_packed_linears_decode_the_same_tokens(name):
 def test_packs_serve_only_their_rows_and_an_unchanged_weight():
     """The pack is used for inputs of exactly `rows` rows (a wrong pack planted on purpose shows where), never for
     other row counts, never once the weight changed in place or was replaced, never when a gradient is wanted;
-    state_dict, module tree and values are untouched; unpack_linears restores nn.Linear."""
-    from phd.inference import pack_linears, unpack_linears
-    from phd.inference.weights import PackedLinear
+    state_dict, module tree and values are untouched; plain_linears restores nn.Linear."""
+    from phd.inference import decode_linears, plain_linears
+    from phd.inference.weights import DecodeLinear
 
     model = _model("PHD-2")
     keys = list(model.state_dict())
-    assert pack_linears(model, 1) == 0 and not any(isinstance(m, PackedLinear) for m in model.modules())
-    n = pack_linears(model, 4)
-    assert n == 7 * model.config.n_layers + 1 and pack_linears(model, 4) == n  # idempotent
+    assert decode_linears(model, 1, kernel=False) == 0 and not any(isinstance(m, DecodeLinear) for m in model.modules())
+    n = decode_linears(model, 6)  # beyond the rows kernel: MKL packs
+    assert n == 7 * model.config.n_layers + 1 and decode_linears(model, 6) == n  # idempotent
     assert list(model.state_dict()) == keys
     lin = model.layers[0].mlp.w_up
-    assert isinstance(lin, PackedLinear) and isinstance(lin, torch.nn.Linear)
-    x4, x3 = torch.randn(2, 2, lin.in_features), torch.randn(3, lin.in_features)
+    assert isinstance(lin, DecodeLinear) and isinstance(lin, torch.nn.Linear) and not lin.use_kernel
+    x6, x5 = torch.randn(2, 3, lin.in_features), torch.randn(5, lin.in_features)
     with torch.no_grad():
-        assert torch.allclose(lin(x4), x4 @ lin.weight.T, atol=1e-5)
-        lin.packed = torch.ops.mkl._mkl_reorder_linear_weight(torch.zeros_like(lin.weight), 4)  # planted
-        assert lin(x4).abs().max() == 0  # the pack serves 4 rows ...
-        assert torch.allclose(lin(x3), x3 @ lin.weight.T, atol=1e-5)  # ... and nothing else
-    x4.requires_grad_(True)
-    assert torch.allclose(lin(x4), x4 @ lin.weight.T, atol=1e-5)  # a gradient is wanted: plain kernel
+        assert torch.allclose(lin(x6), x6 @ lin.weight.T, atol=1e-5)
+        lin.packed = torch.ops.mkl._mkl_reorder_linear_weight(torch.zeros_like(lin.weight), 6)  # planted
+        assert lin(x6).abs().max() == 0  # the pack serves 6 rows ...
+        assert torch.allclose(lin(x5), x5 @ lin.weight.T, atol=1e-5)  # ... and nothing else
+    x6.requires_grad_(True)
+    assert torch.allclose(lin(x6), x6 @ lin.weight.T, atol=1e-5)  # a gradient is wanted: plain kernel
     with torch.no_grad():
         lin.weight.mul_(2)  # changed in place: the pack is stale, not used
-        assert torch.allclose(lin(x4), x4 @ lin.weight.T, atol=1e-5)
-    pack_linears(model, 4)  # repacked from the new weight
+        assert torch.allclose(lin(x6), x6 @ lin.weight.T, atol=1e-5)
+    decode_linears(model, 6)  # repacked from the new weight
     with torch.no_grad():
-        assert torch.allclose(lin(x4), x4 @ lin.weight.T, atol=1e-5)
+        assert torch.allclose(lin(x6), x6 @ lin.weight.T, atol=1e-5)
         lin.weight.data = lin.weight.data.clone() + 1  # replaced: not the packed storage any more
-        assert torch.allclose(lin(x4), x4 @ lin.weight.T, atol=1e-5)
-    assert unpack_linears(model) == n and type(lin) is torch.nn.Linear and not hasattr(lin, "packed")
+        assert torch.allclose(lin(x6), x6 @ lin.weight.T, atol=1e-5)
+    assert plain_linears(model) == n and type(lin) is torch.nn.Linear and not hasattr(lin, "packed")
     tied = PHDTransformer(PHDConfig.from_name("PHD-2", preset="cpu-1m"))
-    assert pack_linears(tied, 2) == 7 * tied.config.n_layers  # the tied LM head is the embedding: not packed
+    assert decode_linears(tied, 6) == 7 * tied.config.n_layers  # the tied LM head is the embedding: not packed
 
 
 def test_seed_makes_sampling_reproducible():
@@ -253,20 +253,20 @@ def test_cli_streams_the_greedy_continuation(tmp_path, capsys):
     assert "6 new tokens" in err and "tokens/s" in err
 
 
-def test_cli_packs_the_k_decode_rows_unless_told_not_to(tmp_path, capsys, monkeypatch):
-    """`phd generate` packs its linears for the K rows of a decode step (same text as unpacked); --no-packed-weights
-    leaves nn.Linear's own kernel."""
+def test_cli_prepares_the_k_decode_rows_unless_told_not_to(tmp_path, capsys, monkeypatch):
+    """`phd generate` prepares its linears for the K rows of a decode step (same text as plain); --plain-linears
+    leaves nn.Linear's own kernels."""
     import phd.commands.generate as command
 
     calls = []
-    monkeypatch.setattr(command, "pack_linears", lambda model, rows: calls.append(rows) or 0)
+    monkeypatch.setattr(command, "decode_linears", lambda model, rows: calls.append(rows) or 0)
     _, _, export = _export(tmp_path)
     args = ["generate", "--checkpoint", str(export), "--prompt-ids", "5,6", "--temperature", "0",
             "--max-new-tokens", "5"]
     assert main(args) == 0 and calls == [3]
-    packed = capsys.readouterr().out
-    assert main([*args, "--no-packed-weights"]) == 0 and calls == [3]
-    assert capsys.readouterr().out == packed
+    prepared = capsys.readouterr().out
+    assert main([*args, "--plain-linears"]) == 0 and calls == [3]
+    assert capsys.readouterr().out == prepared
 
 
 def test_cli_prompt_ids_and_default_stop_token(tmp_path, capsys):

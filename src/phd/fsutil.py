@@ -36,6 +36,13 @@ class OutputError(PHDError, ValueError):
     """An output folder cannot be written without losing something; the message names it and the way out."""
 
 
+def cache_root() -> Path:
+    """phd's own cache (corpus downloads, compiled kernels): $PHD_CACHE_DIR, else $XDG_CACHE_HOME/phd, else
+    ~/.cache/phd."""
+    root = os.environ.get("PHD_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "phd"
+    return Path(root).expanduser()
+
+
 def sha256_file(path: str | Path) -> str:
     """Hex sha256 of a file, read in 1 MiB blocks (checksums that detect truncated or corrupted files)."""
     digest = hashlib.sha256()

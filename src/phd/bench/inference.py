@@ -30,12 +30,13 @@ import torch.nn.functional as F
 from ..config import PHDConfig
 from ..inference import PHDCache, decode_step, prefill
 from ..inference.engine import hidden_widths
-from ..inference.weights import column_major_linears, pack_linears, packs_apply, unpack_linears
+from ..inference.kernels import ROWS_LINEAR_MAX_ROWS, rows_linear_op
+from ..inference.weights import column_major_linears, decode_applies, decode_linears, packing_available, plain_linears
 from ..masks import hidden_token
 from ..model import PHDTransformer
 from .timing import CLOCKS
 
-PLAIN = "{} (plain weights)"  # label of a reference row decoded with nn.Linear's own kernel
+PLAIN = "{} (plain linears)"  # label of a reference row decoded with nn.Linear's own kernels
 GOALS = {  # ratio to vanilla; prefill at the longest prompt, decode at K = 4
     "PHD prefill": 1.05, "PHD-CSWA prefill": 1.10, "PHD-SWA bounded prefill": 1.15, "decode K=4": 1.25,
 }
@@ -48,7 +49,7 @@ QUICK = dict(preset="cpu-1m", ks=[1, 2, 4], prompt_lens=[64, 128], batches=[1, 2
              decode_context=64, decode_steps=4, repeats=2, warmup=1)
 # Every option (`phd bench inference --help`); None: taken from FULL or QUICK.
 DEFAULTS = dict(dict.fromkeys(FULL), quick=False, kfold_repeats=1, max_prefill_tokens=8192, max_cache_gb=4.0,
-                device="cpu", dtype="float32", threads=None, clock="wall", out="docs/bench", weights="packed")
+                device="cpu", dtype="float32", threads=None, clock="wall", out="docs/bench", weights="decode")
 
 
 def options(**given: Any) -> SimpleNamespace:
@@ -70,7 +71,7 @@ class Variant:
     k: int
     mode: str = "bounded"  # prefill mode
     family: str = ""  # vanilla | repeat | PHD | PHD-SWA | PHD-SWA full | PHD-CSWA | plain
-    plain: bool = False  # decode with nn.Linear's own kernel whatever --weights (a reference row; no prefill)
+    plain: bool = False  # decode with nn.Linear's own kernels whatever --weights (a reference row; no prefill)
     prefill: dict = field(default_factory=dict)  # T -> seconds (median)
     decode: dict = field(default_factory=dict)  # batch -> seconds per token (median)
     cache_bytes: int = 0
@@ -78,8 +79,8 @@ class Variant:
 
 
 def _variants(ks: list[int], window: int, chunk: int, plain_rows: bool = False) -> list[Variant]:
-    """Every variant at every K; plain_rows: vanilla and PHD-CSWA again with plain weights (decode only), so that
-    packed and plain decode are measured side by side in one run."""
+    """Every variant at every K; plain_rows: vanilla and PHD-CSWA again with plain linears (decode only), so that
+    decode with and without decode_linears is measured side by side in one run."""
     out = [Variant("vanilla", "vanilla", 1, family="vanilla")]
     if plain_rows:
         out.append(Variant(PLAIN.format("vanilla"), "vanilla", 1, family="plain", plain=True))
@@ -121,23 +122,32 @@ def _matmul_scaling(d_in: int, d_out: int, rows: list[int], clock, n_weights: in
                     dtype=None) -> dict[str, dict[int, float]]:
     """Seconds of one [rows, d_in] x [d_in, d_out] linear, weights streamed from memory as in decoding
     (cycling through n_weights distinct matrices, larger than the caches): how cost grows with the rows, for
-    weights stored row-major (nn.Linear's default), column-major, and packed by MKL for that row count (what
-    inference uses on CPU: phd.inference.weights)."""
+    weights stored row-major (nn.Linear's default), column-major, packed by MKL for that row count, and read by
+    phd's rows kernel (up to 4 rows; the last two are what decode_linears uses on CPU)."""
     row_major = [torch.randn(d_out, d_in, device=device, dtype=dtype) for _ in range(n_weights)]
     layouts = {"row": row_major, "column": [w.t().contiguous().t() for w in row_major]}
-    packable = packs_apply(device, dtype or torch.float32)
+    float_cpu = torch.device(device).type == "cpu" and (dtype or torch.float32) == torch.float32
+    packable = float_cpu and packing_available()
+    kernel = rows_linear_op() if float_cpu else None
     if packable:
         layouts["packed"] = row_major
+    if kernel is not None:
+        layouts["kernel"] = row_major
     out: dict[str, dict[int, float]] = {name: {} for name in layouts}
     for m in rows:
         x = torch.randn(m, d_in, device=device, dtype=dtype)
         packs = [torch.ops.mkl._mkl_reorder_linear_weight(w, m) for w in row_major] if packable else []
         for _ in range(3):  # round-robin over the layouts, best of 3 each
             for name, weights in layouts.items():
+                if name == "kernel" and m > ROWS_LINEAR_MAX_ROWS:
+                    continue
                 start = clock()
                 if name == "packed":
                     for w, packed in zip(weights, packs, strict=True):
                         torch.ops.mkl._mkl_linear(x, packed, w, None, m)
+                elif name == "kernel":
+                    for w in weights:
+                        kernel(x, w, None)
                 else:
                     for w in weights:
                         F.linear(x, w)
@@ -147,13 +157,16 @@ def _matmul_scaling(d_in: int, d_out: int, rows: list[int], clock, n_weights: in
 
 
 LAYOUTS = {"row": "row-major weights", "column": "column-major weights",
-           "packed": "weights packed by MKL for the row count"}
+           "packed": "weights packed by MKL for the row count", "kernel": "phd's rows kernel"}
 
 
 def _used(scaling: dict[str, dict[int, float]], weights: str, rows: int) -> float:
-    """Seconds of the kernel a decode of `rows` rows runs under `weights`: packs serve 2+ rows where MKL has them
-    (pack_linears), one row stays a plain matrix-vector product."""
-    if weights == "packed":
+    """Seconds of the kernel a decode of `rows` rows runs under `weights`, as decode_linears chooses: `decode`
+    takes the rows kernel up to 4 rows, MKL's packs beyond (`packed`: packs from 2 rows on); one row without
+    the kernel stays a plain matrix-vector product."""
+    if weights == "decode" and rows in scaling.get("kernel", {}):
+        return scaling["kernel"][rows]
+    if weights in ("decode", "packed"):
         weights = "packed" if rows > 1 and "packed" in scaling else "row"
     return scaling[weights][rows]
 
@@ -196,7 +209,7 @@ def run(args: SimpleNamespace) -> int:
     base = PHDTransformer(cfg).to(args.device, dtype).eval()
     if args.weights == "column":
         column_major_linears(base)  # the variants below share these weights
-    plain_rows = args.weights == "packed" and packs_apply(args.device, dtype)
+    plain_rows = args.weights in ("decode", "packed") and decode_applies(args.device, dtype)
     variants = _variants(args.ks, args.window, args.chunk, plain_rows=plain_rows)
     models = {v.label: _with_variant(base, v.name) for v in variants}
     load_before = os.getloadavg()
@@ -321,11 +334,11 @@ def _time_decode(models: dict, variants: list[Variant], vocab: int, batch: int, 
         for v in todo:
             model = models[v.label]
             cache = _decode_cache(model, batch, ctx, max_len)
-            if args.weights == "packed":  # what `phd generate` does before decoding (untimed, like its prefill)
+            if args.weights in ("decode", "packed"):  # as `phd generate` before decoding (untimed, like prefill)
                 if v.plain:
-                    unpack_linears(model)
+                    plain_linears(model)
                 else:
-                    pack_linears(model, v.k * batch)
+                    decode_linears(model, v.k * batch, kernel=args.weights == "decode")
             decode_step(model, token, cache, check=False)  # untimed: the first step on a fresh cache
             start = _clock(args)()
             for _ in range(steps):
@@ -333,8 +346,8 @@ def _time_decode(models: dict, variants: list[Variant], vocab: int, batch: int, 
             if r >= args.warmup:
                 times[v.label].append((_clock(args)() - start) / steps)
             del cache
-    if args.weights == "packed" and todo:  # the variants share their linears: one model unpacks them all
-        unpack_linears(models[todo[0].label])
+    if todo:  # the variants share their linears: one model restores them all
+        plain_linears(models[todo[0].label])
     return {label: statistics.median(values) for label, values in times.items()}
 
 
@@ -480,8 +493,9 @@ def _markdown(report: dict, plots: list[str]) -> str:
         "and extra rows are nearly free; on this CPU a d_model x d_ff linear takes "
         + "; ".join(f"{LAYOUTS[layout]}: " + ", ".join(f"{1e3 * s:.3g} ms at {r} rows" for r, s in by.items())
                     for layout, by in m.items())
-        + f" (this run: {LAYOUTS.get(env.get('weights', 'row'), 'row-major weights')}"
+        + f" (this run: {LAYOUTS.get(env.get('weights', 'row'), 'decode_linears')}"
         + (", one row plain" if env.get("weights") == "packed" else "")
+        + (": the rows kernel up to 4 rows, MKL's packs beyond" if env.get("weights") == "decode" else "")
         + "; column *matmul_ratio* in inference.json: time at 4B rows / time at B rows).",
     ]
     if plots:

@@ -30,7 +30,7 @@ import torch
 
 from ..config import PHDConfig
 from ..inference.generate import generate_stream
-from ..inference.weights import pack_linears
+from ..inference.weights import decode_linears
 from ..io import load_model
 from ..model import PHDTransformer
 from ..vllm.server import NAME, serve, stream
@@ -154,8 +154,8 @@ def _vllm_burst(base: str, prompts: list[list[int]], concurrency: int, new_token
 
 def _native_burst(model, prompts: list[list[int]], concurrency: int, new_tokens: int) -> dict:
     """`prompts` through `phd.generate`'s engine in batches of `concurrency`: per-request times. The linears are
-    packed for the batch's K x concurrency decode rows first (untimed, like loading), as `phd generate` does."""
-    pack_linears(model, model.config.repeat_k * concurrency)
+    prepared for the batch's K x concurrency decode rows first (untimed, like loading), as `phd generate` does."""
+    decode_linears(model, model.config.repeat_k * concurrency)
     rows, begin = [], time.perf_counter()
     for i in range(0, len(prompts), concurrency):
         ids = torch.tensor(prompts[i : i + concurrency])

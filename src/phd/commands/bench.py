@@ -55,9 +55,10 @@ def _inference_arguments(parser: argparse.ArgumentParser) -> None:
                         help="wall: elapsed time (default); cpu: this process's CPU time, steadier on a shared "
                              "machine (use with --threads 1: spinning threads would count)")
     parser.add_argument("--out", help="directory for inference.md / .json / *.png")
-    parser.add_argument("--weights", choices=("packed", "row", "column"),
-                        help="linear weights of decode: packed by MKL for the K x batch rows (what phd generate "
-                             "does on CPU; default), row-major (nn.Linear's) or column-major")
+    parser.add_argument("--weights", choices=("decode", "packed", "row", "column"),
+                        help="linears of decode: decode (default; what phd generate does on CPU): phd's rows "
+                             "kernel up to 4 rows, MKL packs beyond; packed: MKL packs for the K x batch rows; "
+                             "row: nn.Linear's own; column: column-major weights")
     parser.set_defaults(**inference.DEFAULTS)
 
 

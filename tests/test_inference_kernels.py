@@ -1,0 +1,186 @@
+"""phd's rows kernel (phd.inference.kernels, csrc/rows_linear.cpp) against its dense reference F.linear, and its
+use by decode_linears: only where exactly right, the same tokens as plain linears, a clean fallback without it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+import phd
+from phd import PHDConfig, PHDTransformer
+from phd.inference import decode_linears, kernels, plain_linears
+from phd.inference.weights import DecodeLinear, packing_available
+
+OP = kernels.rows_linear_op()
+needs_kernel = pytest.mark.skipif(OP is None, reason="no rows kernel here (not x86 with AVX2, or no compiler)")
+VOCAB = 40
+# K x N: long rows (the 16-wide loop), K tails of 8 and below 8, N tails of the 4- and 3-column blocks, tiny shapes.
+SHAPES = [(768, 2048), (100, 37), (24, 5), (7, 3), (16, 1), (1, 4), (40, 130)]
+
+
+def _model(name: str, seed: int = 0) -> PHDTransformer:
+    torch.manual_seed(seed)
+    cfg = PHDConfig.from_name(name, vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48,
+                              max_seq_len=64)
+    return PHDTransformer(cfg).eval()
+
+
+def _kernel_calls(fn) -> int:
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages() if e.key == "phd_kernels::rows_linear")
+
+
+def test_kernel_is_built_where_it_can_be():
+    """On an x86 CPU with AVX2 and a C++ compiler the kernel must be there (a broken build fails here, not as a
+    silent slowdown)."""
+    if kernels._cpu_supports_kernel() and shutil.which(os.environ.get("CXX") or "c++") \
+            and os.environ.get("PHD_KERNELS", "1") != "0":
+        assert OP is not None
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("bias", [False, True])
+def test_rows_linear_equals_f_linear(rows, bias):
+    """Every row count, shapes with every tail, with and without bias: F.linear's values, and no less accurate
+    than F.linear against a float64 product."""
+    gen = torch.Generator().manual_seed(rows)
+    for k, n in SHAPES:
+        x, w = torch.randn(rows, k, generator=gen), torch.randn(n, k, generator=gen)
+        b = torch.randn(n, generator=gen) if bias else None
+        got, ref = OP(x, w, b), F.linear(x, w, b)
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+        exact = F.linear(x.double(), w.double(), None if b is None else b.double())
+        assert (got - exact).abs().max() <= 4 * (ref - exact).abs().max() + 1e-5
+
+
+@needs_kernel
+def test_threads_split_the_output_not_the_sums():
+    """With 2 threads each output is still one thread's sum in the same order: bit-identical to 1 thread."""
+    x, w, b = torch.randn(4, 300), torch.randn(1000, 300), torch.randn(1000)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = OP(x, w, b)
+        torch.set_num_threads(2)
+        two = OP(x, w, b)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+    torch.testing.assert_close(one, F.linear(x, w, b), atol=1e-4, rtol=1e-4)
+
+
+@needs_kernel
+def test_torch_compile_traces_through_the_kernel():
+    """The op has a fake (shape-only) implementation: a compiled function calls it in one graph."""
+    x, w = torch.randn(3, 64), torch.randn(40, 64)
+    compiled = torch.compile(lambda a, b: OP(a, b, None).relu(), backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x, w), F.linear(x, w).relu(), atol=1e-4, rtol=1e-4)
+
+
+@needs_kernel
+def test_rows_linear_refuses_what_it_does_not_handle():
+    w = torch.randn(8, 16)
+    for x, what in ((torch.randn(5, 16), "1 to 4 rows"), (torch.randn(2, 16).double(), "float32"),
+                    (torch.randn(16, 2).t(), "contiguous"), (torch.randn(2, 15), "x must be")):
+        with pytest.raises(RuntimeError, match=what):
+            OP(x, w.double() if x.dtype == torch.float64 else w, None)
+    with pytest.raises(RuntimeError, match="bias"):
+        OP(torch.randn(2, 16), w, torch.randn(7))
+
+
+@needs_kernel
+@pytest.mark.parametrize("name,batch", [("vanilla", 1), ("PHD-3", 1), ("PHD-CSWA-3-2-4", 1), ("PHD-2", 2)])
+def test_kernel_decodes_the_same_tokens(name, batch):
+    """decode_linears for K x B <= 4 rows: every linear of a decode step runs the kernel, and greedy decoding
+    gives the plain model's tokens (prefill and training keep F.linear)."""
+    model, reference = _model(name), _model(name)
+    k = model.config.repeat_k
+    assert decode_linears(model, k * batch) == 7 * model.config.n_layers + 1
+    assert all(m.use_kernel and m.packed is None for m in model.modules() if isinstance(m, DecodeLinear))
+    ids = torch.randint(0, VOCAB, (batch, 5), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(phd.generate(model, ids, 8), phd.generate(reference, ids, 8))
+    cache = model.new_cache(batch, 16)
+    with torch.inference_mode():
+        model.prefill(ids, cache)
+        calls = _kernel_calls(lambda: model.decode_step(ids[:, -1], cache))
+    assert calls == 7 * model.config.n_layers + 1  # each layer's 7 linears and the LM head
+    plain_linears(model)
+    cache = model.new_cache(batch, 16)
+    with torch.inference_mode():
+        model.prefill(ids, cache)
+        assert _kernel_calls(lambda: model.decode_step(ids[:, -1], cache)) == 0
+
+
+@needs_kernel
+def test_kernel_reads_the_live_weight_and_steps_aside_for_gradients():
+    """The kernel reads the weight as it is now (no copy to go stale); a wanted gradient or more than 4 rows run
+    F.linear."""
+    model = _model("PHD-2")
+    decode_linears(model, 2)
+    lin = model.layers[0].mlp.w_up
+    x = torch.randn(2, lin.in_features)
+    with torch.no_grad():
+        lin.weight.mul_(2)
+        assert _kernel_calls(lambda: torch.testing.assert_close(lin(x), F.linear(x, lin.weight), atol=1e-5,
+                                                                rtol=1e-5)) == 1
+        lin.weight.data = lin.weight.data.clone() + 1
+        torch.testing.assert_close(lin(x), F.linear(x, lin.weight), atol=1e-5, rtol=1e-5)
+        assert _kernel_calls(lambda: lin(torch.randn(5, lin.in_features))) == 0
+    assert _kernel_calls(lambda: lin(x.requires_grad_(True)).sum().backward()) == 0
+    assert x.grad is not None
+
+
+def test_without_the_kernel_packs_serve_and_one_row_stays_plain(monkeypatch):
+    """Where the kernel is unavailable decode_linears falls back to MKL packs (2+ rows) or changes nothing."""
+    import phd.inference.weights as weights
+
+    monkeypatch.setattr(weights, "rows_linear_op", lambda: None)
+    model = _model("PHD-3")
+    assert decode_linears(model, 1) == 0
+    if packing_available():
+        assert decode_linears(model, 3) == 7 * model.config.n_layers + 1
+        assert all(not m.use_kernel and m.packed_rows == 3 for m in model.modules() if isinstance(m, DecodeLinear))
+        ids = torch.randint(0, VOCAB, (1, 5), generator=torch.Generator().manual_seed(1))
+        assert torch.equal(phd.generate(model, ids, 6), phd.generate(_model("PHD-3"), ids, 6))
+
+
+def test_a_failed_build_warns_once_and_returns_none(monkeypatch, tmp_path):
+    monkeypatch.setattr(kernels, "_loaded", {})
+    monkeypatch.setattr(kernels, "_cpu_supports_kernel", lambda: True)
+    monkeypatch.setenv("PHD_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    with pytest.warns(RuntimeWarning, match="decode kernel is not available.*no C.. compiler"):
+        assert kernels.rows_linear_op() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert kernels.rows_linear_op() is None  # answered once per process
+    monkeypatch.setattr(kernels, "_loaded", {})
+    monkeypatch.setenv("PHD_KERNELS", "0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert kernels.rows_linear_op() is None  # turned off: no compiling, no warning
+
+
+@needs_kernel
+def test_kernel_compiles_from_scratch(tmp_path):
+    """A fresh cache: one compile (said on stderr), the library published under its digest, then loaded and right
+    (in a child process: a process registers the op namespace once)."""
+    code = ("import torch; from phd.inference.kernels import rows_linear_op as f; op = f(); x, w = torch.randn(3, 40), "
+            "torch.randn(9, 40); torch.testing.assert_close(op(x, w, None), x @ w.T); print('ok')")
+    env = {**os.environ, "PHD_CACHE_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok" and "compiling the decode kernel" in done.stderr
+    assert [p.name for p in (tmp_path / "kernels").iterdir()] == [kernels._library_path().name]
+    again = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "compiling" not in again.stderr
