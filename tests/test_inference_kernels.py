@@ -154,6 +154,19 @@ def test_without_the_kernel_packs_serve_and_one_row_stays_plain(monkeypatch):
         assert torch.equal(phd.generate(model, ids, 6), phd.generate(_model("PHD-3"), ids, 6))
 
 
+def test_models_without_cpu_float32_linears_never_ask_for_the_kernel(monkeypatch):
+    """A bfloat16 (or CUDA) model has nothing for decode_linears: it changes nothing and compiles nothing."""
+    import phd.inference.weights as weights
+
+    def refuse():
+        raise AssertionError("rows_linear_op consulted for a model it cannot serve")
+
+    monkeypatch.setattr(weights, "rows_linear_op", refuse)
+    model = _model("PHD-3").to(torch.bfloat16)
+    assert decode_linears(model, 3) == 0 and decode_linears(model, 1) == 0
+    assert not any(isinstance(m, DecodeLinear) for m in model.modules())
+
+
 def test_a_failed_build_warns_once_and_returns_none(monkeypatch, tmp_path):
     monkeypatch.setattr(kernels, "_loaded", {})
     monkeypatch.setattr(kernels, "_cpu_supports_kernel", lambda: True)

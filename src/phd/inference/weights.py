@@ -79,15 +79,15 @@ def decode_linears(model: nn.Module, rows: int, kernel: bool = True) -> int:
     Returns 0 (nothing changed) where neither applies, e.g. one row without the kernel: PyTorch's matrix-vector
     product is then already the right kernel.
     """
+    linears = [m for m in _untied_linears(model) if m.weight.dtype == torch.float32]
+    if not linears:  # a CUDA or bfloat16 model: nothing to do, and no kernel to compile for it
+        return 0
     use_kernel = kernel and rows <= ROWS_LINEAR_MAX_ROWS and rows_linear_op() is not None
     if not use_kernel and (rows < 2 or not packing_available()):
         return 0
-    n = 0
     with torch.no_grad():
-        for m in _untied_linears(model):
+        for m in linears:
             w = m.weight
-            if w.dtype != torch.float32:
-                continue
             key = (w.data_ptr(), w._version)
             fresh = isinstance(m, DecodeLinear) and m.packed is not None and m.packed_rows == rows \
                 and m.packed_key == key
@@ -98,8 +98,7 @@ def decode_linears(model: nn.Module, rows: int, kernel: bool = True) -> int:
             elif not fresh:
                 m.packed = torch.ops.mkl._mkl_reorder_linear_weight(w.detach(), rows)
                 m.packed_rows, m.packed_key = rows, key
-            n += 1
-    return n
+    return len(linears)
 
 
 def plain_linears(model: nn.Module) -> int:
