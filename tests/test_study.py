@@ -188,6 +188,99 @@ def test_paired_statistics():
     assert summarize([0.3]).outside_2sd is None
 
 
+def test_intervals_wins_and_robust_outliers():
+    """The 95% t interval of the mean, the interval for one more seed, win counts and the MAD outlier rule, checked
+    against values computed by hand (t with 7 degrees of freedom: 2.365)."""
+    diffs = [0.1, -0.2, 0.05, 0.0, -0.1, 0.03, 0.02, -0.05]
+    s = summarize(diffs)
+    import statistics
+
+    mean, sd = statistics.fmean(diffs), statistics.stdev(diffs)
+    assert s.sd == pytest.approx(sd) and s.sd != pytest.approx(sd / len(diffs) ** 0.5)  # sd, not standard error
+    assert s.ci95 == pytest.approx((mean - 2.365 * sd / 8 ** 0.5, mean + 2.365 * sd / 8 ** 0.5))
+    assert s.predict95 == pytest.approx((mean - 2.365 * sd * (1 + 1 / 8) ** 0.5, mean + 2.365 * sd * (1 + 1 / 8) ** 0.5))
+    assert s.wins == 3 and s.excludes_zero is False
+    assert summarize([-0.1, -0.12, -0.09, -0.11]).excludes_zero is True
+    assert summarize([0.3]).ci95 is None and summarize([0.3]).predict95 is None
+    from phd.study.stats import outliers, robust_sd, t95
+
+    assert t95(1) == 12.706 and t95(35) == 2.042 and t95(500) == 1.96
+    losses = {0: 5.40, 1: 5.41, 2: 5.39, 3: 5.62, 4: 5.40, 5: 5.405}
+    assert robust_sd(list(losses.values())) == pytest.approx(1.4826 * 0.005)
+    assert set(outliers(losses)) == {3}  # 0.22 away: about 30 robust sd
+    assert outliers({0: 1.0, 1: 9.0, 2: 1.0}) == {}  # fewer than 4 runs: no judgement
+
+
+def test_recipe_values_are_checked_when_the_suite_is_read(data, tmp_path):
+    experiments = write_suite(tmp_path / "e", data)
+    suite = json.loads((experiments / "tiny.json").read_text())
+    for key, value in [("tokens", -5), ("tokens", 0), ("tokens", "abc"), ("evals", -3), ("evals", 0),
+                       ("warmup_fraction", 5), ("eval_sequences", 0), ("model", 5), ("data", 7),
+                       ("data", {"corpus": "nope"}), ("compile", "maybe"), ("z_loss", -1), ("lr", 0)]:
+        bad = json.loads(json.dumps(suite))
+        bad["recipes"]["core"][key] = value
+        (experiments / "bad.json").write_text(json.dumps(bad))
+        with pytest.raises(StudyError, match=f"recipe 'core': {key}="):
+            load_suite(experiments, "bad")
+    bad = json.loads(json.dumps(suite))
+    bad["recipes"]["core"]["variants"] = [5]
+    (experiments / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(StudyError, match="variant names"):
+        load_suite(experiments, "bad")
+
+
+def test_screen_trains_the_first_steps_of_the_full_schedule(data, tmp_path):
+    """A screen row per run: the first N steps of the run's own schedule, health every step, never redone."""
+    from phd.study.screen import screen_suite
+
+    experiments = write_suite(tmp_path / "e", data)
+    suite = load_suite(experiments, "tiny")
+    one = type(suite)(suite.name, suite.path, suite.description, suite.runs[1:3], suite.recipes)
+    results, logs = tmp_path / "screen.jsonl", []
+    assert screen_suite(one, results, tmp_path / "runs", 3, log=logs.append) == 2
+    rows = read_results(results)
+    assert [(r["variant"], r["screen_steps"], len(r["loss_curve"])) for r in rows] == [
+        ("vanilla", 3, 3), ("PHD-CSWA-2-4-8", 3, 3)]
+    assert all(r["attn_logit_max"] > 0 and r["grad_norm_max"] >= r["grad_norm_median"] for r in rows)
+    full = run_suite(one, tmp_path / "full.jsonl", tmp_path / "full-runs", progress=False, log=lambda _: None,
+                     stop_after_steps=3, commit="test")
+    assert full["trained"] == 2
+    from phd.train.trainer import read_metrics
+
+    same = [r["loss"] for r in read_metrics(run_dir(tmp_path / "full-runs", one.runs[0])) if "loss" in r]
+    assert rows[0]["loss_curve"] == [round(x, 4) for x in same]  # the full run's first steps, same schedule
+    assert screen_suite(one, results, tmp_path / "runs", 3, log=logs.append) == 0
+
+
+def test_compare_sets_its_seeds_beside_the_study_interval(tmp_path):
+    """`phd compare` finds the study's runs of its own setting and corpus (any suite, role main), prints their
+    interval for one more seed, and says plainly when its own seed falls outside it."""
+    from phd.study.compare import study_reference
+
+    def row(variant, seed, loss, corpus="pypi", role="main", lr=0.003, suite="s"):
+        return {"suite": suite, "recipe": "r", "variant": variant, "seed": seed, "val_loss": loss, "tokens": 1000,
+                "role": role, "corpus": corpus,
+                "config": {"lr": lr, "seq_len": 8, "seed": seed, "compile": True, "out": f"x{seed}",
+                           "model": {"vocab_size": 10, "repeat_k": 2 if variant != "vanilla" else 1}}}
+
+    study = [row("vanilla", s, 5.0) for s in range(6)] + [row("PHD-2", s, 5.0 + d) for s, d in
+                                                          enumerate([-0.10, -0.12, -0.08, -0.11, -0.09, -0.10])]
+    study += [row("vanilla", 0, 9.0, role="equal-flops"), row("PHD-2", 0, 1.0, corpus="project"),
+              row("vanilla", 0, 1.0, corpus="project"), row("PHD-2", 1, 9.0, lr=0.1)]
+    path = tmp_path / "results.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in study))
+    own = [row("vanilla", 40, 5.0, suite="compare"), row("PHD-2", 40, 4.9, suite="compare")]
+    own[0]["config"]["compile"] = False  # how it computes does not matter; what it computes does
+    text = study_reference(own, ["vanilla", "PHD-2"], path)
+    assert "pypi corpus" in text and "-0.1000 ± 0.0141 (6 seeds)" in text and "inside that range" in text
+    assert "lower than vanilla in 6 of 6 seeds" in text
+    own[1]["val_loss"] = 5.2
+    assert "OUTSIDE that range for seed(s) 40" in study_reference(own, ["vanilla", "PHD-2"], path)
+    for r in own:
+        r["corpus"] = "elsewhere"
+    assert "no runs of this setting on the elsewhere corpus" in study_reference(own, ["vanilla", "PHD-2"], path)
+
+
 def test_costs_rows_price_the_trained_shape(tmp_path):
     from phd.study.costs import measure_costs
 

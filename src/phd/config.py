@@ -260,6 +260,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         vocab_size=2048, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=384,
         tie_embeddings=True, max_seq_len=512,
     ),
+    # cpu-1m in the paper's architecture (OLMo2: the norm after attention / MLP outputs, QK-norm)
+    "cpu-1m-olmo2": dict(
+        vocab_size=2048, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=384,
+        tie_embeddings=True, max_seq_len=512, norm="post", qk_norm=True, norm_eps=1e-6,
+    ),
 }
 
 

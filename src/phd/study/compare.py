@@ -20,8 +20,7 @@ from .runner import done_keys, logged_steps, read_results, run_dir, run_rows, ru
 from .stats import paired, summarize
 
 DEFAULTS = dict(variants=["vanilla", "PHD-CSWA-3-16-32"], preset="cpu-1m", seq_len=256, batch_size=16,
-                tokens=750_000, lr=0.003, evals=6, eval_sequences=256)
-STUDY_SUITE = "small"  # the suite of experiments/ that measured the defaults over seeds
+                tokens=750_000, lr=0.003, warmup_fraction=0.05, compile=True, evals=6, eval_sequences=256)
 REPO = Path(__file__).resolve().parents[3]
 
 
@@ -35,6 +34,8 @@ class Comparison(Protocol):
     tokens: int
     steps: int | None
     lr: float
+    warmup_fraction: float
+    compile: bool
     evals: int
     eval_sequences: int
     seeds: list[int]
@@ -42,13 +43,14 @@ class Comparison(Protocol):
     quiet: bool
 
 
-def suite_for(args: Comparison, data: str) -> tuple[str, dict[str, Any]]:
+def suite_for(args: Comparison, data: str | dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """(recipe name, suite) of this comparison; the name carries a digest of the settings, so other settings
-    train in other folders and nothing of an earlier comparison is overwritten."""
+    train in other folders and nothing of an earlier comparison is overwritten. `data`: a data folder, or
+    {"corpus": "default" | "pypi"}."""
     settings = {"preset": args.preset, "data": data, "seq_len": args.seq_len, "batch_size": args.batch_size,
                 "tokens": args.steps * args.seq_len * args.batch_size if args.steps else args.tokens,
-                "lr": args.lr, "evals": args.evals, "eval_sequences": args.eval_sequences,
-                "checkpoint_every": 25}
+                "lr": args.lr, "warmup_fraction": args.warmup_fraction, "evals": args.evals,
+                "eval_sequences": args.eval_sequences, "compile": args.compile, "checkpoint_every": 25}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
     recipe = f"compare-{digest}"
     suite = {"description": "phd compare", "defaults": settings,
@@ -109,7 +111,8 @@ def _follow(suite: Suite, runs_root: Path, workers: list[subprocess.Popen], quie
 
 
 def summary(rows: list[dict[str, Any]], args: Comparison, settings: dict[str, Any], data: Path) -> str:
-    """The comparison as markdown: per variant the loss of every seed and the paired difference to the first."""
+    """The comparison as markdown: per variant the loss of every seed and the paired difference to the first, then
+    the study's measurement of the same setting on the same corpus, and whether these seeds fall inside it."""
     by_variant = {v: sorted((r for r in rows if r["variant"] == v), key=lambda r: r["seed"]) for v in args.variants}
     base_name = args.variants[0]
     base = by_variant[base_name]
@@ -117,7 +120,7 @@ def summary(rows: list[dict[str, Any]], args: Comparison, settings: dict[str, An
     lines = [
         f"{args.preset} ({first['params']:,} parameters), seq_len {args.seq_len}, batch {args.batch_size}, "
         f"{first['tokens']:,} training tokens per run, lr {args.lr}, seeds {' '.join(map(str, args.seeds))}, "
-        f"data {data}",
+        f"corpus {first.get('corpus', '?')} ({data})",
         "",
         f"| variant | val loss by seed | mean | paired Δ vs {base_name} | train FLOPs | tok/s | time |",
         "|---|---|---:|---:|---:|---:|---:|",
@@ -130,37 +133,71 @@ def summary(rows: list[dict[str, Any]], args: Comparison, settings: dict[str, An
         wall = sum(r["wall_s"] or 0 for r in group) / len(group)
         lines.append(f"| {variant} | {losses} | {mean.mean:.4f} | {delta.text() if delta else ''} | "
                      f"{group[0]['flops'] / 1e12:.2f} TF | {tok_s:,.0f} | {wall:.0f} s |")
-    reference = study_reference(settings, args.variants)
-    if reference:
-        lines += ["", reference]
+    lines += ["", study_reference(rows, args.variants)]
     return "\n".join(lines)
 
 
-def study_reference(settings: dict[str, Any], variants: list[str],
-                    path: Path = REPO / "experiments" / "results.jsonl") -> str | None:
-    """The same setting's paired differences over seeds from the project's study, when this is a checkout. Only
-    runs at equal parameters and tokens (role "main"): a suite also holds vanilla runs of other shapes (equal
-    FLOPs) and ablations at the same token count, which are not this comparison's baseline."""
+# Settings that do not change what a run computes (or only how its curve is sampled): left out when matching.
+_UNCOMPARED = ("seed", "out", "data", "progress", "compile", "diagnostics_every", "eval_every", "checkpoint_every",
+               "checkpoint_keep", "log_every", "resumes")
+_VARIANT_FIELDS = ("repeat_k", "window", "chunk", "naive", "attn_backend")
+
+
+def _comparable(row: dict[str, Any]) -> str:
+    """A row's training setting apart from its variant and seed, with its corpus: runs that answer the same
+    question have the same key."""
+    config = {k: v for k, v in row["config"].items() if k not in _UNCOMPARED}
+    config["model"] = {k: v for k, v in config["model"].items() if k not in _VARIANT_FIELDS}
+    config.setdefault("z_loss", 0.0)
+    return json.dumps([config, row["tokens"], row.get("corpus")], sort_keys=True)
+
+
+def study_reference(own: list[dict[str, Any]], variants: list[str],
+                    path: Path = REPO / "experiments" / "results.jsonl") -> str:
+    """The study's paired difference for this comparison's setting and corpus (runs at equal parameters and
+    tokens, role "main"; the group of one recipe set with the most seeds), its 95% interval for the mean and for
+    one more seed, and where this comparison's own seeds fall."""
+    corpus = own[0].get("corpus", "?")
     if not path.exists():
-        return None
-    keys = ("seq_len", "batch_size", "lr")
-    rows = [r for r in run_rows(read_results(path)) if r.get("suite") == STUDY_SUITE and r.get("role", "main") == "main"
-            and all(r["config"][k] == settings[k] for k in keys) and r["tokens"] >= settings["tokens"] * 0.99
-            and r["tokens"] <= settings["tokens"] * 1.01 and r["config"]["model"]["vocab_size"] > 0]
-    base = [r for r in rows if r["variant"] == variants[0]]
+        return (f"(No study results here ({path} is missing: this is not a checkout of the project), so this run "
+                "cannot be set beside the measured spread; see docs/RESULTS.md in the repository.)")
+    key = _comparable(own[0])
+    rows = [r for r in run_rows(read_results(path)) if r.get("role", "main") == "main" and "config" in r
+            and _comparable(r) == key]
+    base_name = variants[0]
+    own_base_loss = {r["seed"]: r["val_loss"] for r in own if r["variant"] == base_name}
     parts = []
     for v in variants[1:]:
-        diffs = paired([r for r in rows if r["variant"] == v], base)
+        groups: dict[tuple[str, str], list[float]] = {}
+        for suite in sorted({r["suite"] for r in rows}):
+            mine = [r for r in rows if r["suite"] == suite and r["variant"] == v]
+            base = [r for r in rows if r["suite"] == suite and r["variant"] == base_name]
+            if mine and base:
+                recipes = "+".join(sorted({r["recipe"] for r in mine}))
+                groups[(suite, recipes)] = paired(mine, base)
+        if not groups:
+            parts.append(f"- {v} − {base_name}: the study has no runs of this setting on the {corpus} corpus, so "
+                         "there is no measured spread to judge this run by.")
+            continue
+        (suite, recipes), diffs = max(groups.items(), key=lambda kv: (len(kv[1]), kv[0]))
         s = summarize(diffs)
-        if s is not None:
-            verdict = "" if s.outside_2sd is None else (
-                ", outside 2 sd" if s.outside_2sd else ", within 2 sd: not distinguishable from noise")
-            by_seed = ", ".join(f"{d:+.4f}" for d in diffs)
-            parts.append(f"{v} − {variants[0]}: {s.text()}{verdict} (by seed: {by_seed})")
-    if not parts:
-        return None
-    return (f"The study measured this setting on the project's corpus (docs/RESULTS.md, suite `{STUDY_SUITE}`): "
-            + "; ".join(parts) + ".")
+        own_diffs = {r["seed"]: r["val_loss"] - own_base_loss[r["seed"]]
+                     for r in sorted(own, key=lambda r: r["seed"]) if r["variant"] == v and r["seed"] in own_base_loss}
+        mine_text = ", ".join(f"seed {seed} {d:+.4f}" for seed, d in own_diffs.items())
+        head = (f"- {v} − {base_name}, measured by the study on the {corpus} corpus (suite `{suite}`, recipe "
+                f"{recipes}): {s.text()}")
+        if s.sd is None:
+            parts.append(f"{head}: one seed, no spread. This run: {mine_text}.")
+            continue
+        lo, hi = s.predict95
+        outside = {seed: d for seed, d in own_diffs.items() if not lo <= d <= hi}
+        verdict = ("inside that range" if not outside else
+                   "OUTSIDE that range for seed(s) " + ", ".join(map(str, outside)) +
+                   ": this run does not agree with the study; rerun it, and report it if it repeats")
+        parts.append(f"{head}, 95% CI of the mean {s.interval_text()}, lower than {base_name} in {s.wins} of {s.n} "
+                     f"seeds. One new seed is expected within [{lo:+.3f}, {hi:+.3f}] (95%). This run: {mine_text}: "
+                     f"{verdict}.")
+    return "\n".join(["How this compares with the study (docs/RESULTS.md):", "", *parts])
 
 
 def plot_curves(rows: list[dict[str, Any]], path: Path) -> Path | None:

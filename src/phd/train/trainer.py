@@ -36,6 +36,7 @@ from ..io import load_model, save_model
 from ..model import PHDTransformer
 from .checkpoint import Checkpointer, check_model_config, load_checkpoint
 from .config import TrainConfig
+from .diagnostics import PROBE_TOKENS, UpdateRatio, grad_norms, probe_logits
 from .loader import TokenLoader
 from .optim import apply_config, build_optimizer, build_scheduler, optim_settings
 from .parallelize import DistInfo, any_rank, parallelize
@@ -68,6 +69,7 @@ class StepResult:
     grad_norm: float
     lr: float
     skipped: bool = False
+    health: dict[str, Any] | None = None  # the diagnostics of this step, when it was probed
 
 
 @dataclass
@@ -266,10 +268,22 @@ class Trainer:
 
     # ----- one step -----
     def forward_loss(self, inputs: Tensor, targets: Tensor) -> Tensor:
-        """Mean next-token loss of one micro-batch (the seam tests use to inject faults)."""
+        """The objective of one micro-batch: mean next-token loss, plus z_loss * mean logsumexp(logits)^2 when
+        z_loss > 0 (that term is also added to self._z_term, so the logged loss stays the cross-entropy). The
+        seam tests use to inject faults."""
         ctx = torch.autocast(self.info.device.type, dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
         with ctx:
-            return self.model(inputs, targets).loss
+            out = self.model(inputs, targets)
+        if not self.cfg.z_loss:
+            return out.loss
+        z = self.cfg.z_loss * torch.logsumexp(out.logits.float(), dim=-1).pow(2).mean()
+        self._z_term = self._z_term + z.detach()
+        return out.loss + z
+
+    def _probing(self, step: int) -> bool:
+        """Diagnostics at this step: every diagnostics_every steps and at step 1, on a single process."""
+        every = self.cfg.diagnostics_every
+        return bool(every) and not self.info.distributed and (step == 1 or step % every == 0)
 
     def _gradient_sync(self, last: bool) -> contextlib.AbstractContextManager:
         """Reduce gradients across ranks only in the backward of the last micro-batch of a step."""
@@ -290,30 +304,39 @@ class Trainer:
         cfg, device = self.cfg, self.info.device
         self.model.train()
         micro = self.loader.next_step()
+        step = self.progress.step + 1
+        health = None
+        if self._probing(step):  # before this step's update: the weights the loss below is computed with
+            health = probe_logits(self.model, micro[0][0][:1, :PROBE_TOKENS].to(device))
         total = torch.zeros((), device=device)
+        self._z_term = torch.zeros((), device=device)
         for i, (inputs, targets) in enumerate(micro):
             with self._gradient_sync(i == len(micro) - 1):
                 loss = self.forward_loss(inputs.to(device), targets.to(device)) / len(micro)
                 loss.backward()
             total += loss.detach().float()
-        loss_value = self._all_mean(total)
+        loss_value = self._all_mean(total - self._z_term / len(micro))  # the cross-entropy, without the z-loss
+        if health is not None:
+            health["grad_norm_by_layer"] = grad_norms(self.model)
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip or math.inf)
         if hasattr(norm, "full_tensor"):
             norm = norm.full_tensor()
         lr = self.optimizer.param_groups[0]["lr"]  # what this step's update uses
         loss_f, norm_f = float(loss_value), float(norm)
-        step = self.progress.step + 1
         skipped = not (math.isfinite(loss_f) and math.isfinite(norm_f))
         if skipped:
             self._non_finite(step, loss_f, norm_f)
         else:
+            update = UpdateRatio(self.model) if health is not None else None
             self.optimizer.step()
+            if update is not None:
+                health["update_ratio"] = update.ratios()
             self.progress.consecutive_skipped = 0
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.progress.step = step
         self.progress.tokens += cfg.tokens_per_step
-        return StepResult(step, loss_f, norm_f, lr, skipped)
+        return StepResult(step, loss_f, norm_f, lr, skipped, health)
 
     def _non_finite(self, step: int, loss: float, norm: float) -> None:
         what = f"loss={loss} grad_norm={norm} at step {step}"
@@ -383,8 +406,10 @@ class Trainer:
                 }
                 if last.skipped:
                     record["skipped"] = True
+                if last.health is not None:
+                    record.update(last.health)
                 p.history.append(record)
-                if last.step % cfg.log_every == 0 or last.step == total:
+                if last.step % cfg.log_every == 0 or last.step == total or last.health is not None:
                     record["tok_per_s"] = window_tokens / window_time if window_time else None
                     self._write_metrics(record)
                     window_time, window_tokens = 0.0, 0
