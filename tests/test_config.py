@@ -70,7 +70,8 @@ def test_json_round_trip(tmp_path):
 
 @pytest.mark.parametrize(
     "preset, low, high",
-    [("cpu-1m", 0.8e6, 1.3e6), ("cpu-10m", 8e6, 12e6), ("cpu-30m", 25e6, 35e6), ("bench-100m", 90e6, 120e6)],
+    [("cpu-tiny", 0.3e6, 0.35e6), ("cpu-1m", 0.8e6, 1.3e6), ("cpu-1m-olmo2", 0.8e6, 1.3e6), ("cpu-10m", 8e6, 12e6),
+     ("cpu-30m", 25e6, 35e6), ("bench-100m", 90e6, 120e6)],
 )
 def test_cpu_presets_have_their_advertised_size(preset, low, high):
     assert low <= PHDConfig.preset(preset).num_params() <= high

@@ -1,9 +1,12 @@
 """phd's output rule through the real commands: nothing a user owns is deleted or overwritten (`phd data`,
-`phd export`, `phd convert`), backups and temp folders are handled, finished folders have normal permissions."""
+`phd export`, `phd convert`, `phd eval --out`), backups and temp folders are handled, finished folders have normal
+permissions."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import stat
 from pathlib import Path
 
@@ -159,3 +162,58 @@ def test_a_failed_publishing_rename_restores_the_old_folder(tmp_path, monkeypatc
     with pytest.raises(OSError, match="disk gone"), output_dir(out, "phd-export", overwrite=True) as tmp:
         (tmp / "a").write_text("new")
     assert (out / "a").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def eval_cmd(run: Path, out: Path, *extra: str) -> list[str]:
+    return ["eval", str(run / "model"), "--data", str(run.parent / "data"), "--seq-len", "32", "--out", str(out),
+            *extra]
+
+
+def test_eval_out_never_overwrites_a_file_phd_did_not_write(run, tmp_path, capsys):
+    """`phd eval --out` once replaced a checkpoint's meta.json and a user's notes: any file it did not write (or
+    phd output of another kind, a folder, a link) is refused in one line, before scoring, and left as it was."""
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (tmp_path / "mynotes.txt").write_text("my notes\n")
+    (tmp_path / "theirs.json").write_text('{"loss": 1.0}\n')
+    (tmp_path / "bench.json").write_text('{"phd_output": "phd-bench", "loss": 1.0}\n')
+    (tmp_path / "link.json").symlink_to(tmp_path / "mynotes.txt")
+    targets = {copy / "checkpoints" / "step_00000002" / "meta.json": "not written by phd",
+               copy / "model" / "config.json": "not written by phd",
+               tmp_path / "mynotes.txt": "not written by phd", tmp_path / "theirs.json": "not written by phd",
+               tmp_path / "bench.json": "phd phd-bench output, not phd-eval",
+               tmp_path / "link.json": "not a plain file", copy / "checkpoints": "not a plain file"}
+    before = tree(tmp_path)
+    for target, why in targets.items():
+        assert main(eval_cmd(copy, target)) == 1, target
+        captured = capsys.readouterr()
+        assert captured.err.startswith(f"phd eval: error: --out {target} exists and is {why}"), captured.err
+        assert len(captured.err.strip().splitlines()) == 1 and "loss" not in captured.out  # refused before scoring
+    assert tree(tmp_path) == before
+
+
+def test_eval_out_replaces_its_own_file_atomically(run, tmp_path, capsys, monkeypatch):
+    """phd's own eval JSON (its first key says so) is replaced, through a temporary file renamed over it: a failed
+    write leaves the previous file whole, and a killed eval's temporary file is cleaned by the next one."""
+    out = tmp_path / "results" / "eval.json"
+    assert main(eval_cmd(run, out, "--max-tokens", "32")) == 0
+    first = json.loads(out.read_text())
+    assert list(first)[0] == "phd_output" and first["phd_output"] == "phd-eval" and first["loss"]["windows"] == 1
+    stale = out.with_name(f".eval.json{TMP_TAG}{DEAD_PID}-0000")  # the temporary file of a killed eval
+    stale.write_text('{"phd_output": "phd-eval", "lo')
+    assert main(eval_cmd(run, out, "--max-tokens", "64")) == 0
+    assert json.loads(out.read_text())["loss"]["windows"] == 2
+    assert sorted(p.name for p in out.parent.iterdir()) == ["eval.json"]
+    written = out.read_bytes()
+    real = os.replace
+
+    def failing(src, dst):
+        if TMP_TAG in Path(src).name:
+            raise OSError("disk gone")
+        real(src, dst)
+
+    monkeypatch.setattr(fsutil.os, "replace", failing)
+    with pytest.raises(OSError, match="disk gone"):
+        main(eval_cmd(run, out, "--max-tokens", "96"))
+    assert out.read_bytes() == written and sorted(p.name for p in out.parent.iterdir()) == ["eval.json"]
+    capsys.readouterr()

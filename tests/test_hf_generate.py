@@ -14,6 +14,7 @@ from hf_utils import VOCAB, left_padded, tiny_phd, tiny_transformers  # noqa: E4
 from train_utils import one_thread  # noqa: E402, F401 (autouse fixture)
 
 import phd  # noqa: E402
+from phd.errors import InputError  # noqa: E402
 from phd.hf import PHDForCausalLM  # noqa: E402
 from phd.hf.cache import PHDHFCache  # noqa: E402
 from phd.hf.convert import from_transformers  # noqa: E402
@@ -142,6 +143,38 @@ def test_what_a_phd_cache_cannot_do_is_refused() -> None:
         model.generate(ids, max_new_tokens=2, cache_implementation="static")
     with pytest.raises(ValueError, match="does not take position_ids"):
         model(ids, position_ids=torch.arange(9)[None])
+
+
+def test_cache_position_must_name_the_columns_after_the_cache() -> None:
+    """cache_position is checked, not obeyed: the right one gives the logits of no cache_position; one behind the
+    cache (tokens again), ahead of it (a gap), of another length or not consecutive is refused in one line, before
+    the cache changes. Without a filled cache the right one starts at 0."""
+    model = hf_phd()
+    ids, more = torch.tensor([PROMPTS[0]]), torch.tensor([[20, 21]])
+    with torch.no_grad():
+        expected = model(more, past_key_values=model(ids, use_cache=True).past_key_values).logits
+        prompt = model(ids, use_cache=True, cache_position=torch.arange(9))
+        cache = prompt.past_key_values
+        wrong = {"behind": torch.arange(8, 10), "from the start": torch.arange(0, 2), "ahead": torch.arange(10, 12),
+                 "shorter": torch.arange(9, 10), "a gap": torch.tensor([9, 11]),
+                 "batched, behind": torch.arange(8, 10)[None]}
+        message = r"^cache_position is .* after the 9 columns the cache holds: pass cache_position=torch.arange\(9, 11"
+        for what, position in wrong.items():
+            with pytest.raises(InputError, match=message) as refused:
+                model(more, past_key_values=cache, cache_position=position)
+            assert "\n" not in str(refused.value), what
+            assert cache.columns == 9, f"a refused cache_position ({what}) changed the cache"
+        right = model(more, past_key_values=cache, cache_position=torch.arange(9, 11)).logits
+        batched = model(more, past_key_values=model(ids, use_cache=True).past_key_values,
+                        cache_position=torch.arange(9, 11)[None]).logits
+        torch.testing.assert_close(right, expected, atol=0, rtol=0)
+        torch.testing.assert_close(batched, expected, atol=0, rtol=0)
+        torch.testing.assert_close(prompt.logits, model(ids, use_cache=True).logits, atol=0, rtol=0)
+        for use_cache in (True, False):
+            with pytest.raises(InputError, match=r"come after the 0 columns"):
+                model(ids, use_cache=use_cache, cache_position=torch.arange(3, 12))
+        torch.testing.assert_close(model(ids, use_cache=False, cache_position=torch.arange(9)).logits,
+                                   model(ids, use_cache=False).logits, atol=0, rtol=0)
 
 
 # ----- K = 1: transformers' Llama on the same weights, token for token -----

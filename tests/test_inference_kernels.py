@@ -33,10 +33,11 @@ def _model(name: str, seed: int = 0) -> PHDTransformer:
     return PHDTransformer(cfg).eval()
 
 
-def _kernel_calls(fn) -> int:
+def _kernel_calls(fn, op: str = "phd_kernels::rows_linear") -> int:
+    """How many times `fn` runs the op (the rows kernel by default) on the CPU."""
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
-    return sum(e.count for e in prof.key_averages() if e.key == "phd_kernels::rows_linear")
+    return sum(e.count for e in prof.key_averages() if e.key == op)
 
 
 def test_kernel_is_built_where_it_can_be():
@@ -154,6 +155,37 @@ def test_without_the_kernel_packs_serve_and_one_row_stays_plain(monkeypatch):
         assert torch.equal(phd.generate(model, ids, 6), phd.generate(_model("PHD-3"), ids, 6))
 
 
+@pytest.mark.parametrize("path", ["kernel", "pack"])
+def test_a_prepared_linear_with_a_bias_equals_f_linear(path, monkeypatch):
+    """PHD models have no biases, but DecodeLinear is any nn.Linear: its bias is added exactly once, on the kernel
+    path and on the MKL pack path (checked to be the path taken), for every row count the path serves."""
+    import phd.inference.weights as weights
+
+    if path == "kernel" and OP is None:
+        pytest.skip("no rows kernel here (not x86 with AVX2, or no compiler)")
+    if path == "pack":
+        if not packing_available():
+            pytest.skip("no MKL packed GEMM in this PyTorch")
+        monkeypatch.setattr(weights, "rows_linear_op", lambda: None)
+    gen = torch.Generator().manual_seed(3)
+    for rows in ([1, 2, 3, 4] if path == "kernel" else [2, 3, 5]):
+        holder = torch.nn.Sequential(torch.nn.Linear(37, 19, bias=True))
+        with torch.no_grad():
+            holder[0].bias.copy_(torch.randn(19, generator=gen) * 10)  # large: a doubled bias cannot hide
+        assert decode_linears(holder, rows) == 1
+        lin = holder[0]
+        assert isinstance(lin, DecodeLinear) and lin.use_kernel == (path == "kernel")
+        assert lin.packed_rows == (rows if path == "pack" else 0)
+        x = torch.randn(rows, 37, generator=gen)
+        with torch.no_grad():
+            got = lin(x)
+            op = "phd_kernels::rows_linear" if path == "kernel" else "mkl::_mkl_linear"
+            assert _kernel_calls(lambda lin=lin, x=x: lin(x), op) == 1
+        torch.testing.assert_close(got, F.linear(x, lin.weight, lin.bias), atol=1e-4, rtol=1e-4)
+        with torch.no_grad():  # the [..., rows, K] shape of a decode step comes back in its own shape
+            torch.testing.assert_close(lin(x[None]), F.linear(x, lin.weight, lin.bias)[None], atol=1e-4, rtol=1e-4)
+
+
 def test_models_without_cpu_float32_linears_never_ask_for_the_kernel(monkeypatch):
     """A bfloat16 (or CUDA) model has nothing for decode_linears: it changes nothing and compiles nothing."""
     import phd.inference.weights as weights
@@ -182,6 +214,27 @@ def test_a_failed_build_warns_once_and_returns_none(monkeypatch, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert kernels.rows_linear_op() is None  # turned off: no compiling, no warning
+
+
+def test_the_cached_library_is_named_by_source_flags_and_torch_version(monkeypatch, tmp_path):
+    """A library compiled with other flags, from another source or against another PyTorch is never loaded: each
+    of them changes the digest in the file name (and nothing else does)."""
+    monkeypatch.setenv("PHD_CACHE_DIR", str(tmp_path))
+    base = kernels._library_path()
+    assert base.parent == tmp_path / "kernels" and kernels._library_path() == base
+    source = tmp_path / "rows_linear.cpp"
+    source.write_bytes(kernels._SOURCE.read_bytes() + b"\n// changed\n")
+    changes = {"flags": (kernels, "_FLAGS", [*kernels._FLAGS[:-1], "-O2"]),
+               "more flags": (kernels, "_FLAGS", [*kernels._FLAGS, "-march=native"]),
+               "torch version": (torch, "__version__", torch.__version__ + ".post1"),
+               "source": (kernels, "_SOURCE", source)}
+    names = {}
+    for what, (owner, name, value) in changes.items():
+        with monkeypatch.context() as m:
+            m.setattr(owner, name, value)
+            names[what] = kernels._library_path()
+        assert names[what] != base, f"the cache key ignores the {what}"
+    assert len(set(names.values())) == len(names) and kernels._library_path() == base
 
 
 @needs_kernel

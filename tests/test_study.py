@@ -198,7 +198,8 @@ def test_intervals_wins_and_robust_outliers():
     mean, sd = statistics.fmean(diffs), statistics.stdev(diffs)
     assert s.sd == pytest.approx(sd) and s.sd != pytest.approx(sd / len(diffs) ** 0.5)  # sd, not standard error
     assert s.ci95 == pytest.approx((mean - 2.365 * sd / 8 ** 0.5, mean + 2.365 * sd / 8 ** 0.5))
-    assert s.predict95 == pytest.approx((mean - 2.365 * sd * (1 + 1 / 8) ** 0.5, mean + 2.365 * sd * (1 + 1 / 8) ** 0.5))
+    half = 2.365 * sd * (1 + 1 / 8) ** 0.5
+    assert s.predict95 == pytest.approx((mean - half, mean + half))
     assert s.wins == 3 and s.excludes_zero is False
     assert summarize([-0.1, -0.12, -0.09, -0.11]).excludes_zero is True
     assert summarize([0.3]).ci95 is None and summarize([0.3]).predict95 is None

@@ -135,3 +135,16 @@ def test_compiled_training_equals_eager(data, tmp_path, variant):
         losses[compile_] = [r["loss"] for r in read_metrics(tmp_path / f"c{compile_}") if "loss" in r]
     assert losses[True] == pytest.approx(losses[False], abs=1e-4)
     assert F.l1_loss(torch.tensor(losses[True]), torch.tensor(losses[False])) < 1e-4
+
+
+@pytest.mark.slow
+def test_bench_compile_reports_speedup_first_step_and_loss_difference(tmp_path):
+    import json
+
+    from phd.commands import main
+
+    assert main(["bench", "compile", "--variants", "PHD-CSWA-2-4-8", "--seq-len", "16", "--batch-size", "2",
+                 "--repeats", "1", "--check-steps", "2", "--out", str(tmp_path)]) == 0
+    row = json.loads((tmp_path / "compile.json").read_text())["rows"][0]
+    assert row["variant"] == "PHD-CSWA-2-4-8" and row["speedup"] > 0 and row["max_loss_diff"] < 1e-4
+    assert "speed-up" in (tmp_path / "compile.md").read_text()

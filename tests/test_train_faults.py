@@ -15,6 +15,8 @@ import pytest
 import torch
 from train_utils import make_data, one_thread, tiny_config  # noqa: F401 (autouse fixture)
 
+from phd.commands import main
+from phd.commands.train import EXIT_STOPPED
 from phd.data.shards import DataError
 from phd.io import CheckpointError
 from phd.model import PHDTransformer
@@ -211,16 +213,34 @@ def test_resume_with_another_data_order_warns(data, tmp_path, capsys):
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_sigterm_and_ctrl_c_save_a_checkpoint_and_stop(data, tmp_path, signum):
     """What a scheduler does before preempting a job (SIGTERM), or a user's Ctrl-C: the run stops after the
-    current step with a checkpoint, and resumes from it."""
+    current step with a checkpoint, exits 75 (not 0: `phd train && next` must not go on), and resumes from it."""
     config = tiny_config(data, tmp_path / "run", max_steps=5_000, checkpoint_every=0)
     config.save(tmp_path / "run.json")
     proc, out, err = _interrupt(tmp_path, [signum])
-    assert proc.returncode == 0, err
+    assert proc.returncode == EXIT_STOPPED == 75, err
     latest = (tmp_path / "run" / "checkpoints" / "latest").read_text().strip()
     step = verify(tmp_path / "run" / "checkpoints" / latest)["step"]
     assert 3 <= step < 5_000 and f"stopped: PHD-CSWA-2-4-8 step {step}" in out
     assert f"{signum.name}: stopped after step" in err
     assert Trainer(config).progress.step == step
+
+
+def test_phd_train_exits_75_only_when_stopped_before_the_end(data, tmp_path, capsys, monkeypatch):
+    """The command's status: a run a stop request ends early exits 75 and says so; resuming it to the end exits
+    0 with the export. `phd train --help` documents both."""
+    config = tiny_config(data, tmp_path / "run", max_steps=3, checkpoint_every=0)
+    config.save(tmp_path / "run.json")
+    with monkeypatch.context() as m:
+        m.setattr(StopSignal, "requested", lambda self: True)  # as if SIGTERM came during step 1
+        assert main(["train", str(tmp_path / "run.json")]) == 75
+    out = capsys.readouterr().out
+    assert "stopped: PHD-CSWA-2-4-8 step 1" in out and "(exit status 75)" in out
+    assert verify(tmp_path / "run" / "checkpoints" / "step_00000001")["step"] == 1
+    assert not (tmp_path / "run" / "model").exists()
+    assert main(["train", str(tmp_path / "run.json")]) == 0
+    assert "done: PHD-CSWA-2-4-8 step 3" in capsys.readouterr().out
+    assert main(["train", "--help"]) == 0
+    assert "75 stopped before the end by SIGTERM or Ctrl-C" in capsys.readouterr().out
 
 
 def test_a_second_ctrl_c_aborts():

@@ -16,6 +16,7 @@ from phd.commands import main
 from phd.fsutil import LockedError
 from phd.io import CheckpointError
 from phd.train import Trainer, TrainingError, build_config
+from phd.train.checkpoint import latest_checkpoint
 from phd.train.config import TrainConfig
 from phd.train.optim import lr_at
 
@@ -96,6 +97,34 @@ def test_one_process_per_run_folder(data, tmp_path, capsys):
     assert Trainer(tiny_config(data, tmp_path, max_steps=2)).progress.step == 0
 
 
+def test_a_refused_trainer_leaves_the_holders_run_untouched(data, tmp_path):
+    """The lock comes before anything touches the run folder: a second Trainer on a run another process holds
+    refuses without removing the holder's in-flight save (`.tmp-step_*`, which a starting Trainer otherwise
+    clears as stale) or rewriting its config and metrics."""
+    first_run(data, tmp_path)
+    in_flight = tmp_path / "checkpoints" / ".tmp-step_00000003"
+    in_flight.mkdir()
+    (in_flight / "__0_0.distcp").write_bytes(b"half of a shard being written")
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 5.0}\n')  # after the checkpoint: a starting Trainer would cut it
+    files = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p.name != "train.lock"}
+    code = ("import sys; from pathlib import Path; from phd.fsutil import DirLock\n"
+            "lock = DirLock(Path(sys.argv[1])); lock.acquire(); print('locked', flush=True); sys.stdin.read()")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(LockedError, match=rf"in use by process {holder.pid} on "):
+            Trainer(tiny_config(data, tmp_path, max_steps=4))
+        after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p.name != "train.lock"}
+        assert after == files, "a refused Trainer changed the run folder"
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    assert Trainer(tiny_config(data, tmp_path, max_steps=4)).progress.step == 2  # free again: it resumes
+    assert not in_flight.exists()  # and now clears the stale save
+
+
 @pytest.mark.parametrize("name", ["../../other/checkpoints/step_00000002", "/tmp/step_00000002", "step_2"])
 def test_the_latest_marker_cannot_leave_the_run(data, tmp_path, name):
     first_run(data, tmp_path / "other")
@@ -103,6 +132,25 @@ def test_the_latest_marker_cannot_leave_the_run(data, tmp_path, name):
     (tmp_path / "run" / "a" / "b" / "checkpoints" / "latest").write_text(name + "\n")
     with pytest.raises(CheckpointError, match="not a step_NNNNNNNN folder"):
         Trainer(tiny_config(data, tmp_path / "run" / "a" / "b", max_steps=4))
+
+
+@pytest.mark.parametrize("name", ["step_00000002/../../../other/checkpoints/step_00000007", "step_00000002/",
+                                  "step_000000021", "step_00000002.old", "step_00000002\n\nstep_00000007",
+                                  " step_00000002/../step_00000007", "xstep_00000002"])
+def test_the_latest_marker_is_a_whole_step_name(tmp_path, name):
+    """The whole marker must be one step_NNNNNNNN name: one that merely starts (or ends) with such a name is
+    refused, even where the path it spells holds a complete checkpoint (here: another run's)."""
+    root = tmp_path / "run" / "checkpoints"
+    for step in ("step_00000002", "step_00000007", "step_000000021", "step_00000002.old"):
+        (root / step).mkdir(parents=True)
+        (root / step / "meta.json").write_text("{}")
+    (tmp_path / "other" / "checkpoints" / "step_00000007").mkdir(parents=True)
+    (tmp_path / "other" / "checkpoints" / "step_00000007" / "meta.json").write_text("{}")
+    (root / "latest").write_text(name + "\n")
+    with pytest.raises(CheckpointError, match=r"not a step_NNNNNNNN folder of .*; write the name of one of its"):
+        latest_checkpoint(root)
+    (root / "latest").write_text("step_00000002\n")
+    assert latest_checkpoint(root) == root / "step_00000002"
 
 
 @pytest.mark.parametrize("name", ["../../../config.json", "/etc/hostname", "sub/x"])

@@ -6,6 +6,10 @@ kind; an existing non-empty `--out` is replaced only if it carries the marker of
 passed `overwrite`. The new folder is built in a temporary sibling, fsynced, and published by renames, so an
 interrupted command leaves the old folder or the new one, never a mix; leftovers of a killed command are
 cleaned (or restored) by the next one.
+
+A single output file (`phd eval --out FILE`) follows the same rule: the JSON phd writes names its kind under
+FILE_KIND_KEY, its first key; an existing FILE is replaced only if it is phd's JSON of the same kind, by a
+temporary sibling renamed over it. Anything else (a user's notes, a checkpoint's meta.json) is refused.
 """
 
 from __future__ import annotations
@@ -32,8 +36,12 @@ LEGACY_FILES = {
 }
 
 
+FILE_KIND_KEY = "phd_output"  # first key of a JSON file phd writes: its kind (e.g. "phd-eval")
+MAX_OUTPUT_FILE = 16 << 20  # larger files are never phd's JSON output, and are not read to find out
+
+
 class OutputError(PHDError, ValueError):
-    """An output folder cannot be written without losing something; the message names it and the way out."""
+    """An output folder or file cannot be written without losing something; the message names it and the way out."""
 
 
 def cache_root() -> Path:
@@ -113,6 +121,56 @@ def check_out(out: Path, kind: str, overwrite: bool, sources: Iterable[Path] = (
         raise OutputError(f"--out {out} already holds a {kind}; pass --overwrite to replace it, or another --out")
 
 
+def output_file_kind(path: Path) -> str | None:
+    """The kind of phd JSON output file `path` is (its FILE_KIND_KEY), else None (any other file, unread if large)."""
+    with contextlib.suppress(OSError, ValueError, RecursionError):
+        if path.stat().st_size <= MAX_OUTPUT_FILE:
+            data = json.loads(path.read_bytes())
+            kind = data.get(FILE_KIND_KEY) if isinstance(data, dict) else None
+            return kind if isinstance(kind, str) else None
+    return None
+
+
+def check_out_file(out: Path, kind: str) -> None:
+    """Refuse, before any work, an `out` file that phd did not write as output of this kind (see the module
+    docstring); a new path, or phd's own file of the same kind, passes."""
+    out = Path(out)
+    _clean_leftovers(out)
+    if not out.exists() and not out.is_symlink():
+        return
+    if out.is_symlink() or not out.is_file():
+        raise OutputError(f"--out {out} exists and is not a plain file; pass a new file name")
+    found = output_file_kind(out)
+    if found != kind:
+        what = f"phd {found} output, not {kind}" if found else "not written by phd"
+        raise OutputError(
+            f"--out {out} exists and is {what}; phd never overwrites what it did not write: pass a new file name, "
+            "or delete it yourself"
+        )
+
+
+def write_output_file(out: str | Path, kind: str, data: dict) -> Path:
+    """Write `data` as JSON marked with its kind (the first key) to `out`, a new file or phd's own of the same kind
+    (checked again: a long command may have started before the file appeared); atomically, so a kill leaves the
+    old file or the new one, never half of one."""
+    out = Path(out)
+    check_out_file(out, kind)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}{TMP_TAG}{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        with open(tmp, "w") as f:
+            marked = {FILE_KIND_KEY: kind, **{k: v for k, v in data.items() if k != FILE_KIND_KEY}}
+            f.write(json.dumps(marked, indent=2) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(out.parent)
+    return out
+
+
 def new_temp_dir(out: Path) -> Path:
     """An empty sibling of `out`, unique to this process, with normal permissions (umask, not mkdtemp's 0700)."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -172,7 +230,8 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _clean_leftovers(out: Path) -> None:
-    """Temp folders of killed commands are removed; a backup whose replacement never landed is restored."""
+    """Temp folders (and files) of killed commands are removed; a backup whose replacement never landed is
+    restored."""
     if not out.parent.is_dir():
         return
     for path in out.parent.glob(f".{out.name}.phd-*"):
@@ -184,8 +243,10 @@ def _clean_leftovers(out: Path) -> None:
             continue
         if tag == OLD_TAG and not out.exists():
             os.replace(path, out)
-        else:
+        elif path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)
+        else:  # the temporary file of an output file (write_output_file)
+            path.unlink(missing_ok=True)
 
 
 class DirLock:

@@ -1,10 +1,11 @@
-"""`phd bench training | inference | scaling | serving | gpu-check`: the options of each benchmark; the benchmarks are
-phd.bench's modules. A new kind is one line in KINDS (its options, its run function and a help line)."""
+"""`phd bench training | inference | scaling | serving | compile | gpu-check`: the options of each benchmark; the
+benchmarks are phd.bench's modules. A new kind is one line in KINDS (its options, its run function and a help line)."""
 
 from __future__ import annotations
 
 import argparse
 
+from ..bench import compile as compile_bench
 from ..bench import gpu_check, inference, scaling, serving, training
 from ..bench.timing import CLOCKS
 
@@ -108,12 +109,26 @@ def _serving_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="docs/bench", help="where serving.md / serving.json go")
 
 
+def _compile_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--variants", nargs="+", default=["vanilla", "PHD-CSWA-3-16-32"])
+    parser.add_argument("--preset", default="cpu-1m", help="model size (default cpu-1m, the study's)")
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=15, help="round-robin repeats (default 15)")
+    parser.add_argument("--check-steps", type=int, default=4, help="steps whose losses are compared (default 4)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1, as a study worker)")
+    parser.add_argument("--clock", choices=tuple(CLOCKS), default="wall")
+    parser.add_argument("--out", default="docs/bench/compile", help="where compile.md / compile.json go")
+
+
 KINDS = {
     "training": (_training_arguments, training.run, "attention and training-step cost of every backend vs vanilla"),
     "inference": (_inference_arguments, inference.run, "prefill, decode latency and cache bytes vs vanilla"),
     "scaling": (_scaling_arguments, scaling.run, "training tokens/s at 1 and 2 processes (and MFU on CUDA)"),
     "serving": (_serving_arguments, serving.run,
                 "vLLM serving (OpenAI server) throughput and latency vs vanilla, and vs the native engine"),
+    "compile": (_compile_arguments, compile_bench.run,
+                "a torch.compile'd training step vs eager: speed-up, compile time, loss difference"),
     "gpu-check": (_gpu_check_arguments, gpu_check.run,
                   "everything a GPU loan should prove, in one timed run (or --quick on CPU)"),
 }

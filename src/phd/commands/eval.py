@@ -23,11 +23,15 @@ import torch
 from ..checks import resolve_device
 from ..config import PHDConfig
 from ..data.shards import open_shards
-from ..eval.perplexity import evaluate_loss
+from ..errors import InputError
+from ..eval.perplexity import evaluate_loss, max_tokens_message
+from ..fsutil import check_out_file, write_output_file
 from ..io import eos_id, is_phd_model, load_model, model_dir
 from .argtypes import positive_int
 
 # transformers and lm-eval (the `hf` / `eval` extras) are imported inside the functions that need them.
+
+EVAL_KIND = "phd-eval"  # the kind (fsutil.FILE_KIND_KEY) of the JSON `--out` writes: only such a file is replaced
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -41,7 +45,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data", type=Path, help="token shard directory (phd data) for loss and perplexity")
     p.add_argument("--split", default="val", choices=("val", "train"), help="split of --data to score (val)")
     p.add_argument("--seq-len", type=positive_int, default=512, help="window length for the loss (512)")
-    p.add_argument("--max-tokens", type=positive_int, default=None, help="score at most this many tokens of the split")
+    p.add_argument("--max-tokens", type=positive_int, default=None,
+                   help="score at most this many tokens of the split, in whole windows (at least --seq-len, "
+                        "one window)")
     p.add_argument("--sequences", type=positive_int, default=None,
                    help="score this many windows spread over the split, as `phd train` does for its val loss "
                         "(eval_iters * batch_size; with its seq_len the two print the same loss); default: all")
@@ -60,7 +66,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--variant", default="vanilla", help="PHD variant when MODEL is a transformers checkpoint")
     p.add_argument("--tokenizer", type=Path, default=None, help="tokenizer directory or tokenizer.json to use")
     p.add_argument("--device", default="cpu", help="torch device (cpu)")
-    p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    p.add_argument("--out", type=Path, default=None,
+                   help="write the results as JSON here: a new file, or one an earlier `phd eval --out` wrote "
+                        "(replaced); any other file is refused")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -124,6 +132,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     args.model = args.model or args.checkpoint
     if args.data is None and args.tasks is None:
         raise SystemExit("nothing to evaluate: give --data DIR (loss, perplexity) and/or --tasks NAMES")
+    if args.data is not None and args.max_tokens is not None and args.max_tokens < args.seq_len:  # before loading
+        raise InputError(max_tokens_message(args.max_tokens, args.seq_len, "--max-tokens", "--seq-len"))
+    if args.out is not None:
+        check_out_file(args.out, EVAL_KIND)  # before hours of scoring: refuse a file phd did not write
     model, tokenizer = load_for_eval(args.model, args.variant)
     if args.tokenizer is not None:
         tokenizer = _tokenizer(args.tokenizer)
@@ -159,7 +171,6 @@ def _evaluate(args: argparse.Namespace) -> int:
         print(format_table(results))
 
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        write_output_file(args.out, EVAL_KIND, report)
         print(f"wrote {args.out}", file=sys.stderr)
     return 0

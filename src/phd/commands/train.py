@@ -1,7 +1,8 @@
 """`phd train [CONFIG.json|CONFIG.toml] [--preset P] [--variant NAME] [--key value | key=value ...]`.
 
 Runs in one process, or under torchrun for data-parallel FSDP2 (see docs/training.md). A run directory that
-already holds a checkpoint is resumed from its latest one.
+already holds a checkpoint is resumed from its latest one. A run stopped before its end (SIGTERM, Ctrl-C) exits
+EXIT_STOPPED, not 0, so that `phd train ... && next` never goes on after an unfinished run.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from ..errors import PHDError
 from ..train.config import TrainConfigError, build_config, parse_overrides
 from ..train.parallelize import init_distributed, shutdown_distributed
 from ..train.trainer import train
+
+EXIT_STOPPED = 75  # EX_TEMPFAIL (sysexits.h): stopped before the end with a checkpoint; run again to resume
 
 USAGE = """usage: phd train [CONFIG.json|CONFIG.toml] [--preset P] [--variant NAME] [--key value | key=value ...]
 
@@ -28,6 +31,10 @@ checkpoint_every, checkpoint_keep, log_every, seed, device (auto|cpu|cuda), dtyp
 nan_policy (skip|stop), max_skipped_steps, data_parallel (fsdp|ddp), compile, activation_checkpointing,
 progress,
 model.preset, model.variant, model.<any PHDConfig field>.
+
+Exit status: 0 trained to the end (model exported); 75 stopped before the end by SIGTERM or Ctrl-C, with a
+checkpoint (run the same command again to resume); 1 an error while training; 2 a bad config or device;
+130 aborted by a second Ctrl-C (the last checkpoint stays).
 """
 
 
@@ -71,9 +78,12 @@ def run(args: argparse.Namespace) -> int:
         return 1
     finally:
         shutdown_distributed()
-    if info.is_main and summary["stopped"]:
-        print(f"stopped: {format_summary(summary)}; checkpoint saved in {cfg.out}/checkpoints; run again to resume")
-    elif info.is_main:
+    if summary["stopped"]:  # every rank stopped at the same step: every rank exits EXIT_STOPPED
+        if info.is_main:
+            print(f"stopped: {format_summary(summary)}; checkpoint saved in {cfg.out}/checkpoints; run again to "
+                  f"resume (exit status {EXIT_STOPPED})")
+        return EXIT_STOPPED
+    if info.is_main:
         exported = f"model exported to {summary['exported']}" if summary["exported"] else "nothing exported"
         print(f"done: {format_summary(summary)}; {exported}")
     return 0

@@ -79,6 +79,12 @@ def loss_sums(
     return sums
 
 
+def max_tokens_message(max_tokens: int, seq_len: int, max_name: str, seq_name: str) -> str:
+    """Why a cap on the scored tokens below one window is refused (a window of seq_len+1 tokens scores seq_len)."""
+    return (f"{max_name}={max_tokens} is less than one window: a window of {seq_name}+1={seq_len + 1} tokens scores "
+            f"{seq_len}; pass {max_name} >= {seq_len}, or a smaller {seq_name}")
+
+
 @torch.no_grad()
 def evaluate_loss(
     model: PHDTransformer,
@@ -92,14 +98,17 @@ def evaluate_loss(
 
     Each window predicts its last seq_len tokens from the ones before (documents are concatenated with their
     separator, as in training). `max_tokens` keeps the first windows (whole ones) up to that many predicted
-    tokens; `num_sequences` scores that many windows spread evenly over what is kept, as `phd train` does for
-    its val loss (eval_iters * batch_size). The same arguments always score the same tokens.
+    tokens (at least one window's seq_len: a smaller cap is refused, not rounded up to a window); `num_sequences`
+    scores that many windows spread evenly over what is kept, as `phd train` does for its val loss
+    (eval_iters * batch_size). The same arguments always score the same tokens.
     """
     if seq_len < 1 or batch_size < 1:
         raise InputError(f"seq_len={seq_len} and batch_size={batch_size} must both be >= 1")
+    if max_tokens is not None and max_tokens < seq_len:  # not even one window: never round up to one silently
+        raise InputError(max_tokens_message(max_tokens, seq_len, "max_tokens", "seq_len"))
     available = window_count(len(tokens), seq_len)
     if max_tokens is not None:
-        available = min(available, max(max_tokens // seq_len, 1))
+        available = min(available, max_tokens // seq_len)
     if available < 1:
         raise InputError(f"the split has {len(tokens)} tokens: too few for one window of seq_len={seq_len} + 1")
     count = available if num_sequences is None else min(available, num_sequences)

@@ -20,6 +20,7 @@ from torch import Tensor
 from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from ..errors import InputError
 from ..inference.padding import padding_offsets, shift_rows
 from ..model import PHDTransformer
 from .cache import PHDHFCache
@@ -140,8 +141,11 @@ class PHDForCausalLM(PHDPreTrainedModel, GenerationMixin):
             use_cache = cache is not None or (self.config.use_cache and not self.training and labels is None)
         if cache is None and use_cache:
             cache = PHDHFCache(self.model.config)
+        if kwargs.get("cache_position") is not None:  # the columns the new tokens take: after what the cache holds
+            start = cache.columns if cache is not None and cache.is_initialized else 0
+            _check_cache_position(kwargs["cache_position"], start, input_ids.shape[1])
         if cache is not None and cache.is_initialized:
-            _check_continuation(cache, input_ids, attention_mask, kwargs.get("cache_position"))
+            _check_continuation(input_ids, attention_mask)
             logits = cache.append(self.model, input_ids)
         elif cache is not None and not torch.is_grad_enabled():  # one pass fills the cache and gives the logits
             every = logits_to_keep != 1 or labels is not None
@@ -192,20 +196,29 @@ class PHDForCausalLM(PHDPreTrainedModel, GenerationMixin):
         model_kwargs["past_key_values"] = PHDHFCache(self.model.config, max_len=generation_config.max_length)
 
 
-def _check_continuation(cache: PHDHFCache, input_ids: Tensor, attention_mask: Tensor | None,
-                        cache_position: Tensor | None) -> None:
-    """New tokens after a filled cache: no padding among them, and at the columns the cache expects."""
+def _check_continuation(input_ids: Tensor, attention_mask: Tensor | None) -> None:
+    """New tokens after a filled cache: no padding among them (the cache places them after its last column)."""
     n = input_ids.shape[1]
     if attention_mask is not None and not bool(attention_mask[:, -n:].bool().all()):
         raise ValueError(
             "attention_mask marks padding among the new tokens: after the prompt, every new token is real "
             "(pad the prompt instead, on the left)"
         )
-    if cache_position is not None and int(cache_position.reshape(-1)[0]) != cache.columns:
-        raise ValueError(
-            f"cache_position starts at {int(cache_position.reshape(-1)[0])} but the cache has seen {cache.columns} "
-            "columns: pass the tokens that follow what the cache holds"
-        )
+
+
+def _check_cache_position(cache_position: Tensor, start: int, n: int) -> None:
+    """A PHD model places new tokens after the columns its cache holds (`start`, 0 without one); a cache_position
+    saying otherwise (behind: tokens again, ahead: a gap) would silently score them at other positions."""
+    cache_position = torch.as_tensor(cache_position)
+    expected = torch.arange(start, start + n, device=cache_position.device)
+    if cache_position.dim() in (1, 2) and cache_position.shape[-1] == n and bool((cache_position == expected).all()):
+        return
+    flat = cache_position.reshape(-1).tolist()
+    given = f"{flat[0]}..{flat[-1]} ({len(flat)} values)" if flat else "empty"
+    raise InputError(
+        f"cache_position is {given} but the {n} new tokens come after the {start} columns the cache holds: pass "
+        f"cache_position=torch.arange({start}, {start + n}), or none (a PHD cache places the tokens itself)"
+    )
 
 
 def _back_to_padding(logits: Tensor, attention_mask: Tensor | None) -> Tensor:

@@ -79,7 +79,9 @@ def _delta_cells(s: Summary | None) -> str:
 
 
 class Report:
-    def __init__(self, rows: list[dict[str, Any]], figures: Path, figure_prefix: str) -> None:
+    def __init__(self, rows: list[dict[str, Any]], figures: Path, figure_prefix: str,
+                 screens: list[dict[str, Any]] | None = None) -> None:
+        self.screens = [r for r in screens or [] if r.get("kind") == "screen"]
         self.rows = run_rows(rows)
         self.costs = [r for r in rows if r.get("kind") == "cost"]
         self.figures, self.prefix = figures, figure_prefix
@@ -128,6 +130,8 @@ class Report:
         ]
         for suite in self.suites:
             out += self.suite_section(suite)
+        if self.screens:
+            out += self.screen_section()
         out += self.all_runs()
         return "\n".join(out).rstrip() + "\n"
 
@@ -323,6 +327,66 @@ class Report:
                        f"{c['decode_ratio']:.2f}x |")
         return out + [""]
 
+    def screen_section(self) -> list[str]:
+        """The early-instability screens (experiments/screen.jsonl): per recipe, how many seeds spiked."""
+        out = ["## Stability screens", "",
+               "`phd study SUITE --screen N`: each run trained only to step N of its full schedule, its health logged "
+               "every step (rows in `experiments/screen.jsonl`). A spike is a step whose gradient norm (before "
+               "clipping) exceeds 4x the run's median after step 5. Loss: mean training loss of steps N-4..N; the "
+               "first validation loss where the schedule evaluates before step N.", ""]
+        groups: dict[tuple[str, str, str, int], list[dict[str, Any]]] = defaultdict(list)
+        for r in self.screens:
+            groups[(r["suite"], r["recipe"], r["variant"], r["screen_steps"])].append(r)
+        for suite in dict.fromkeys(r["suite"] for r in self.screens):
+            out += [f"### Screen `{suite}`", "",
+                    "| recipe | variant | steps | seeds | seeds with a spike | spike steps (seed: steps) | median / "
+                    "largest grad norm | largest attention logit | loss at the last steps | first val loss |",
+                    "|---|---|---:|---:|---:|---|---|---:|---:|---:|"]
+            for (s_, recipe, variant, steps), group in groups.items():
+                if s_ != suite:
+                    continue
+                group = sorted(group, key=lambda r: r["seed"])
+                spiky = [r for r in group if r["spike_steps"]]
+                where = "; ".join(f"{r['seed']}: {', '.join(map(str, r['spike_steps']))}" for r in spiky) or "none"
+                medians = statistics.median(r["grad_norm_median"] for r in group)
+                vals = [r["first_val_loss"] for r in group if r.get("first_val_loss") is not None]
+                out.append(f"| {recipe} | {variant} | {steps} | {len(group)} | {len(spiky)} | {where} | "
+                           f"{medians:.2f} / {max(r['grad_norm_max'] for r in group):.2f} | "
+                           f"{max(r['attn_logit_max'] for r in group):.1f} | "
+                           f"{_mean_sd([r['train_loss_last5'] for r in group])} | {_mean_sd(vals)} |")
+            out.append("")
+            out += self.screen_plot(suite, {k[1]: g for k, g in groups.items() if k[0] == suite})
+        return out
+
+    def screen_plot(self, suite: str, groups: dict[str, list[dict[str, Any]]]) -> list[str]:
+        try:
+            import matplotlib
+        except ImportError:
+            return []
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        cols = min(4, len(groups))
+        rows_ = -(-len(groups) // cols)
+        fig, axes = plt.subplots(rows_, cols, figsize=(3.2 * cols, 2.6 * rows_), sharey=True, squeeze=False)
+        for ax, (recipe, group) in zip(axes.flat, groups.items(), strict=False):
+            for r in sorted(group, key=lambda r: r["seed"]):
+                ax.plot(range(1, len(r["grad_norm_curve"]) + 1), r["grad_norm_curve"], linewidth=0.8)
+            ax.set_title(recipe, fontsize=8)
+            ax.set_yscale("log")
+            ax.grid(alpha=0.3)
+        for ax in axes.flat[len(groups):]:
+            ax.axis("off")
+        fig.supxlabel("step")
+        fig.supylabel("gradient norm before clipping (one line per seed)")
+        fig.tight_layout()
+        path = self.figures / f"screen-{suite}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110, metadata={"Software": None})
+        plt.close(fig)
+        self.written.append(path)
+        return [f"![screen {suite}: gradient norms by step]({self.prefix}/{path.name})", ""]
+
     def all_runs(self) -> list[str]:
         out = ["## Every run", "", "| suite | recipe | variant | seed | tokens | val loss | train loss | tok/s | "
                "wall | commit |", "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
@@ -453,7 +517,8 @@ def _finish(fig, ax, xlabel: str, ylabel: str, which: str = "major"):
 def write_report(results: Path, out: Path) -> list[Path]:
     """Write OUT/RESULTS.md and OUT/results/*.png from the results file; return the paths written."""
     rows = read_results(results)
-    report = Report(rows, out / "results", "results")
+    screens = read_results(results.with_name("screen.jsonl"))
+    report = Report(rows, out / "results", "results", screens)
     text = report.markdown()
     out.mkdir(parents=True, exist_ok=True)
     path = out / "RESULTS.md"

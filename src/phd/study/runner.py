@@ -37,33 +37,54 @@ TRAIN_CURVE_POINTS = 64
 
 
 # ----- results file -----
+def _is_torn(line: bytes | str) -> bool:
+    """Whether the last line of results.jsonl is an append cut short by a kill: text that is not valid JSON.
+
+    Only a tear qualifies (a prefix of a JSON object is never valid JSON); a complete row that merely lacks its
+    newline (an editor, a copy, another tool) is a row like any other, never dropped."""
+    if isinstance(line, bytes):
+        line = line.decode("utf-8", errors="replace")
+    if not line.strip():
+        return False
+    try:
+        json.loads(line)
+    except json.JSONDecodeError:
+        return True
+    return False
+
+
 def read_results(path: Path) -> list[dict[str, Any]]:
     """Every row of results.jsonl; a torn last line (a kill mid-append) is ignored, any other bad line is an error."""
     if not path.exists():
         return []
     rows, lines = [], path.read_text().splitlines()
     for i, line in enumerate(lines):
-        if not line.strip():
+        if not line.strip() or (i == len(lines) - 1 and _is_torn(line)):
             continue
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
-            if i == len(lines) - 1:
-                break
-            raise StudyError(f"{path}:{i + 1} is not a JSON object; fix or remove that line") from None
+            row = None
+        if not isinstance(row, dict):
+            raise StudyError(f"{path}:{i + 1} is not a JSON object; fix or remove that line")
+        rows.append(row)
     return rows
 
 
 def append_result(path: Path, row: dict[str, Any]) -> None:
     """Append one row under an exclusive lock, fsynced. A torn last line (an append killed midway; its run was not
-    recorded, so it is collected again) is cut off first."""
+    recorded, so it is collected again) is cut off first; a complete last row without its newline gets one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+b") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         f.seek(0)
         text = f.read()
         if text and not text.endswith(b"\n"):
-            f.truncate(text.rfind(b"\n") + 1)
+            start = text.rfind(b"\n") + 1
+            if _is_torn(text[start:]):
+                f.truncate(start)
+            else:
+                f.write(b"\n")
         f.seek(0, os.SEEK_END)
         f.write((json.dumps(row, sort_keys=True) + "\n").encode())
         f.flush()
