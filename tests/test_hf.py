@@ -344,3 +344,101 @@ def test_transformers_config_carries_every_native_field() -> None:
     assert set(RENAMED.values()) | set(SAME) == {f.name for f in dataclasses.fields(phd.PHDConfig)}
     native = phd.PHDConfig.preset("cpu-1m", "PHD-CSWA-3-16-32", qk_norm=True, init_std=0.01)
     assert PHDHFConfig.from_phd(native).to_phd() == native
+
+
+# ----- what a converted folder carries: the generation config, and a tokenizer that needs no remote code -----
+
+CHAT_EOS = 7  # a chat model's turn end (<|im_end|>), listed before end-of-text as Qwen-style configs do
+
+
+def _chat_llama(folder: Path, eos: list[int]) -> torch.nn.Module:
+    """A tiny Llama saved with a chat model's generation_config.json: several eos ids and sampling defaults."""
+    llama = tiny_transformers("llama")
+    llama.save_pretrained(folder)
+    transformers.GenerationConfig(bos_token_id=1, eos_token_id=eos, pad_token_id=0, do_sample=True, temperature=0.7,
+                                  top_p=0.8, repetition_penalty=1.05).save_pretrained(folder)
+    return llama
+
+
+def test_conversion_keeps_the_sources_generation_config(tmp_path) -> None:
+    """Every conversion used to write a fresh default (eos = the tokenizer's one id): the source's own
+    generation_config.json (every eos id, sampling defaults) is kept, to phd-hf, to phd and back, and to hf."""
+    _chat_llama(tmp_path / "llama", [CHAT_EOS, 2])
+    folders = {"phd-hf": tmp_path / "phd-hf", "phd": tmp_path / "native", "hf": tmp_path / "back"}
+    assert phd_main(["convert", str(tmp_path / "llama"), str(folders["phd-hf"]), "--to", "phd-hf"]) == 0
+    assert phd_main(["convert", str(tmp_path / "llama"), str(folders["phd"])]) == 0
+    assert phd_main(["convert", str(folders["phd-hf"]), str(folders["hf"]), "--to", "hf"]) == 0
+    assert phd_main(["convert", str(folders["phd"]), str(tmp_path / "phd-hf-2"), "--to", "phd-hf"]) == 0
+    folders["phd -> phd-hf"] = tmp_path / "phd-hf-2"
+    for what, folder in folders.items():
+        kept = transformers.GenerationConfig.from_pretrained(folder)
+        assert kept.eos_token_id == [CHAT_EOS, 2], what
+        assert (kept.do_sample, kept.temperature, kept.top_p, kept.repetition_penalty) == (True, 0.7, 0.8, 1.05), what
+    model = transformers.AutoModelForCausalLM.from_pretrained(folders["phd-hf"])
+    assert model.generation_config.eos_token_id == [CHAT_EOS, 2]
+
+
+def test_phd_generate_stops_where_transformers_does(tmp_path, capsys) -> None:
+    """`phd generate` on a chat model's folder ran past its turn end (it stopped at end-of-text only): by default it
+    stops at every eos id of the folder's generation_config.json, as transformers' generate() does."""
+    prompt = [5, 6, 7, 8, 9]
+    free = phd.generate(from_transformers(tiny_transformers("llama")), torch.tensor(prompt), 12)[5:].tolist()
+    stop = free[3]  # a token the model produces early: the chat model's turn end in this test
+    _chat_llama(tmp_path / "llama", [stop, 2])
+    folder = tmp_path / "phd-hf"
+    assert phd_main(["convert", str(tmp_path / "llama"), str(folder), "--to", "phd-hf"]) == 0
+    capsys.readouterr()
+    assert phd_main(["generate", "--checkpoint", str(folder), "--prompt-ids", "5,6,7,8,9", "--temperature", "0",
+                     "--max-new-tokens", "12"]) == 0
+    ours = [int(t) for t in capsys.readouterr().out.split()]
+    cut = min(free.index(t) for t in (stop, 2) if t in free)
+    assert ours == free[: cut + 1] and len(ours) < 12
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, repetition_penalty=1.0)
+    assert theirs[0, 5:].tolist() == ours
+    # --stop replaces the default
+    assert phd_main(["generate", "--checkpoint", str(folder), "--prompt-ids", "5,6,7,8,9", "--temperature", "0",
+                     "--max-new-tokens", "12", "--stop", f"#{free[-1]}"]) == 0
+    assert [int(t) for t in capsys.readouterr().out.split()] == free[: free.index(free[-1]) + 1]
+
+
+def test_a_bad_generation_config_is_one_line(tmp_path, capsys) -> None:
+    tiny_transformers("llama").save_pretrained(tmp_path / "llama")
+    folder = tmp_path / "phd-hf"
+    assert phd_main(["convert", str(tmp_path / "llama"), str(folder), "--to", "phd-hf"]) == 0
+    (folder / "generation_config.json").write_text('{"eos_token_id": "<|im_end|>"}')
+    capsys.readouterr()
+    assert phd_main(["generate", "--checkpoint", str(folder), "--prompt-ids", "5,6", "--max-new-tokens", "2"]) == 2
+    assert "generation_config.json: eos_token_id must be a token id or a list of ids, not '<|im_end|>'" in \
+        capsys.readouterr().err
+
+
+TOKENIZER_SCRIPT = """
+import sys, transformers
+assert "phd.hf" not in sys.modules
+tok = transformers.AutoTokenizer.from_pretrained(sys.argv[1], trust_remote_code=sys.argv[2] == "True")
+print(type(tok).__name__, tok.convert_tokens_to_ids("c"))
+"""
+
+
+@pytest.mark.parametrize("trust", [True, False])
+def test_the_tokenizer_of_a_phd_hf_folder_needs_no_remote_code(tmp_path, trust: bool) -> None:
+    """tokenizer_config.json names a standard class and no auto_map, so the tokenizer never runs the folder's code:
+    with trust_remote_code=False (or True) AutoTokenizer loads it in a process without phd.hf, without asking.
+    (Without the argument transformers asks first anyway: AutoTokenizer reads the model config, whose auto_map
+    `trust_remote_code` model loading needs.)"""
+    from test_hf_generate import char_tokenizer
+
+    tiny_transformers("llama").save_pretrained(tmp_path / "llama")
+    char_tokenizer().save_pretrained(tmp_path / "llama")
+    folder = tmp_path / "phd-hf"
+    assert phd_main(["convert", str(tmp_path / "llama"), str(folder), "--to", "phd-hf"]) == 0
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    assert "auto_map" not in config
+    assert transformers.models.auto.tokenization_auto.tokenizer_class_from_name(config["tokenizer_class"]) is not None
+    run = subprocess.run([sys.executable, "-c", TOKENIZER_SCRIPT, str(folder), str(trust)], stdin=subprocess.DEVNULL,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "hfm")},
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "Do you wish to run the custom code" not in run.stdout + run.stderr
+    assert run.stdout.split() == ["TokenizersBackend", "2"]

@@ -88,6 +88,28 @@ def test_forward_returns_a_cache_and_its_logits_are_the_training_forward() -> No
     torch.testing.assert_close(out.logits.detach(), plain.logits, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("logits_to_keep", [0, 1])
+def test_outputs_are_normal_tensors_not_inference_tensors(logits_to_keep: int) -> None:
+    """The engine runs under inference_mode; what a caller gets back (prefill and decode logits, generate's scores
+    and logits) is an ordinary tensor it can edit in place, as with Llama."""
+    model = hf_phd()
+    ids, mask = left_padded(PROMPTS)
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, logits_to_keep=logits_to_keep)
+        assert not out.logits.is_inference()
+        out.logits.add_(1)
+        token = out.logits[:, -1:].argmax(-1)
+        step = model(token, attention_mask=torch.cat([mask, torch.ones_like(token)], 1),
+                     past_key_values=out.past_key_values)
+        assert not step.logits.is_inference()
+        step.logits.mul_(2)
+    got = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, return_dict_in_generate=True,
+                         output_scores=True, output_logits=True)
+    for tensor in (*got.scores, *got.logits):
+        assert not tensor.is_inference()
+        tensor.add_(1)
+
+
 def test_several_new_tokens_at_once_equal_one_at_a_time() -> None:
     model = hf_phd("PHD-SWA-3-2-inf")
     ids = torch.tensor([PROMPTS[0]])

@@ -3,8 +3,10 @@ use by decode_linears: only where exactly right, the same tokens as plain linear
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import warnings
@@ -16,6 +18,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import phd
 from phd import PHDConfig, PHDTransformer
+from phd.fsutil import sha256_file
 from phd.inference import decode_linears, kernels, plain_linears
 from phd.inference.weights import DecodeLinear, packing_available
 
@@ -237,16 +240,239 @@ def test_the_cached_library_is_named_by_source_flags_and_torch_version(monkeypat
     assert len(set(names.values())) == len(names) and kernels._library_path() == base
 
 
+# ----- the C++ standard, and the cache: verified entries, private folders, remembered failures -----
+
+
+@pytest.mark.parametrize("version,standard", [
+    ("2.6.0", "c++17"), ("2.12.1+cu128", "c++17"), ("2.13.0+cpu", "c++20"), ("2.13.0a0+git1234abc", "c++20"),
+    ("2.14.0.dev20260723+cu132", "c++20"), ("3.0.0", "c++20"), ("10.1", "c++20"), ("unknown", "c++20")])
+def test_cxx_standard_follows_the_torch_version(monkeypatch, tmp_path, version, standard):
+    """torch's extension builder uses C++20 from 2.13 on (2.14's headers refuse C++17): the kernel is compiled with
+    the standard of the running PyTorch, exactly one -std flag, and the standard is part of the cache key."""
+    assert kernels.cxx_standard(version) == standard
+    monkeypatch.setattr(torch, "__version__", version)
+    command = kernels._compile_command("c++", tmp_path / "out.so")
+    assert [f for f in command if f.startswith("-std=")] == [f"-std={standard}"]
+    base = kernels._library_path(tmp_path)
+    other = "c++17" if standard == "c++20" else "c++20"
+    monkeypatch.setattr(kernels, "cxx_standard", lambda version=None: other)
+    assert kernels._library_path(tmp_path) != base, "the cache key ignores the C++ standard"
+
+
+def test_cxx_standard_is_the_one_the_installed_torch_builds_extensions_with():
+    """The rule agrees with the installed torch.utils.cpp_extension, which passes the flag as a literal."""
+    import inspect
+
+    from torch.utils import cpp_extension
+
+    assert f"'-std={kernels.cxx_standard()}'" in inspect.getsource(cpp_extension)
+
+
+FAKE_CXX = """#!{python}
+import os, shutil, signal, sys
+with open(os.environ["FAKE_CXX_LOG"], "a") as log:
+    log.write(sys.argv[0] + "\\n")
+if os.environ.get("FAKE_CXX_FAIL") == "kill":
+    os.kill(os.getpid(), signal.SIGKILL)
+if os.environ.get("FAKE_CXX_FAIL"):
+    sys.stderr.write("In file included from torch/all.h:1\\nrows_linear.cpp:3:1: error: boom\\n")
+    sys.exit(1)
+out = sys.argv[sys.argv.index("-o") + 1]
+if os.environ.get("FAKE_CXX_COPY"):
+    shutil.copyfile(os.environ["FAKE_CXX_COPY"], out)
+else:
+    with open(out, "wb") as f:
+        f.write(os.urandom(4096))
+"""
+
+
+def _fake_compiler(path) -> str:
+    """A stand-in for c++ that logs its calls and writes random bytes (or a copy of FAKE_CXX_COPY) to -o."""
+    path.write_text(FAKE_CXX.format(python=sys.executable))
+    path.chmod(0o755)
+    return str(path)
+
+
+class FakeBuild:
+    """rows_linear_op in a temporary cache with a stand-in compiler; loading records the path instead of dlopen."""
+
+    def __init__(self, tmp_path, monkeypatch) -> None:
+        self.cache, self.log, self.loads = tmp_path / "cache", tmp_path / "cxx.log", []
+        self.monkeypatch = monkeypatch
+        monkeypatch.setenv("PHD_CACHE_DIR", str(self.cache))
+        monkeypatch.setenv("CXX", _fake_compiler(tmp_path / "fake-cxx"))
+        monkeypatch.setenv("FAKE_CXX_LOG", str(self.log))
+        monkeypatch.delenv("PHD_KERNELS", raising=False)
+        monkeypatch.setattr(kernels, "_cpu_supports_kernel", lambda: True)
+        monkeypatch.setattr(kernels, "_load", self._load)
+
+    def _load(self, lib):
+        record = json.loads(lib.with_suffix(".json").read_text())
+        assert (record["size"], record["sha256"]) == (lib.stat().st_size, sha256_file(lib)), "not the one built"
+        self.loads.append(lib)
+        return lambda x, w, bias: F.linear(x, w, bias)
+
+    def op(self):
+        """One new process's first call."""
+        self.monkeypatch.setattr(kernels, "_loaded", {})
+        return kernels.rows_linear_op()
+
+    @property
+    def compiles(self) -> int:
+        return len(self.log.read_text().splitlines()) if self.log.exists() else 0
+
+    @property
+    def lib(self):
+        return kernels._library_path(self.cache / "kernels")
+
+
+@pytest.fixture
+def fake_build(tmp_path, monkeypatch) -> FakeBuild:
+    return FakeBuild(tmp_path, monkeypatch)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage of the same size", "no record"])
+def test_a_damaged_cached_library_is_built_again_not_loaded(fake_build, capfd, damage):
+    """A truncated library crashed every process with a bus error, a garbage one failed to load on every run: the
+    size and sha256 recorded at build time are checked before loading, and a damaged entry is built again."""
+    assert fake_build.op() is not None and fake_build.compiles == 1 and fake_build.loads == [fake_build.lib]
+    record = json.loads(fake_build.lib.with_suffix(".json").read_text())
+    assert record["size"] == fake_build.lib.stat().st_size == 4096
+    assert record["sha256"] == sha256_file(fake_build.lib)
+    assert fake_build.op() is not None and fake_build.compiles == 1  # a sound entry: loaded, not compiled
+    capfd.readouterr()
+    if damage == "truncated":
+        os.truncate(fake_build.lib, 2000)
+    elif damage == "no record":
+        fake_build.lib.with_suffix(".json").unlink()
+    else:
+        fake_build.lib.write_bytes(os.urandom(4096))
+    assert fake_build.op() is not None
+    assert fake_build.compiles == 2 and len(fake_build.loads) == 3
+    assert "building it again" in capfd.readouterr().err
+    assert fake_build.op() is not None and fake_build.compiles == 2
+
+
+def test_a_cache_folder_others_can_write_is_not_used(fake_build):
+    """A library planted in a group/other-writable kernels folder is never loaded: one warning, and the kernel is
+    built into the user's own private folder (mode 0700) instead."""
+    shared = fake_build.cache / "kernels"
+    shared.mkdir(parents=True)
+    shared.chmod(0o777)
+    planted = kernels._library_path(shared)
+    planted.write_bytes(b"\x7fELF planted")
+    planted.with_suffix(".json").write_text(json.dumps({"size": planted.stat().st_size,
+                                                        "sha256": sha256_file(planted)}))
+    with pytest.warns(RuntimeWarning, match=r"kernel cache .*kernels is writable by group and others \(mode 777\): "
+                                            r"another user could plant a library there"):
+        assert fake_build.op() is not None
+    [loaded] = fake_build.loads
+    assert loaded.parent != shared and fake_build.compiles == 1
+    assert loaded.parent.stat().st_uid == os.getuid() and stat.S_IMODE(loaded.parent.stat().st_mode) == 0o700
+    assert not stat.S_IMODE(loaded.stat().st_mode) & 0o022
+
+
+def test_a_library_others_can_write_is_built_again(fake_build, capfd):
+    """In the user's own folder, a library (or its record) writable by group or others is replaced, not loaded."""
+    fake_build.op()
+    fake_build.lib.chmod(0o666)
+    capfd.readouterr()
+    fake_build.op()
+    assert fake_build.compiles == 2 and "writable by group and others (mode 666)" in capfd.readouterr().err
+    assert stat.S_IMODE(fake_build.lib.stat().st_mode) == 0o755
+    fake_build.lib.with_suffix(".json").chmod(0o646)
+    fake_build.op()
+    assert fake_build.compiles == 3
+
+
+def test_a_cache_folder_of_another_user_is_not_used(fake_build, monkeypatch, tmp_path):
+    """Ownership (tested by pretending to be another uid): a folder or file of another user is untrusted, and the
+    kernel goes to a fresh private folder."""
+    mine = tmp_path / "mine"
+    mine.mkdir(mode=0o755)
+    (mine / "lib.so").write_bytes(b"x")
+    (mine / "lib.so").chmod(0o755)
+    assert kernels._untrusted(mine, folder=True) is None and kernels._untrusted(mine / "lib.so", folder=False) is None
+    real = os.getuid()
+    monkeypatch.setattr(os, "getuid", lambda: real + 1)
+    assert kernels._untrusted(mine, folder=True) == f"is owned by uid {real}, not by you (uid {real + 1})"
+    assert kernels._untrusted(mine / "lib.so", folder=False) == f"is owned by uid {real}, not by you (uid {real + 1})"
+    with pytest.warns(RuntimeWarning, match=f"kernels is owned by uid {real}, not by you"):
+        assert fake_build.op() is not None
+    [loaded] = fake_build.loads
+    assert loaded.parent.name.startswith("kernels-private-")
+    assert stat.S_IMODE(loaded.parent.stat().st_mode) == 0o700
+
+
+def test_a_failed_build_is_remembered_until_the_key_or_compiler_changes(fake_build, monkeypatch, capfd, tmp_path):
+    """Every process compiled again (~12 s) and warned: the failure is written beside the entry, later processes
+    warn briefly without compiling, and a new key (here a new torch version) or another compiler tries again. A
+    compiler killed by a signal (the OOM killer) is not a verdict on the source: not remembered."""
+    monkeypatch.setenv("FAKE_CXX_FAIL", "kill")
+    marker = fake_build.lib.with_suffix(".failed")
+    for _ in range(2):
+        with pytest.warns(RuntimeWarning, match="decode kernel is not available .*fake-cxx failed"):
+            assert fake_build.op() is None
+        assert not marker.exists()
+    assert fake_build.compiles == 2
+    fake_build.log.unlink()
+    monkeypatch.setenv("FAKE_CXX_FAIL", "1")
+    with pytest.warns(RuntimeWarning, match="decode kernel is not available .*fake-cxx failed: rows_linear.cpp:3:1: "
+                                            "error: boom"):
+        assert fake_build.op() is None
+    assert fake_build.compiles == 1 and "error: boom" in json.loads(marker.read_text())["error"]
+    capfd.readouterr()
+    for _ in range(2):
+        with pytest.warns(RuntimeWarning, match=f"it failed to build before: .*error: boom; delete {marker} to try"):
+            assert fake_build.op() is None
+    assert fake_build.compiles == 1 and "compiling" not in capfd.readouterr().err
+    with monkeypatch.context() as m, pytest.warns(RuntimeWarning, match="fake-cxx failed"):
+        m.setattr(torch, "__version__", torch.__version__ + ".post1")
+        assert fake_build.op() is None
+    assert fake_build.compiles == 2
+    monkeypatch.setenv("CXX", _fake_compiler(tmp_path / "other-cxx"))
+    with pytest.warns(RuntimeWarning, match="other-cxx failed"):
+        assert fake_build.op() is None
+    assert fake_build.compiles == 3
+    monkeypatch.delenv("FAKE_CXX_FAIL")  # fixed, and the marker deleted as the warning says: built and loaded
+    marker.unlink()
+    assert fake_build.op() is not None and fake_build.compiles == 4
+
+
+_RUN_OP = ("import torch; from phd.inference.kernels import rows_linear_op as f; op = f(); x, w = torch.randn(3, 40), "
+           "torch.randn(9, 40); torch.testing.assert_close(op(x, w, None), x @ w.T); print('ok')")
+
+
 @needs_kernel
-def test_kernel_compiles_from_scratch(tmp_path):
-    """A fresh cache: one compile (said on stderr), the library published under its digest, then loaded and right
-    (in a child process: a process registers the op namespace once)."""
-    code = ("import torch; from phd.inference.kernels import rows_linear_op as f; op = f(); x, w = torch.randn(3, 40), "
-            "torch.randn(9, 40); torch.testing.assert_close(op(x, w, None), x @ w.T); print('ok')")
-    env = {**os.environ, "PHD_CACHE_DIR": str(tmp_path)}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+def test_kernel_compiles_from_scratch_and_survives_a_damaged_cache(tmp_path):
+    """A fresh cache: one compile (said on stderr), the library published under its digest with its record, then
+    loaded and right (in child processes: a process registers the op namespace once). A truncated library used to
+    kill every later process with a bus error, a garbage one to be skipped with a warning on every run: both are
+    built again (by a stand-in compiler that copies the good build, to spare 10 s each)."""
+    env = {**os.environ, "PHD_CACHE_DIR": str(tmp_path / "cache")}
+    env.pop("PHD_KERNELS", None)
+
+    def run():
+        return subprocess.run([sys.executable, "-c", _RUN_OP], env=env, capture_output=True, text=True, timeout=300)
+
+    done = run()
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok" and "compiling the decode kernel" in done.stderr
-    assert [p.name for p in (tmp_path / "kernels").iterdir()] == [kernels._library_path().name]
-    again = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    lib = kernels._library_path(tmp_path / "cache" / "kernels")
+    assert sorted(p.name for p in lib.parent.iterdir()) == sorted([lib.name, lib.with_suffix(".json").name])
+    again = run()
     assert again.returncode == 0 and "compiling" not in again.stderr
+    good = tmp_path / "good.so"
+    shutil.copyfile(lib, good)
+    env.update(CXX=_fake_compiler(tmp_path / "fake-cxx"), FAKE_CXX_LOG=str(tmp_path / "cxx.log"),
+               FAKE_CXX_COPY=str(good))
+    for damage in ("truncate", "garbage"):
+        if damage == "truncate":
+            subprocess.run(["truncate", "-s", "20000", str(lib)], check=True)
+        else:
+            lib.write_bytes(os.urandom(good.stat().st_size))
+        done = run()
+        assert done.returncode == 0, (damage, done.returncode, done.stderr)
+        assert done.stdout.strip() == "ok" and "building it again" in done.stderr
+        assert "not available" not in done.stderr
+    assert len((tmp_path / "cxx.log").read_text().splitlines()) == 2

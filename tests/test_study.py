@@ -84,7 +84,7 @@ def test_suite_kill_resume_rows_status_and_report(data, tmp_path):
     assert write_report(results, tmp_path / "docs") == written
     assert {p: p.read_bytes() for p in written} == first
     text = (tmp_path / "docs" / "RESULTS.md").read_text()
-    for needle in ("PHD-CSWA-2-4-8", "paired Δ vs vanilla", "Equal training FLOPs", "Ablations", "### Pilot",
+    for needle in ("PHD-CSWA-2-4-8", "paired Δ vs vanilla", "Equal training FLOPs", "Ablations", "### Tuning",
                    "Every run"):
         assert needle in text
     assert any(p.suffix == ".png" for p in written)

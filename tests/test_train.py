@@ -278,7 +278,7 @@ def test_compare_prints_the_variants_side_by_side(tmp_path, capsys):
     out = tmp_path / "compare"
     argv = ["compare", "--data", str(data), "--variants", "vanilla", "PHD-CSWA-2-4-8", "--seq-len", "32",
             "--batch-size", "4", "--steps", "2", "--evals", "1", "--eval-sequences", "4", "--out", str(out),
-            "--quiet", "--seeds", "0", "1"]
+            "--quiet", "--seeds", "0", "1", "--no-compile"]
     assert main(argv + ["--jobs", "1"]) == 0
     table = capsys.readouterr().out
     assert "| vanilla |" in table and "| PHD-CSWA-2-4-8 |" in table and "(2 seeds)" in table
@@ -299,10 +299,13 @@ def test_compare_prints_the_variants_side_by_side(tmp_path, capsys):
     assert "variant name 'PHD-CSWA-x' is unknown" in capsys.readouterr().err
 
 
-def test_compare_defaults_are_the_study_suite_it_cites(tmp_path):
-    """The main job prints the spread of `STUDY_SUITE`'s core recipe as its reference: that recipe must train exactly
-    what the main job trains (same variants, same TrainConfig), or the printed spread is of something else."""
+@pytest.mark.parametrize("corpus, recipe", [("default", "project"), ("pypi", "pypi")])
+def test_compare_defaults_are_the_study_suite_it_cites(tmp_path, corpus, recipe):
+    """The main job is judged against the study's runs of its own setting: the `evidence` suite's recipe for each
+    corpus must train exactly what `phd compare` trains at its defaults (same variants, same TrainConfig, same
+    data), or the printed interval would be of something else."""
     import argparse
+    import dataclasses
     import json
 
     from phd.study import compare
@@ -310,14 +313,15 @@ def test_compare_defaults_are_the_study_suite_it_cites(tmp_path):
 
     d = compare.DEFAULTS
     args = argparse.Namespace(**{k: v for k, v in d.items()}, steps=None, seeds=[0])
-    recipe, mine = compare.suite_for(args, "default")
+    name, mine = compare.suite_for(args, {"corpus": corpus})
     (tmp_path / "mine.json").write_text(json.dumps(mine))
     mine = load_suite(tmp_path, "mine")
-    study = load_suite(compare.REPO / "experiments", compare.STUDY_SUITE)
+    study = load_suite(compare.REPO / "experiments", "evidence")
     for variant in d["variants"]:
-        ours, theirs = mine.run(recipe, variant, 0), study.run("core", variant, 0)
-        assert theirs is not None, f"{compare.STUDY_SUITE}/core lacks {variant}"
-        assert ours.train_config("D", "O") == theirs.train_config("D", "O")
+        ours, theirs = mine.run(name, variant, 0), study.run(recipe, variant, 20)
+        assert theirs is not None, f"evidence/{recipe} lacks {variant} at seed 20"
+        assert ours.settings["data"] == theirs.settings["data"]
+        assert ours.train_config("D", "O") == dataclasses.replace(theirs.train_config("D", "O"), seed=0)
 
 
 def test_model_folder_records_the_eos_id_of_its_data(tmp_path):
@@ -333,22 +337,3 @@ def test_model_folder_records_the_eos_id_of_its_data(tmp_path):
     assert eos_id(folder) == 0  # "<eos>", the first usual spelling in its vocabulary
     save_model(load_model(folder), tmp_path / "no-tokenizer")
     assert eos_id(tmp_path / "no-tokenizer") is None
-
-
-def test_compare_reference_pairs_with_the_equal_parameter_vanilla_only(tmp_path):
-    """The printed study spread pairs each seed with the vanilla run of the same shape: a deeper vanilla trained
-    on the same tokens for the equal-FLOPs question (same suite, same seed) must not stand in for it."""
-    from phd.study import compare
-
-    def row(variant, seed, loss, role="main"):
-        return {"suite": compare.STUDY_SUITE, "recipe": "r", "variant": variant, "seed": seed, "val_loss": loss,
-                "tokens": 1000, "role": role, "config": {"seq_len": 8, "batch_size": 2, "lr": 0.1,
-                                                           "model": {"vocab_size": 10}}}
-
-    rows = [row("vanilla", 0, 5.0), row("vanilla", 0, 6.0, "equal-flops"), row("PHD-2", 0, 4.9),
-            row("vanilla", 1, 5.0), row("PHD-2", 1, 4.8)]
-    path = tmp_path / "results.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    text = compare.study_reference({"seq_len": 8, "batch_size": 2, "lr": 0.1, "tokens": 1000}, ["vanilla", "PHD-2"],
-                                   path)
-    assert "by seed: -0.1000, -0.2000" in text

@@ -148,3 +148,28 @@ def test_bench_compile_reports_speedup_first_step_and_loss_difference(tmp_path):
     row = json.loads((tmp_path / "compile.json").read_text())["rows"][0]
     assert row["variant"] == "PHD-CSWA-2-4-8" and row["speedup"] > 0 and row["max_loss_diff"] < 1e-4
     assert "speed-up" in (tmp_path / "compile.md").read_text()
+
+
+def test_compile_without_a_compiler_trains_eagerly_and_says_so(data, tmp_path, monkeypatch, capsys):
+    """compile=true where torch.compile cannot work (no C++ compiler on CPU): one message, eager training, the
+    same losses as compile=false."""
+    import phd.train.parallelize as par
+
+    monkeypatch.setattr(par, "compile_problem", lambda device_type: "InvalidCxxCompiler: none found")
+    Trainer(tiny_config(data, tmp_path / "c", max_steps=2, compile=True)).fit()
+    assert "torch.compile does not work here (InvalidCxxCompiler: none found); training eagerly" in \
+        capsys.readouterr().err
+    Trainer(tiny_config(data, tmp_path / "e", max_steps=2)).fit()
+    loss = [[r["loss"] for r in read_metrics(tmp_path / x) if "loss" in r] for x in ("c", "e")]
+    assert loss[0] == loss[1]
+
+
+@pytest.mark.slow
+def test_compile_problem_names_a_missing_compiler():
+    import subprocess
+    import sys
+
+    code = "from phd.train.parallelize import compile_problem; print(compile_problem('cpu'))"
+    env = {**__import__("os").environ, "CXX": "/nonexistent-cxx", "TORCHINDUCTOR_CACHE_DIR": "/tmp/phd-no-cxx-cache"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert "Compiler" in out.stdout, out.stdout + out.stderr

@@ -110,13 +110,7 @@ def check_out(out: Path, kind: str, overwrite: bool, sources: Iterable[Path] = (
         raise OutputError(f"--out {out} exists and is not a folder; pass a new or empty folder")
     if not any(out.iterdir()):
         return
-    found = output_kind(out)
-    if found != kind:
-        what = f"phd {found} output, not {kind}" if found else "not written by phd"
-        raise OutputError(
-            f"--out {out} is not empty and {what}; phd never deletes what it did not write: pass a new or empty "
-            "folder, or delete it yourself"
-        )
+    _refuse_foreign(out, output_kind(out), kind, "is not empty and", "deletes", "a new or empty folder")
     if not overwrite:
         raise OutputError(f"--out {out} already holds a {kind}; pass --overwrite to replace it, or another --out")
 
@@ -140,13 +134,15 @@ def check_out_file(out: Path, kind: str) -> None:
         return
     if out.is_symlink() or not out.is_file():
         raise OutputError(f"--out {out} exists and is not a plain file; pass a new file name")
-    found = output_file_kind(out)
+    _refuse_foreign(out, output_file_kind(out), kind, "exists and is", "overwrites", "a new file name")
+
+
+def _refuse_foreign(out: Path, found: str | None, kind: str, state: str, verb: str, instead: str) -> None:
+    """One message for an --out that phd did not write as output of `kind` (`found`: what phd wrote there)."""
     if found != kind:
         what = f"phd {found} output, not {kind}" if found else "not written by phd"
-        raise OutputError(
-            f"--out {out} exists and is {what}; phd never overwrites what it did not write: pass a new file name, "
-            "or delete it yourself"
-        )
+        raise OutputError(f"--out {out} {state} {what}; phd never {verb} what it did not write: pass {instead}, or "
+                          "delete it yourself")
 
 
 def write_output_file(out: str | Path, kind: str, data: dict) -> Path:

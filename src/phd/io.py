@@ -27,6 +27,7 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 TOKENIZER = "tokenizer.json"
 SPECIAL_TOKENS = "special_tokens.json"  # {"eos_id": E}: the document separator the model was trained with
+GENERATION_CONFIG = "generation_config.json"  # transformers' generation defaults, kept from a converted source
 
 
 class CheckpointError(PHDError, RuntimeError):
@@ -131,6 +132,24 @@ def _read_config(file: Path) -> tuple[PHDConfig, str]:
     if is_transformers_config(fields):
         return config_from_transformers_fields(fields), "model."
     return PHDConfig.load(file), ""
+
+
+def generation_eos_ids(folder: str | Path) -> list[int] | None:
+    """The eos ids of a model folder's generation_config.json (all of them: a chat model stops at its turn end as
+    well as at end-of-text), the tokens transformers' generate() stops at; None when the folder names none."""
+    file = Path(folder) / GENERATION_CONFIG
+    if not file.exists():
+        return None
+    try:
+        value = json.loads(file.read_text()).get("eos_token_id")
+    except (OSError, ValueError, AttributeError) as err:
+        raise CheckpointError(f"{file} cannot be read as a JSON object ({err}); fix or delete it") from None
+    ids = [value] if isinstance(value, int) else value
+    if value is None or ids == []:
+        return None
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise CheckpointError(f"{file}: eos_token_id must be a token id or a list of ids, not {value!r}; fix it")
+    return ids
 
 
 def load_tokenizer(path: str | Path):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -20,7 +21,19 @@ from ..config import PHDConfig
 from ..errors import PHDError
 from ..fsutil import check_out, output_dir
 from ..hfnames import is_transformers_config
-from ..io import MODEL_KIND, check_finite, eos_id, is_phd_model, load_model, model_dir, write_model_files
+from ..io import (
+    GENERATION_CONFIG,
+    MODEL_KIND,
+    check_finite,
+    eos_id,
+    is_phd_model,
+    load_model,
+    model_dir,
+    write_model_files,
+)
+
+if TYPE_CHECKING:
+    from transformers import GenerationConfig
 
 TARGETS = ("phd", "hf", "phd-hf")
 
@@ -91,17 +104,22 @@ def _convert(args: argparse.Namespace) -> int:
             raise SystemExit(f"{source} is already a phd model folder; choose --to hf or --to phd-hf")
         model = load_model(source)
         tokenizer = _load_tokenizer(source)
+        generation = _generation_config(model_dir(source))
         if target == "phd":  # a PHDForCausalLM folder back to the native export
             with output_dir(out, kind, args.overwrite, [source]) as tmp:
                 write_model_files(model, tmp)
                 if tokenizer is not None:
                     tokenizer.save_pretrained(tmp)
+                if generation is not None:
+                    generation.save_pretrained(tmp)
             print(f"wrote {args.out} (phd, {model.config.name})")
             return 0
         if target == "hf":
             hf_model = to_transformers(model, **_special_tokens(tokenizer))
         else:
             hf_model = PHDForCausalLM.from_native(model, **_special_tokens(tokenizer))
+        if generation is not None:
+            hf_model.generation_config = generation
         with output_dir(out, kind, args.overwrite, [source]) as tmp:
             hf_model.save_pretrained(tmp)
             if tokenizer is not None:
@@ -117,13 +135,19 @@ def _convert(args: argparse.Namespace) -> int:
         raise SystemExit(f"{source} is a transformers checkpoint already; choose --to phd or --to phd-hf")
     variant = PHDConfig.parse_name(args.variant)
     hf_model, tokenizer = load_transformers(source)
+    generation = _generation_config(source if source.is_dir() else None)
     model = from_transformers(hf_model, positions=args.positions, **variant)
     check_finite(model.state_dict(), source)
     with output_dir(out, kind, args.overwrite, [source]) as tmp:
         if target == "phd":
             write_model_files(model, tmp)
+            if generation is not None:
+                generation.save_pretrained(tmp)
         else:
-            PHDForCausalLM.from_native(model, **_special_tokens(tokenizer)).save_pretrained(tmp)
+            phd_hf = PHDForCausalLM.from_native(model, **_special_tokens(tokenizer))
+            if generation is not None:
+                phd_hf.generation_config = generation
+            phd_hf.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     print(f"wrote {args.out} ({target}, {model.config.name}, {model.num_params() / 1e6:.1f}M parameters)")
@@ -135,6 +159,23 @@ def _convert(args: argparse.Namespace) -> int:
             diff = _max_diff(hf_model(ids).logits, model(ids).logits)
         print(f"max |logit difference| vs the source on {ids.shape[1]} tokens = {diff:.3g}")
     return 0
+
+
+def _generation_config(folder: Path | None) -> GenerationConfig | None:
+    """The source's own generation_config.json as a transformers GenerationConfig (eos ids of a chat model, sampling
+    defaults), or None when it has none: save_pretrained would otherwise write a fresh default that stops at the
+    wrong token."""
+    if folder is None or not (folder / GENERATION_CONFIG).is_file():
+        return None
+    from transformers import GenerationConfig  # the `hf` extra
+
+    from ..hf.convert import ConversionError
+
+    try:
+        return GenerationConfig.from_pretrained(folder)
+    except (OSError, ValueError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise ConversionError(f"{folder / GENERATION_CONFIG} cannot be read ({first}); fix or delete it") from None
 
 
 def _load_tokenizer(path: Path):

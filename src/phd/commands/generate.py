@@ -14,7 +14,7 @@ from ..errors import InputError, PHDError
 from ..inference.generate import generate_stream
 from ..inference.sampling import SamplingConfig
 from ..inference.weights import decode_linears
-from ..io import eos_id, load_model, load_tokenizer, model_dir
+from ..io import eos_id, generation_eos_ids, load_model, load_tokenizer, model_dir
 from .argtypes import positive_int
 
 
@@ -32,7 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1 = off)")
     p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
     p.add_argument("--stop", action="append", default=None,
-                   help="stop token (text of one token, or #ID); repeatable; default: the tokenizer's end-of-text")
+                   help="stop token (text of one token, or #ID); repeatable; default: the eos ids of the model's "
+                        "generation_config.json (as transformers), else the tokenizer's end-of-text")
     p.add_argument("--prefill", choices=("bounded", "full"), default="bounded",
                    help="bounded (default): hidden tokens only where needed; full: the paper's K-fold prefill")
     p.add_argument("--threads", type=positive_int, default=None,
@@ -45,9 +46,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _stop_ids(tokenizer, stops: list[str] | None, eos: int | None) -> list[int]:
-    """--stop tokens; by default the tokenizer's end-of-text id (`phd.io.eos_id`) when text is decoded."""
+def _stop_ids(tokenizer, stops: list[str] | None, eos: int | None,
+              generation_eos: list[int] | None = None) -> list[int]:
+    """--stop tokens; by default every eos id of the model's generation_config.json (what transformers' generate()
+    stops at: a chat model's turn end too), else the tokenizer's end-of-text id (`phd.io.eos_id`) when text is
+    decoded."""
     if stops is None:
+        if generation_eos:
+            return list(generation_eos)
         return [eos] if tokenizer is not None and eos is not None else []
     ids = []
     for stop in stops:
@@ -93,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
         if args.prompt is not None or args.tokenizer:
             source = args.tokenizer or model_dir(args.checkpoint)
             tokenizer, eos = load_tokenizer(source), eos_id(_folder(Path(source)))
-        stops = _stop_ids(tokenizer, args.stop, eos)
+        stops = _stop_ids(tokenizer, args.stop, eos, generation_eos_ids(model_dir(args.checkpoint)))
         if args.prompt is not None:
             ids = tokenizer.encode(args.prompt, add_special_tokens=False).ids
         else:

@@ -160,6 +160,8 @@ class PHDForCausalLM(PHDPreTrainedModel, GenerationMixin):
             loss = self._loss(logits, labels, attention_mask, kwargs.get("num_items_in_batch"))
         if logits_to_keep:
             logits = logits[:, -logits_to_keep:]
+        if logits.is_inference():  # the engine runs under inference_mode; callers may edit logits in place
+            logits = logits.clone()
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache if use_cache else None)
 
     def _forward_full(self, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:

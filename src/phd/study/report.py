@@ -182,7 +182,7 @@ class Report:
         return out
 
     def sweep_table(self, suite: str, rows: list[dict[str, Any]]) -> list[str]:
-        out = ["### Pilot", "",
+        out = ["### Tuning (role sweep)", "",
                "| recipe | model | variant | lr | tokens | seeds | val loss | Δ vs the recipe's vanilla |",
                "|---|---|---|---:|---:|---:|---:|---:|"]
         for (recipe, variant), group in sorted(self.by_variant(rows).items(),
@@ -195,14 +195,17 @@ class Report:
                        f"{_g(c['lr'])} | {group[0]['tokens']:,} | {len(group)} | "
                        f"{_mean_sd([r['val_loss'] for r in group])} | {delta.text() if delta else ''} |")
         out.append("")
-        shapes: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+        shapes: dict[tuple, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
         for r in rows:
-            if r["variant"] == "vanilla":
-                shapes[(r["params"], r["tokens"])].append(r)
-        for (params, tokens), group in sorted(shapes.items()):
-            best = min(group, key=lambda r: r["val_loss"])
-            out.append(f"Lowest vanilla validation loss at {params / 1e6:.2f}M parameters and {tokens:,} tokens: "
-                       f"`{best['recipe']}` (lr {_g(best['config']['lr'])}, {best['val_loss']:.4f}).")
+            shapes[(r["params"], r["tokens"], r["variant"])][r["recipe"]].append(r)
+        for (params, tokens, variant), recipes in sorted(shapes.items(), key=lambda kv: (kv[0][0], kv[0][1],
+                                                                                        variant_order(kv[0][2]))):
+            means = {rec: statistics.fmean(r["val_loss"] for r in g) for rec, g in recipes.items()}
+            best = min(means, key=means.get)
+            seeds = len(recipes[best])
+            out.append(f"Lowest mean validation loss of {variant} at {params / 1e6:.2f}M parameters and {tokens:,} "
+                       f"tokens: `{best}` (lr {_g(recipes[best][0]['config']['lr'])}, {means[best]:.4f} over "
+                       f"{seeds} seed{'s' if seeds > 1 else ''}).")
         return out + [""]
 
     def main_table(self, suite: str, rows: list[dict[str, Any]]) -> list[str]:

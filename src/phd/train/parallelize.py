@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import functools
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -83,6 +84,20 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
     model.checkpoint_fn = functools.partial(checkpoint, use_reentrant=False, preserve_rng_state=False)
 
 
+@functools.cache
+def compile_problem(device_type: str) -> str | None:
+    """Why torch.compile cannot run here (inductor needs a C++ compiler on CPU, Triton on CUDA), or None when a
+    tiny function compiles and runs. Asked once per process, before a model is compiled: a failure would
+    otherwise surface at the first step, hours into a queue."""
+    try:
+        fn = torch.compile(lambda x: torch.nn.functional.silu(x) * 2, backend="inductor", dynamic=False)
+        fn(torch.ones(8, device=device_type))
+    except Exception as err:  # noqa: BLE001 (any failure means: train eagerly)
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return f"{type(err).__name__}: {first[:200]}"
+    return None
+
+
 def apply_compile(model: nn.Module, backend: str = "inductor") -> None:
     """Compile every block separately: identical blocks share one compiled graph, and FSDP hooks stay eager."""
     for block in model.layers:
@@ -113,7 +128,13 @@ def parallelize(
     if activation_checkpointing:
         apply_activation_checkpointing(model)
     if compile:
-        apply_compile(model)
+        problem = compile_problem(info.device.type)
+        if problem is None:
+            apply_compile(model)
+        elif info.is_main:
+            print(f"[phd train] torch.compile does not work here ({problem}); training eagerly: the same losses, "
+                  "about 1.25x slower per step on CPU. Install a C++ compiler (CPU) or Triton (CUDA) to compile, "
+                  "or set compile=false to silence this", file=sys.stderr)
     if info.distributed and data_parallel == "fsdp":
         apply_fsdp(model, info.device, bf16)
     elif info.distributed:
