@@ -147,10 +147,8 @@ def test_a_failure_keeps_the_old_folder_and_leaves_no_temp(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
-def test_a_failed_publishing_rename_restores_the_old_folder(tmp_path, monkeypatch):
-    out = tmp_path / "out"
-    with output_dir(out, "phd-export") as tmp:
-        (tmp / "a").write_text("old")
+def fail_publishing_renames(monkeypatch) -> None:
+    """Make every rename of a phd temporary (the publishing step) fail as a full or vanished disk would."""
     real = os.replace
 
     def failing(src, dst):
@@ -159,6 +157,13 @@ def test_a_failed_publishing_rename_restores_the_old_folder(tmp_path, monkeypatc
         real(src, dst)
 
     monkeypatch.setattr(fsutil.os, "replace", failing)
+
+
+def test_a_failed_publishing_rename_restores_the_old_folder(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    with output_dir(out, "phd-export") as tmp:
+        (tmp / "a").write_text("old")
+    fail_publishing_renames(monkeypatch)
     with pytest.raises(OSError, match="disk gone"), output_dir(out, "phd-export", overwrite=True) as tmp:
         (tmp / "a").write_text("new")
     assert (out / "a").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
@@ -205,14 +210,7 @@ def test_eval_out_replaces_its_own_file_atomically(run, tmp_path, capsys, monkey
     assert json.loads(out.read_text())["loss"]["windows"] == 2
     assert sorted(p.name for p in out.parent.iterdir()) == ["eval.json"]
     written = out.read_bytes()
-    real = os.replace
-
-    def failing(src, dst):
-        if TMP_TAG in Path(src).name:
-            raise OSError("disk gone")
-        real(src, dst)
-
-    monkeypatch.setattr(fsutil.os, "replace", failing)
+    fail_publishing_renames(monkeypatch)
     with pytest.raises(OSError, match="disk gone"):
         main(eval_cmd(run, out, "--max-tokens", "96"))
     assert out.read_bytes() == written and sorted(p.name for p in out.parent.iterdir()) == ["eval.json"]
