@@ -132,3 +132,23 @@ def test_window_bound_through_the_backends(backend):
             v2[:, :, 8 + position] += 10.0
             changed = not torch.allclose(attention(q, k, v2, layout, backend)[:, :, query], base, atol=1e-6)
             assert changed == moves, (chunk, position)
+
+
+def test_the_training_forward_is_one_graph_under_torch_compile():
+    """torch.compile(model, fullgraph=True) takes the training forward (split backend over a PHD-CSWA layout, with
+    the loss): the token-id range check and the band plan stay in the graph, with no host sync and no cache lookup
+    that would break it. The eager backend only traces (no inductor compile), so this is cheap."""
+    import torch._dynamo
+
+    from phd import PHDConfig, PHDTransformer
+
+    cfg = PHDConfig.from_name("PHD-CSWA-3-2-4", vocab_size=50, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                              d_ff=48, max_seq_len=64)
+    model = PHDTransformer(cfg).train()
+    ids = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(0))
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(model, fullgraph=True, backend="eager")
+        assert torch.equal(compiled(ids, ids).loss, model(ids, ids).loss)
+    finally:
+        torch._dynamo.reset()

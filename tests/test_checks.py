@@ -14,11 +14,11 @@ import pytest
 import torch
 from train_utils import make_data, one_thread, tiny_config  # noqa: F401 (autouse fixture)
 
-from phd import PHDConfig, PHDTransformer
+from phd import ConfigError, PHDConfig, PHDTransformer
 from phd.commands import main
 from phd.data.shards import DataError, open_shards
 from phd.errors import InputError
-from phd.io import save_model
+from phd.io import CheckpointError, load_model, save_model
 from phd.train import TrainConfigError, Trainer, build_config
 
 
@@ -33,7 +33,6 @@ def model() -> PHDTransformer:
     (torch.zeros(1, 0, dtype=torch.long), r"seq_len >= 1, got \(1, 0\)"),
     (torch.tensor([[3, 50]]), r"token id 50, outside the vocabulary \[0, 50\)"),
     (torch.tensor([[-1, 3]]), r"token id -1, outside the vocabulary"),
-    (torch.ones(1, 17, dtype=torch.long), "17 tokens, more than max_seq_len=16"),
     (torch.ones(1, 3), "must hold integer token ids"),
 ])
 def test_model_input_is_checked(model, ids, message):
@@ -47,6 +46,13 @@ def test_model_input_is_checked(model, ids, message):
     ({"eps": -1}, "eps=-1 is invalid: must be a finite number > 0"),
     ({"seq_len": 600}, "seq_len=600 is invalid: must be <= model.max_seq_len=512"),
     ({"clip": "x"}, "clip='x' is invalid: must be a number or null"),
+    ({"seed": "abc"}, r"seed='abc' is invalid: must be an integer in \[0, 4294967295\]"),
+    ({"seed": -1}, r"seed=-1 is invalid: must be an integer in \[0, 4294967295\]"),
+    ({"seed": True}, "seed=True is invalid: must be an integer"),
+    ({"compile": "maybe"}, "compile='maybe' is invalid: must be true or false"),
+    ({"progress": "abc"}, "progress='abc' is invalid: must be true or false"),
+    ({"activation_checkpointing": 1}, "activation_checkpointing=1 is invalid: must be true or false"),
+    ({"out": 5}, "out=5 is invalid: give the run folder"),
 ])
 def test_bad_numbers_name_the_field(tmp_path, override, message):
     base = {"data": str(tmp_path), "max_steps": 1, "batch_size": 8, "micro_batch": 4, "model.preset": "cpu-1m"}
@@ -59,6 +65,29 @@ def test_the_train_command_reports_bad_numbers_in_one_line(tmp_path):
                              "max_steps=1", "lr=abc"], capture_output=True, text=True)
     assert result.returncode == 2 and result.stderr.strip() == (
         "error: lr='abc' is invalid: must be a number")
+
+
+def test_an_out_that_cannot_be_a_folder_is_one_line(tmp_path, capsys):
+    """`out=/proc/x` (and a file) once ended in mkdir's traceback: one line naming out and what to give instead."""
+    data = make_data(tmp_path / "data", train_tokens=2_000, val_tokens=500)
+    (tmp_path / "afile").write_text("mine\n")
+    for out in ("/proc/x", str(tmp_path / "afile")):
+        argv = ["train", "--preset", "cpu-tiny", "model.vocab_size=300", f"data={data}", f"out={out}", "max_steps=1",
+                "seq_len=32", "batch_size=4", "micro_batch=4", "progress=false", "device=cpu"]
+        assert main(argv) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error (rank 0): out={out!r} is invalid: the run folder cannot be created ("), err
+        assert err.endswith("give a folder you can write") and len(err.splitlines()) == 1
+    assert (tmp_path / "afile").read_text() == "mine\n"
+
+
+@pytest.mark.parametrize("kind", ["inference", "training", "scaling", "serving", "compile"])
+def test_bench_refuses_bad_thread_counts(kind, capsys):
+    """`phd bench inference --threads -1` once ended in torch's set_num_threads traceback."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", kind, "--threads", "-1"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "argument --threads: -1 is invalid: must be an integer >= 1" in err
 
 
 @pytest.fixture
@@ -106,6 +135,53 @@ def test_generate_refuses_nan_weights(tmp_path, model, capsys):
     assert main(["generate", "--checkpoint", str(good), "--prompt-ids", "1,2"]) == 2
     err = capsys.readouterr().err
     assert "NaN or inf weights in norm.weight" in err and "Traceback" not in err
+
+
+def edit_config(folder: Path, **changes) -> dict:
+    """Change fields of a model folder's config.json, as a user editing it by hand; returns the old values."""
+    config = json.loads((folder / "config.json").read_text())
+    old = {k: config[k] for k in changes}
+    (folder / "config.json").write_text(json.dumps({**config, **changes}))
+    return old
+
+
+@pytest.mark.parametrize("field, value", [("repeat_k", 3), ("chunk", 2), ("window", 3), ("positions", "shared"),
+                                          ("rope_theta", 500.0)])
+def test_a_config_json_that_contradicts_its_weights_is_refused(model, tmp_path, capsys, field, value):
+    """An edited config.json (K 2 -> 3, C 4 -> 2...) once loaded and generated as another variant, although the
+    weights' metadata names the trained one: refused in one line naming the field, both values and the fix."""
+    folder = save_model(model, tmp_path / "m")  # PHD-CSWA-2-2-4
+    old = edit_config(folder, **{field: value})[field]
+    now, was = json.dumps(value), json.dumps(old)  # as config.json spells them
+    message = (f"{folder}/config.json sets {field}={now}, but model.safetensors was written as PHD-CSWA-2-2-4 "
+               f"with {field}={was}: config.json was edited or belongs to another model; set {field} back to "
+               f"{was} (or use the config.json written with these weights)")
+    with pytest.raises(CheckpointError) as err:
+        load_model(folder)
+    assert str(err.value) == message
+    assert main(["generate", "--checkpoint", str(folder), "--prompt-ids", "1,2"]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {message}"
+
+
+def test_configs_the_weights_allow_and_an_impossible_window(model, tmp_path, capsys):
+    """What does not change what the weights compute (max_seq_len, attn_backend) may be edited; exports that
+    recorded only the variant name are checked on it; a window beyond max_seq_len is refused as a config error."""
+    folder = save_model(model, tmp_path / "m")
+    edit_config(folder, max_seq_len=32, attn_backend="dense")
+    assert load_model(folder).config.max_seq_len == 32
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(folder / "model.safetensors")
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt", "variant": "PHD-CSWA-2-2-4"})
+    (folder / "checksums.json").unlink()
+    edit_config(folder, chunk=8)
+    with pytest.raises(CheckpointError, match="sets chunk=8, but model.safetensors was written as PHD-CSWA-2-2-4 "
+                                              "with chunk=4"):
+        load_model(folder)
+    edit_config(folder, chunk=4, window=4096)
+    with pytest.raises(ConfigError, match=rf"^{folder}/config.json: window=4096 is invalid: W must be <= "
+                                          "max_seq_len=32"):
+        load_model(folder)
 
 
 def test_token_shards_are_checksummed_on_open(tmp_path):

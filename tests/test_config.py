@@ -42,6 +42,8 @@ def test_name_forms_are_case_insensitive_and_inf_optional():
         (dict(attn_backend="xformers"), "attn_backend", "split"),
         (dict(naive=True, repeat_k=2, window=4), "naive", "no window"),
         (dict(vocab_size=0), "vocab_size", ">= 1"),
+        # a window no sequence reaches (an edited config.json once ran such a model as PHD-K, silently)
+        (dict(repeat_k=2, window=4096, max_seq_len=512), "window", "W must be <= max_seq_len=512"),
     ],
 )
 def test_invalid_values_name_field_value_and_allowed(changes, field, hint):

@@ -103,6 +103,27 @@ def test_export_needs_overwrite_and_never_writes_into_the_run(run, tmp_path, cap
     assert tree(run / "checkpoints") == checkpoints
 
 
+def test_a_folder_without_the_marker_is_the_users_whatever_it_holds(run, text, tmp_path, capsys):
+    """A user's folder of only config.json + tokenizer.json (or of a data folder's file names) once passed for an
+    old phd export (data folder) and `--overwrite` replaced it: without phd's marker nothing is replaced."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"my": "settings"}\n')
+    (mine / "tokenizer.json").write_text('{"my": "tokenizer"}\n')
+    data = tmp_path / "mydata"
+    data.mkdir()
+    (data / "meta.json").write_text('{"format": "phd-tokens-v1"}\n')
+    for name in ("train.bin", "val.bin", "tokenizer.json"):
+        (data / name).write_text("mine\n")
+    before = tree(tmp_path)
+    for argv in (["export", str(run), "--out", str(mine), "--overwrite"], data_cmd(text, data, "--overwrite")):
+        assert main(argv) == 1
+        err = capsys.readouterr().err.strip()
+        assert f"not written by phd (no {MARKER} marker file)" in err and "delete it yourself" in err, err
+        assert len(err.splitlines()) == 1
+    assert tree(tmp_path) == before
+
+
 def test_convert_refuses_its_source_and_another_kind(run, tmp_path):
     pytest.importorskip("transformers")
     model = run / "model"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging.handlers
 import os
 import subprocess
 import sys
@@ -17,6 +18,8 @@ from hf_utils import VOCAB, left_padded, tiny_phd, tiny_transformers  # noqa: E4
 
 import phd  # noqa: E402
 from phd.commands import main as phd_main  # noqa: E402
+from phd.config import ConfigError  # noqa: E402
+from phd.errors import PHDError  # noqa: E402
 from phd.hf import PHDForCausalLM, PHDHFConfig  # noqa: E402
 from phd.hf.convert import ConversionError, from_transformers, to_transformers  # noqa: E402
 
@@ -230,6 +233,30 @@ def test_a_checkpoint_missing_a_weight_is_refused(tmp_path) -> None:
     assert not (tmp_path / "out").exists()
 
 
+def test_a_weight_of_the_wrong_shape_is_one_line(tmp_path) -> None:
+    """A tensor whose shape contradicts config.json once ended in transformers' RuntimeError traceback (after its
+    multi-line load report): one line naming the tensor and both shapes, and nothing written."""
+    from safetensors.torch import load_file, save_file
+
+    tiny_transformers("llama", tie=False).save_pretrained(tmp_path / "llama")
+    weights = tmp_path / "llama" / "model.safetensors"
+    state = load_file(weights)
+    state["model.layers.0.mlp.up_proj.weight"] = torch.zeros(95, 64)
+    save_file(state, weights, metadata={"format": "pt"})
+    reports = logging.handlers.BufferingHandler(100)  # what transformers' loader logs (its report is a warning)
+    logger = logging.getLogger("transformers.modeling_utils")
+    logger.addHandler(reports)
+    try:
+        with pytest.raises(SystemExit) as err:
+            phd_main(["convert", str(tmp_path / "llama"), str(tmp_path / "out")])
+    finally:
+        logger.removeHandler(reports)
+    assert str(err.value) == (f"phd convert: {tmp_path / 'llama'} does not hold a complete model: mismatched "
+                              "model.layers.0.mlp.up_proj.weight (shape [95, 64] in the file, [96, 64] for its "
+                              "config.json) (1); convert an unmodified checkpoint")
+    assert not any("LOAD REPORT" in str(r.msg) for r in reports.buffer) and not (tmp_path / "out").exists()
+
+
 def test_non_finite_weights_are_refused(tmp_path) -> None:
     hf = tiny_transformers("llama", tie=False)
     with torch.no_grad():
@@ -279,6 +306,11 @@ assert "phd.hf" not in sys.modules
 model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
 ids = torch.tensor([[5, 6, 7, 8, 9]])
 print(type(model).__name__, model.generate(ids, max_new_tokens=8, do_sample=False)[0].tolist())
+base = transformers.AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True)  # the base model: hidden states
+with torch.no_grad():
+    hidden = base(ids).last_hidden_state
+    same = torch.allclose(model.get_output_embeddings()(hidden), model(ids, use_cache=False).logits, atol=1e-5)
+print(type(base).__name__, tuple(hidden.shape), same)
 """
 
 
@@ -295,16 +327,77 @@ def test_phd_hf_folder_loads_with_trust_remote_code_in_a_fresh_process(tmp_path)
     assert phd_main(args) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_phd.PHDForCausalLM"
+    assert config["auto_map"]["AutoModel"] == "modeling_phd.PHDModel"
     assert (out / "modeling_phd.py").exists() and (out / "configuration_phd.py").exists()
     native = phd.io.load_model(out)
     expected = phd.generate(native, torch.tensor([5, 6, 7, 8, 9]), 8, stop_tokens=[2]).tolist()
     run = _python(tmp_path, LOAD_SCRIPT, str(out))
     assert run.returncode == 0, run.stderr
-    assert run.stdout.strip() == f"PHDForCausalLM {expected + [0] * (13 - len(expected))}"
+    assert run.stdout.strip().splitlines() == [f"PHDForCausalLM {expected + [0] * (13 - len(expected))}",
+                                               "PHDModel (1, 5, 64) True"]
     # without the phd package: one line says what to install
     missing = _python(tmp_path, "import sys; sys.modules['phd'] = None\n" + LOAD_SCRIPT, str(out))
     assert missing.returncode != 0
     assert 'this PHD model needs the phd package with its transformers extra: pip install "phd[hf]"' in missing.stderr
+
+
+# ----- what Llama-family tools expect: config attributes, AutoModel -----
+
+LLAMA_ATTRIBUTES = ("head_dim", "hidden_act", "rope_parameters", "rope_scaling", "attention_bias", "attention_dropout",
+                    "mlp_bias")
+
+
+def test_config_has_the_llama_attributes_with_the_llama_values(tmp_path) -> None:
+    """The attributes Llama tools read are those of the same K = 1 model as a LlamaConfig (to_transformers), also
+    after a save / load; they are views of the native fields, not a second copy in config.json."""
+    native = from_transformers(tiny_transformers("llama"))  # rope_theta 5000, 4 heads of 16
+    config = PHDHFConfig.from_phd(native.config)
+    llama = to_transformers(native).config
+    for name in LLAMA_ATTRIBUTES:
+        assert getattr(config, name) == getattr(llama, name), name
+    assert config.rope_parameters == {"rope_type": "default", "rope_theta": 5000.0} and config.head_dim == 16
+    config.save_pretrained(tmp_path)
+    assert not set(LLAMA_ATTRIBUTES) & set(json.loads((tmp_path / "config.json").read_text()))
+    loaded = transformers.AutoConfig.from_pretrained(tmp_path)
+    assert {n: getattr(loaded, n) for n in LLAMA_ATTRIBUTES} == {n: getattr(llama, n) for n in LLAMA_ATTRIBUTES}
+
+
+def test_config_takes_the_llama_attributes_a_phd_model_has_and_refuses_others() -> None:
+    fields = PHDHFConfig.from_phd(tiny_phd().config).to_dict()
+    same = PHDHFConfig(**fields, head_dim=16, hidden_act="silu", attention_bias=False, attention_dropout=0.0,
+                       mlp_bias=False, rope_parameters={"rope_type": "default", "rope_theta": 777.0})
+    assert same.rope_theta == 777.0 and same.to_phd().rope_theta == 777.0  # rope_theta lives in one place
+    refused = {"head_dim": 32, "hidden_act": "gelu", "attention_bias": True, "attention_dropout": 0.1,
+               "mlp_bias": True, "rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 5e5},
+               "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}
+    for name, value in refused.items():
+        with pytest.raises(ConfigError, match=rf"^{name.replace('scaling', 'parameters')}=.* is not supported"):
+            PHDHFConfig(**fields, **{name: value})
+
+
+def test_automodel_gives_the_base_model_llama_hidden_states_at_k1(tmp_path) -> None:
+    """AutoModel loads PHDModel from a PHDForCausalLM folder: at K = 1 its last_hidden_state is LlamaModel's on the
+    same weights; for any variant the LM head over it gives the causal LM's logits; left padding is moved away."""
+    llama = tiny_transformers("llama")
+    PHDForCausalLM.from_native(from_transformers(llama)).save_pretrained(tmp_path / "k1")
+    base = transformers.AutoModel.from_pretrained(tmp_path / "k1")
+    assert type(base).__name__ == "PHDModel" and not base.training
+    ids = torch.randint(3, VOCAB, (2, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(base(ids).last_hidden_state, llama.model(ids).last_hidden_state, atol=1e-5,
+                                   rtol=0)
+    causal = PHDForCausalLM.from_native(tiny_phd("PHD-CSWA-3-2-4"))
+    causal.save_pretrained(tmp_path / "cswa")
+    base = transformers.AutoModel.from_pretrained(tmp_path / "cswa")
+    padded, mask = left_padded([[5, 6, 7, 8, 9, 10], [11, 12, 13]])
+    with torch.no_grad():
+        hidden = base(padded, attention_mask=mask).last_hidden_state
+        logits = causal(padded, attention_mask=mask, use_cache=False).logits
+        alone = base(torch.tensor([[11, 12, 13]])).last_hidden_state
+    torch.testing.assert_close(causal.get_output_embeddings()(hidden) * mask[..., None], logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(hidden[1, 3:], alone[0], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="PHDModel has no cache"):
+        base(padded, use_cache=True)
 
 
 def test_cli_takes_a_phd_hf_folder(tmp_path, capsys) -> None:
@@ -332,6 +425,35 @@ def test_cli_takes_a_phd_hf_folder(tmp_path, capsys) -> None:
     with torch.no_grad():
         torch.testing.assert_close(back(ids).logits, llama(ids).logits, atol=1e-4, rtol=0)
         torch.testing.assert_close(native(ids).logits, llama(ids).logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("field, value, error", [
+    ("repeat_k", 3, "sets repeat_k=3, but model.safetensors was written as PHD-CSWA-2-4-8 with repeat_k=2: "
+                    "config.json was edited or belongs to another model; set repeat_k back to 2"),
+    ("chunk", 4, "sets chunk=4, but model.safetensors was written as PHD-CSWA-2-4-8 with chunk=8"),
+    ("rms_norm_eps", 0.1, "sets rms_norm_eps=0.1, but model.safetensors was written as PHD-CSWA-2-4-8 with "
+                          "rms_norm_eps=1e-06"),
+    ("window", 4096, "window=4096 is invalid: W must be <= max_seq_len=256"),
+])
+def test_an_edited_phd_hf_config_is_refused(tmp_path, field, value, error) -> None:
+    """A phd-hf folder whose config.json was edited once loaded (phd and transformers alike) as another variant:
+    save_pretrained records the config in the weights' metadata, and both loaders check config.json against it."""
+    from safetensors import safe_open
+
+    tiny_transformers("llama").save_pretrained(tmp_path / "llama")
+    folder = tmp_path / "phd-hf"
+    assert phd_main(["convert", str(tmp_path / "llama"), str(folder), "--to", "phd-hf", "--variant",
+                     "PHD-CSWA-2-4-8"]) == 0
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        assert f.metadata()["variant"] == "PHD-CSWA-2-4-8"
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 300}))
+    assert phd.io.load_model(folder).config.max_seq_len == 300  # a longer context: the weights do not mind
+    (folder / "config.json").write_text(json.dumps({**config, field: value}))
+    with pytest.raises(PHDError, match=error):
+        phd.io.load_model(folder)
+    with pytest.raises(PHDError, match=error):
+        transformers.AutoModelForCausalLM.from_pretrained(folder)
 
 
 def test_transformers_config_carries_every_native_field() -> None:

@@ -295,3 +295,81 @@ def test_beam_search_and_several_sequences_on_a_phd_model() -> None:
             logp = model(full, use_cache=False).logits[0, len(prompt) - 1:-1].log_softmax(-1)
         total = logp.gather(1, seq[:, None]).sum()
         torch.testing.assert_close(out.sequences_scores[3 * row], total / 8, atol=1e-4, rtol=0)
+
+
+# ----- one length rule (phd.checks.warn_past_max_len) on every path -----
+
+
+def _length_warnings(record: list) -> list[str]:
+    from phd.checks import LengthWarning
+
+    return [str(w.message) for w in record if issubclass(w.category, LengthWarning)]
+
+
+def test_every_path_runs_past_max_position_embeddings_with_the_same_warning(tmp_path, capsys) -> None:
+    """max_seq_len 12, prompt 8 + 8 new tokens: the uncached forward (native and transformers), the cached
+    forward, generate(), phd.generate and `phd generate` all run to 16 tokens, each with the one LengthWarning
+    (the CLI as one line); none clips, none refuses, and all give the same tokens. At 12 tokens nothing warns."""
+    import warnings
+
+    from phd.commands import main
+    from phd.io import save_model
+
+    model = hf_phd(max_seq_len=12)
+    prompt, steps = PROMPTS[0][:8], 8
+    ids = torch.tensor([prompt])
+    past = "runs past max_seq_len=12"
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        native = phd.generate(model.model, ids, steps)[0, 8:].tolist()
+        assert _length_warnings(record) and past in _length_warnings(record)[0]
+        record.clear()
+        tokens = {"generate()": model.generate(ids, max_new_tokens=steps, do_sample=False)[0, 8:].tolist()}
+        assert _length_warnings(record), "generate()"
+        record.clear()
+        tokens["cached forward"] = cached_loop(model, ids, torch.ones_like(ids), steps)[0].tolist()
+        assert _length_warnings(record), "cached forward"
+        full = torch.tensor([prompt + native])
+        for name, run in {"native forward": lambda: model.model(full).logits,
+                          "uncached forward": lambda: model(full, use_cache=False).logits}.items():
+            record.clear()
+            with torch.no_grad():
+                logits = run()
+            assert logits.shape[1] == 16 and _length_warnings(record), name
+            tokens[name] = logits[0, 7:-1].argmax(-1).tolist()
+        record.clear()
+        with torch.no_grad():
+            model.model(full[:, :12]), model(full[:, :12], use_cache=False), phd.generate(model.model, ids, 4)
+        assert not _length_warnings(record), "warned within max_seq_len"
+    assert all(t == native for t in tokens.values()), tokens
+
+    save_model(model.model, tmp_path / "export")
+    args = ["generate", "--checkpoint", str(tmp_path / "export"), "--prompt-ids", ",".join(map(str, prompt)),
+            "--max-new-tokens", str(steps), "--temperature", "0"]
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    assert out.split() == [str(t) for t in native], "phd generate clipped or changed the tokens"
+    assert err.count(f"[warning: the sequence {past}") == 1 and "clipped" not in err
+
+
+# ----- decode steps and gradients -----
+
+
+def test_decoding_with_gradients_on_is_refused_and_says_how_to_get_them() -> None:
+    """Decode steps come from the inference engine: with gradients on (and trainable parameters) they are refused
+    in one line, rather than returning logits without a gradient (a loss over prompt + decode logits would get the
+    prompt's gradient only). The prompt's logits are differentiable; no_grad decoding and a frozen model work."""
+    model = hf_phd()
+    ids = torch.tensor([PROMPTS[0]])
+    out = model(ids, use_cache=True)  # eval mode, gradients on: the autograd forward, cache filled beside it
+    assert out.logits.requires_grad
+    with pytest.raises(InputError, match=r"^decoding against a PHDHFCache computes no gradients.*torch\.no_grad\(\)"):
+        model(torch.tensor([[3]]), past_key_values=out.past_key_values)
+    assert out.past_key_values.columns == 9, "the refused step changed the cache"
+    with torch.no_grad():
+        decoded = model(torch.tensor([[3]]), past_key_values=out.past_key_values).logits
+    with torch.no_grad():
+        full = model(torch.tensor([PROMPTS[0] + [3]]), use_cache=False).logits[:, -1:]
+    torch.testing.assert_close(decoded, full, atol=1e-5, rtol=0)
+    model.requires_grad_(False)  # nothing wants a gradient: decoding with grad mode on is fine
+    model(torch.tensor([[4]]), past_key_values=out.past_key_values)

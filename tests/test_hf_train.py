@@ -97,3 +97,67 @@ def test_lora_adapter_trains_saves_and_reloads(tmp_path) -> None:
     assert not torch.allclose(got, untouched, atol=1e-3)
     out = reloaded.generate(input_ids=ids[:1, :5], max_new_tokens=4, do_sample=False)
     assert out.shape == (1, 9)
+
+
+LLAMA_TARGETS = {"q_proj": "wq", "k_proj": "wk", "v_proj": "wv", "o_proj": "wo", "gate_proj": "w_gate",
+                 "up_proj": "w_up", "down_proj": "w_down"}
+
+
+@pytest.mark.parametrize("targets, adapted", [
+    (None, {"wq", "wv"}),  # PEFT's default for model_type "phd": Llama's (q_proj, v_proj)
+    (["q_proj", "v_proj"], {"wq", "wv"}),
+    (list(LLAMA_TARGETS), set(LLAMA_TARGETS.values())),
+    (["wq", "wv"], {"wq", "wv"}),
+])
+def test_lora_finds_the_projections_by_llama_names_and_by_default(tmp_path, targets, adapted) -> None:
+    """PEFT's defaults and Llama's module names adapt the native projections (same adapter as the native names),
+    without changing a weight name: the base model's state_dict and parameters are those of the native model, and
+    the adapter is saved under the native names and loads back the same."""
+    peft = pytest.importorskip("peft")
+    model = PHDForCausalLM.from_native(tiny_phd("PHD-CSWA-3-2-4", seed=0))
+    keys, count = set(model.state_dict()), len(list(model.parameters()))
+    assert count == len(list(model.model.parameters())) and len(list(model.modules())) == 1 + len(
+        list(model.model.modules()))
+    torch.manual_seed(1)
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                      init_lora_weights=False))
+    wrapped = {name.split(".")[-1] for name, m in model.model.named_modules() if hasattr(m, "lora_A")}
+    assert wrapped == adapted
+    assert {k.replace(".base_layer", "") for k in lora.get_base_model().state_dict() if "lora_" not in k} == keys
+    ids = batch(3)
+    lora.eval()
+    with torch.no_grad():
+        got = lora(input_ids=ids, use_cache=False).logits
+    lora.save_pretrained(tmp_path / "adapter")
+    saved = peft.utils.load_peft_weights(str(tmp_path / "adapter"))
+    assert {key.split(".")[-3] for key in saved} == adapted
+    reloaded = peft.PeftModel.from_pretrained(PHDForCausalLM.from_native(tiny_phd("PHD-CSWA-3-2-4", seed=0)),
+                                              tmp_path / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids, use_cache=False).logits, got, atol=1e-6, rtol=0)
+    if targets == ["q_proj", "v_proj"]:  # the same adapter as the native names, to the last bit
+        plain = PHDForCausalLM.from_native(tiny_phd("PHD-CSWA-3-2-4", seed=0))
+        torch.manual_seed(1)
+        native = peft.get_peft_model(plain, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["wq", "wv"],
+                                                            init_lora_weights=False)).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(native(input_ids=ids, use_cache=False).logits, got, atol=0, rtol=0)
+
+
+def test_the_training_forward_with_padding_is_one_graph_under_torch_compile() -> None:
+    """torch.compile(model, fullgraph=True) takes PHDForCausalLM's training forward (labels and a left-padded
+    attention_mask, as Trainer passes them): the padding check and the token-id check are device-side asserts in a
+    compiled graph, and nothing asks whether a tensor is an inference tensor. The eager backend only traces (no
+    inductor compile), so this is cheap."""
+    import torch._dynamo
+    from hf_utils import left_padded
+
+    model = PHDForCausalLM.from_native(tiny_phd("PHD-CSWA-3-2-4")).train()
+    ids, mask = left_padded([[5, 6, 7, 8, 9, 10, 11, 12], [13, 14, 15]])
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(model, fullgraph=True, backend="eager")
+        loss = compiled(ids, attention_mask=mask, labels=ids).loss
+        assert torch.equal(loss, model(ids, attention_mask=mask, labels=ids).loss)
+    finally:
+        torch._dynamo.reset()

@@ -3,6 +3,7 @@ asserted: they are the benchmark's business, not a test's)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import torch
@@ -34,10 +35,16 @@ def test_quick_benchmark_writes_report(tmp_path, capsys):
     assert "| PHD-CSWA-2-4-8 |" in text and "## Goals" in text and "## The memory bound" in text
     bound = report["memory_bound"]  # the weights' bytes (tied embedding read once by the LM head) / bandwidth
     assert bound["weight_bytes"] == 4 * report["environment"]["params"] and bound["seconds"] > 0
-    assert report["environment"]["weights"] == "decode"  # the default: what `phd generate` decodes with on CPU
+    assert report["environment"]["weights"] == "default"  # what model.decode_step gives any model
     kernel = rows_linear_op() is not None
     assert set(report["matmul_seconds"]) == ({"row", "column"} | ({"packed"} if packing_available() else set())
                                              | ({"kernel"} if kernel else set()))
     if kernel:  # the kernel serves up to 4 rows only
         assert set(report["matmul_seconds"]["kernel"]) == {"1", "2"}
-    assert "(this run: decode_linears: the rows kernel up to 4 rows, MKL's packs beyond" in text
+    assert "(this run: what decode_step does: the rows kernel up to 4 rows, nn.Linear's own beyond" in text
+    generate = report["generate"]  # end to end at batch 1, each path's ratio to vanilla through that path
+    paths = {"phd.generate"} | ({"transformers generate()"} if importlib.util.find_spec("transformers") else set())
+    assert set(generate) == paths
+    for by_name in generate.values():
+        assert by_name["vanilla"]["ratio"] == 1.0 and set(by_name) == {"vanilla", "PHD-CSWA-2-4-8"}
+    assert "## End to end: generate at batch 1" in text and "| phd.generate |" in text

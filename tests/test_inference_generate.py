@@ -218,10 +218,11 @@ def test_generate_errors():
     model = _model()
     with pytest.raises(ValueError, match="prompt is empty"):
         phd.generate(model, torch.zeros(1, 0, dtype=torch.long), 3)
-    with pytest.raises(ValueError, match="prompt has 65 tokens, more than the maximum length 64"):
-        phd.generate(model, torch.ones(1, 65, dtype=torch.long), 3)
+    # a cache the caller sized (max_len) is a hard limit; max_seq_len is not (the length rule, phd.checks)
+    with pytest.raises(ValueError, match="prompt has 65 tokens, more than the maximum length max_len=64"):
+        phd.generate(model, torch.ones(1, 65, dtype=torch.long), 3, max_len=64)
     with pytest.raises(ValueError, match="use max_new_tokens <= 4"):
-        phd.generate(model, torch.ones(1, 60, dtype=torch.long), 10)
+        phd.generate(model, torch.ones(1, 60, dtype=torch.long), 10, max_len=64)
     with pytest.raises(ValueError, match="token id 40, outside the vocabulary"):
         phd.generate(model, torch.tensor([[1, 40]]), 3)
 
@@ -283,7 +284,6 @@ def test_cli_prompt_ids_and_default_stop_token(tmp_path, capsys):
         (["--prompt", ""], "prompt is empty"),
         (["--prompt-ids", "3,400"], "token id 400, outside the vocabulary"),
         (["--prompt-ids", "3,x"], "must be comma-separated integers"),
-        (["--prompt", " ".join(["w1"] * 65)], "more than the maximum length 64"),
         (["--prompt", "w1", "--stop", "w1 w2"], "not a single token"),
     ],
 )

@@ -108,6 +108,7 @@ def test_kernel_decodes_the_same_tokens(name, batch):
     """decode_linears for K x B <= 4 rows: every linear of a decode step runs the kernel, and greedy decoding
     gives the plain model's tokens (prefill and training keep F.linear)."""
     model, reference = _model(name), _model(name)
+    plain_linears(reference)  # decode steps would give it the kernel too
     k = model.config.repeat_k
     assert decode_linears(model, k * batch) == 7 * model.config.n_layers + 1
     assert all(m.use_kernel and m.packed is None for m in model.modules() if isinstance(m, DecodeLinear))
@@ -123,6 +124,49 @@ def test_kernel_decodes_the_same_tokens(name, batch):
     with torch.inference_mode():
         model.prefill(ids, cache)
         assert _kernel_calls(lambda: model.decode_step(ids[:, -1], cache)) == 0
+
+
+@needs_kernel
+@pytest.mark.parametrize("name", ["PHD-CSWA-4-2-4", "vanilla"])
+def test_every_decode_path_takes_the_kernel_without_preparation(name):
+    """No preparation step (issue 21): model.decode_step, phd.generate and transformers' generate() through the phd
+    Cache run every decode linear on the rows kernel, with the plain model's logits and tokens; nothing is packed
+    (no second copy of the weights)."""
+    model, reference = _model(name), _model(name)
+    plain_linears(reference)  # the per-model switch: its decode steps stay on F.linear
+    ids = torch.randint(0, VOCAB, (1, 5), generator=torch.Generator().manual_seed(1))
+    caches = [m.new_cache(1, 16) for m in (model, reference)]
+    with torch.inference_mode():
+        for m, cache in zip((model, reference), caches, strict=True):
+            m.prefill(ids, cache)
+        calls = _kernel_calls(lambda: model.decode_step(ids[:, -1], caches[0]))
+        assert _kernel_calls(lambda: reference.decode_step(ids[:, -1], caches[1])) == 0
+    assert calls == 7 * model.config.n_layers + 1
+    assert all(m.use_kernel and m.packed is None for m in model.modules() if isinstance(m, DecodeLinear))
+    torch.testing.assert_close(model.decode_step(ids[:, 0], caches[0]), reference.decode_step(ids[:, 0], caches[1]),
+                               atol=1e-5, rtol=1e-5)
+    fresh = _model(name)
+    assert _kernel_calls(lambda: phd.generate(fresh, ids, 4)) > 0
+    assert torch.equal(phd.generate(fresh, ids, 8), phd.generate(reference, ids, 8))
+    pytest.importorskip("transformers")
+    from phd.hf import PHDForCausalLM
+
+    hf = PHDForCausalLM.from_native(_model(name))
+    with torch.no_grad():
+        calls = _kernel_calls(lambda: hf.generate(ids, max_new_tokens=4, do_sample=False, min_new_tokens=4))
+        assert calls == 3 * (7 * model.config.n_layers + 1)  # the 3 decode steps after the prefill's token
+        out = hf.generate(ids, max_new_tokens=8, do_sample=False, min_new_tokens=8)
+    assert torch.equal(out, phd.generate(reference, ids, 8))
+
+
+def test_the_switch_keeps_decode_on_pytorch_kernels(monkeypatch):
+    """PHD_KERNELS=0 (the documented switch) and plain_linears(model) keep every decode linear on F.linear."""
+    monkeypatch.setenv("PHD_KERNELS", "0")
+    monkeypatch.setattr(kernels, "_loaded", {})
+    model = _model("PHD-CSWA-4-2-4")
+    ids = torch.randint(0, VOCAB, (1, 5), generator=torch.Generator().manual_seed(1))
+    assert _kernel_calls(lambda: phd.generate(model, ids, 4)) == 0
+    assert not any(isinstance(m, DecodeLinear) for m in model.modules())
 
 
 @needs_kernel

@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+import json
+import math
 import random
+import statistics
 
-from phd.study.report import variant_order
+import pytest
+
+from phd.config import PHDConfig
+from phd.study.report import (
+    Report,
+    _tpp_series,
+    non_embedding_params,
+    tokens_per_param,
+    variant_order,
+    write_report,
+)
 
 # The report's order: vanilla, PHD, PHD-SWA, PHD-CSWA, repeat; in each family by K, then W, then C, as numbers.
 ORDERED = [
@@ -27,3 +40,128 @@ def test_variants_sort_by_family_then_numbers_not_strings():
         assert sorted(names, key=variant_order) == ORDERED
     assert variant_order("PHD-SWA-2-2-inf") < variant_order("PHD-SWA-2-16-inf")
     assert variant_order("PHD-CSWA-3-2-4") < variant_order("PHD-CSWA-3-16-32") < variant_order("repeat-2")
+
+
+# ----- tokens per parameter (issue 20, item 4) -----
+
+TINY_NE = 197_184  # cpu-tiny's parameters outside the embedding: tokens = tokens per parameter x this
+
+
+def tpp_row(recipe: str, variant: str, seed: int, loss: float, tpp: int, suite: str = "tpp",
+            role: str = "main") -> dict:
+    """A results row as collect() writes it, for a cpu-tiny run of `tpp` tokens per non-embedding parameter (only
+    the fields the report reads; the numbers that are not under test are placeholders)."""
+    model = PHDConfig.build(preset="cpu-tiny", variant=variant)
+    tokens = tpp * TINY_NE
+    return {
+        "kind": "run", "suite": suite, "recipe": recipe, "variant": variant, "seed": seed, "baseline": recipe,
+        "role": role, "description": "", "corpus": "project", "repeat_k": model.repeat_k,
+        "params": model.num_params(), "non_embedding_params": model.num_params(embeddings=False),
+        "tokens": tokens, "steps": 10, "seq_len": 256, "flops": 1e12 * tpp * model.repeat_k,
+        "flops_per_token": 1e6 * model.repeat_k, "val_loss": loss, "train_loss": loss - 0.1,
+        "health": {"grad_norm_max": 1.0}, "val_curve": [[tokens // 2, round(loss + 0.5, 5)], [tokens, loss]],
+        "train_curve": [[tokens, loss - 0.1]], "tok_per_s": 1000.0, "train_s": 1.0, "wall_s": 60.0,
+        "segments": 1, "commit": "abc", "commits": ["abc"], "threads": 1, "machine": "x",
+        "config": {"seed": seed, "seq_len": 256, "batch_size": 16, "lr": 0.006, "min_lr": 0.0006, "out": f"runs/{seed}",
+                   "data": "data/default", "model": model.to_dict()},
+    }
+
+
+# Δ of PHD-CSWA-3 at 1 token per parameter, seeds 20-24: mean -0.1, one seed (22) the other way round for K = 2.
+DELTA_K3 = [-0.10, -0.12, -0.08, -0.11, -0.09]
+DELTA_K2 = [-0.05, -0.02, 0.03, -0.04, -0.02]
+SEEDS = [20, 21, 22, 23, 24]
+
+
+def tpp_rows() -> list[dict]:
+    """tpp-1 complete (5 seeds); tpp-30 partial: one vanilla seed, so K = 3 pairs one seed and K = 2 (seed 21
+    only) none; plus a learning-rate sweep at 10 tokens per parameter that must stay out of the section."""
+    rows = [tpp_row("tpp-1", "vanilla", s, 5.0 + 0.01 * s, 1) for s in SEEDS]
+    rows += [tpp_row("tpp-1", "PHD-CSWA-3-16-32", s, 5.0 + 0.01 * s + d, 1)
+             for s, d in zip(SEEDS, DELTA_K3, strict=True)]
+    rows += [tpp_row("tpp-1", "PHD-CSWA-2-16-32", s, 5.0 + 0.01 * s + d, 1)
+             for s, d in zip(SEEDS, DELTA_K2, strict=True)]
+    rows += [tpp_row("tpp-30", "vanilla", 20, 4.0, 30), tpp_row("tpp-30", "PHD-CSWA-3-16-32", 20, 4.05, 30),
+             tpp_row("tpp-30", "PHD-CSWA-2-16-32", 21, 3.9, 30)]
+    rows += [tpp_row("lr-check-10", v, 100, 4.5, 10, role="sweep") for v in ("vanilla", "PHD-CSWA-3-16-32")]
+    return rows
+
+
+def table_line(text: str, tpp: str, variant: str) -> str:
+    lines = [ln for ln in text.splitlines() if ln.startswith(f"| {tpp} | ") and f"| {variant} |" in ln]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_tpp_section_table_numbers_partial_data_and_plot(tmp_path):
+    """The section pairs each variant with vanilla by seed at each budget: mean, sd, 95% t interval and wins for a
+    known case (checked against the formula, not against stats.py); a budget with one paired seed shows without
+    an interval, one with none shows as 0 paired; the sweep stays out; the plot is written and linked."""
+    results = tmp_path / "results.jsonl"
+    other = [dict(r, suite="other") for r in tpp_rows()]  # another suite before it: the section follows tpp's only
+    results.write_text("".join(json.dumps(r) + "\n" for r in other + tpp_rows()))
+    written = write_report(results, tmp_path / "docs")
+    text = written[0].read_text()
+    assert text.count("## Tokens per parameter") == 1
+    assert text.index("## Suite `tpp`") < text.index("## Tokens per parameter") < text.index("## Every run")
+    section = text[text.index("## Tokens per parameter"):text.index("## Every run")]
+
+    sd = statistics.stdev(DELTA_K3)
+    half = 2.776 * sd / math.sqrt(5)  # t(0.975, df 4)
+    assert table_line(section, "1", "PHD-CSWA-3-16-32") == (
+        f"| 1 | 197,184 | PHD-CSWA-3-16-32 | 3 | tpp-1 | 5 | -0.1000 | {sd:.4f} | "
+        f"[{-0.1 - half:+.3f}, {-0.1 + half:+.3f}] | 5/5 |")
+    assert "| 5 | -0.1000 | 0.0158 | [-0.120, -0.080] | 5/5 |" in section  # the same numbers, by hand
+    k2 = table_line(section, "1", "PHD-CSWA-2-16-32")
+    assert f"| 5 | {statistics.fmean(DELTA_K2):+.4f} | {statistics.stdev(DELTA_K2):.4f} |" in k2
+    assert k2.endswith("| 4/5 |")
+    assert table_line(section, "30", "PHD-CSWA-3-16-32") == (
+        "| 30 | 5,915,520 | PHD-CSWA-3-16-32 | 3 | tpp-30 | 1 | +0.0500 |  |  | 0/1 |")
+    assert table_line(section, "30", "PHD-CSWA-2-16-32").endswith("| tpp-30 | 0 |  |  |  |  |")
+    assert "| 10 |" not in section and "lr-check" not in section
+    assert "- PHD-CSWA-3-16-32: below zero at 1; one paired seed at 30 tokens per parameter." in section
+    assert "- PHD-CSWA-2-16-32: includes zero at 1; no paired seed at 30 tokens per parameter." in section
+
+    plot = tmp_path / "docs" / "results" / "tpp.png"
+    assert plot in written and plot.read_bytes()[:4] == b"\x89PNG"
+    assert "](results/tpp.png)" in section
+    again = write_report(results, tmp_path / "docs")  # deterministic, as the rest of the report
+    assert again == written and plot.read_bytes() == (tmp_path / "docs" / "results" / "tpp.png").read_bytes()
+
+
+def test_tpp_section_only_for_its_suite_and_from_the_rows_alone(tmp_path):
+    """The same runs under another suite name leave the report as it was (no section, no plot); a row without
+    the recorded count is placed by the count computed from its model config."""
+    rows = [dict(r, suite="other") for r in tpp_rows()]
+    results = tmp_path / "results.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    written = write_report(results, tmp_path / "docs")
+    assert "Tokens per parameter" not in written[0].read_text()
+    assert not (tmp_path / "docs" / "results" / "tpp.png").exists()
+
+    row = tpp_row("tpp-3", "PHD-CSWA-2-16-32", 20, 4.0, 3)
+    del row["non_embedding_params"]
+    assert non_embedding_params(row) == TINY_NE and tokens_per_param(row) == 3
+    assert Report([], tmp_path, "results").tpp_section() == []
+
+
+def test_tpp_plot_draws_the_95_interval_as_error_bars():
+    """The bars span the 95% t interval of the table (not ± sd, as the other delta plots draw), and a point with
+    a single paired seed gets no bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [p for p in Report(tpp_rows(), None, "results").tpp_points() if p.variant == "PHD-CSWA-3-16-32"]
+    assert [p.delta.n for p in points] == [5, 1]
+    fig, ax = plt.subplots()
+    _tpp_series(ax, points, 1.0, "K = 3")
+    (bars,) = ax.containers
+    segments = bars.lines[2][0].get_segments()
+    plt.close(fig)
+    assert len(segments) == 1  # tpp 30 (one seed): no bar
+    (x, lo), (_, hi) = segments[0]
+    assert x == 1 and (lo, hi) == pytest.approx(points[0].delta.ci95)
+    assert (lo, hi) == pytest.approx((-0.1 - 2.776 * statistics.stdev(DELTA_K3) / math.sqrt(5),
+                                      -0.1 + 2.776 * statistics.stdev(DELTA_K3) / math.sqrt(5)))

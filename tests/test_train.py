@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import builtins
+import errno
 import json
 from pathlib import Path
 
@@ -337,3 +339,94 @@ def test_model_folder_records_the_eos_id_of_its_data(tmp_path):
     assert eos_id(folder) == 0  # "<eos>", the first usual spelling in its vocabulary
     save_model(load_model(folder), tmp_path / "no-tokenizer")
     assert eos_id(tmp_path / "no-tokenizer") is None
+
+
+# ----- a full disk: one line naming the file, never a traceback -----
+
+NO_SPACE = OSError(errno.ENOSPC, "No space left on device")
+
+
+def train_argv(data: Path, out: Path, *extra: str) -> list[str]:
+    """`phd train` of tiny_config's model for 2 steps (the command, so the printed line is what is checked)."""
+    model = {"vocab_size": 300, "d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "d_ff": 64,
+             "max_seq_len": 64}
+    return ["train", "--variant", "PHD-CSWA-2-4-8", *(f"model.{k}={v}" for k, v in model.items()), f"data={data}",
+            f"out={out}", "seq_len=32", "batch_size=4", "micro_batch=4", "max_steps=2", "eval_every=0",
+            "progress=false", "device=cpu", *extra]
+
+
+def full_disk_for(name: str, mode: str):
+    """A stand-in for `open` that fails with ENOSPC on file `name` opened with `mode`, as a full disk does."""
+
+    def fake_open(file, *args, **kwargs):
+        opened = (args[0] if args else kwargs.get("mode", "r"))
+        if Path(file).name == name and opened == mode:
+            raise NO_SPACE
+        return builtins.open(file, *args, **kwargs)
+
+    return fake_open
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_a_full_disk_during_the_final_export_is_one_line(data, tmp_path, capsys, monkeypatch):
+    """safetensors reports ENOSPC as its own SafetensorError: one line naming the model file (not the temporary
+    folder) and where the trained weights are; no half-written model/ is left."""
+    from safetensors import SafetensorError
+
+    import phd.io
+
+    def full(state, path, metadata=None):
+        raise SafetensorError(f'Error while serializing: I/O error: No space left on device (os error 28) at path '
+                              f'"{Path(path).parent}/.tmpXYZ"')
+
+    monkeypatch.setattr(phd.io, "save_file", full)
+    run = tmp_path / "run"
+    assert main(train_argv(data, run, "checkpoint_every=2")) == 1
+    err = one_error_line(capsys)
+    assert err == (f"error (rank 0): cannot write {run}/model/model.safetensors: No space left on device [ENOSPC]; "
+                   f"free space, then export the last checkpoint: phd export {run} --out {run}/model --overwrite")
+    assert not (run / "model").exists() and not list(run.glob(".model*"))
+    assert main(train_argv(data, tmp_path / "nockpt", "checkpoint_every=0")) == 1
+    assert "free space and train again (checkpoint_every=0" in one_error_line(capsys)
+
+
+def test_a_full_disk_on_the_metrics_or_the_lock_is_one_line(data, tmp_path, capsys, monkeypatch):
+    """The metrics append and the lock's pid record, each failing with ENOSPC: one line naming the file; a lock
+    that could not be recorded is not kept (the next run takes it)."""
+    import phd.fsutil
+    import phd.train.trainer
+
+    run = tmp_path / "run"
+    with monkeypatch.context() as m:
+        m.setattr(phd.train.trainer, "open", full_disk_for("metrics.jsonl", "a"), raising=False)
+        assert main(train_argv(data, run)) == 1
+    assert one_error_line(capsys) == (f"error (rank 0): cannot write {run}/metrics.jsonl: No space left on device "
+                                      "[ENOSPC]; free space (or choose a folder on another disk) and run again")
+
+    class FullFile:
+        """A real file (flock needs its descriptor) whose writes fail as on a full disk."""
+
+        def __init__(self, file) -> None:
+            self.file = file
+
+        def __getattr__(self, name: str):
+            return getattr(self.file, name)
+
+        def write(self, text: str) -> int:
+            raise NO_SPACE
+
+    def lock_on_full_disk(file, *args, **kwargs):
+        opened = builtins.open(file, *args, **kwargs)
+        return FullFile(opened) if Path(file).name == "train.lock" else opened
+
+    with monkeypatch.context() as m:
+        m.setattr(phd.fsutil, "open", lock_on_full_disk, raising=False)
+        assert main(train_argv(data, run)) == 1
+    assert one_error_line(capsys) == (f"error (rank 0): cannot write {run}/train.lock: No space left on device "
+                                      "[ENOSPC]; free space (or choose a folder on another disk) and run again")
+    assert main(train_argv(data, run)) == 0, "the failed lock was released"

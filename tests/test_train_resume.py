@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +18,7 @@ from phd.commands import main
 from phd.fsutil import LockedError
 from phd.io import CheckpointError
 from phd.train import Trainer, TrainingError, build_config
-from phd.train.checkpoint import latest_checkpoint
+from phd.train.checkpoint import META_SUM, latest_checkpoint, meta_text
 from phd.train.config import TrainConfig
 from phd.train.optim import lr_at
 
@@ -159,7 +161,7 @@ def test_checksum_names_are_confined_to_the_checkpoint(data, tmp_path, name):
     meta_path = tmp_path / "checkpoints" / "step_00000002" / "meta.json"
     meta = json.loads(meta_path.read_text())
     meta["checksums"][name] = "0" * 64
-    meta_path.write_text(json.dumps(meta))
+    meta_path.write_text(meta_text(meta))  # with a valid digest of its own: the names are checked on their own
     with pytest.raises(CheckpointError, match="not a file name of"):
         Trainer(tiny_config(data, tmp_path, max_steps=4))
 
@@ -176,3 +178,127 @@ def test_init_from_nan_weights_is_refused(data, tmp_path):
     with pytest.raises(CheckpointError, match="NaN or inf weights in norm.weight"):
         Trainer(tiny_config(data, tmp_path / "b", init_from=str(tmp_path / "a"), max_steps=1))
     assert not (tmp_path / "b" / "checkpoints").exists() or not any((tmp_path / "b" / "checkpoints").iterdir())
+
+
+STEP = "step_00000002"
+
+
+def step_folder(run: Path) -> Path:
+    return run / "checkpoints" / STEP
+
+
+def make_legacy(meta_path: Path, **changes) -> None:
+    """meta.json as phd wrote it before meta.json carried its own checksum (META_SUM), with `changes` applied."""
+    meta = json.loads(meta_path.read_text())
+    del meta[META_SUM]
+    meta_path.write_text(json.dumps({**meta, **changes}, indent=2))
+
+
+@pytest.mark.parametrize("key", ["position", "last_epoch", "tokens"])
+def test_a_flipped_digit_in_meta_json_is_refused(data, tmp_path, key):
+    """meta.json holds what no other checksum covers (the loader position, the scheduler's step, the token count):
+    one changed digit would resume from the wrong place without a word, so meta.json carries its own digest."""
+    first_run(data, tmp_path)
+    meta_path = step_folder(tmp_path) / "meta.json"
+    text = meta_path.read_text()
+    flipped, count = re.subn(rf'("{key}": )(\d)', lambda m: m[1] + str((int(m[2]) + 4) % 10), text, count=1)
+    assert count == 1 and json.loads(flipped) != json.loads(text)
+    meta_path.write_text(flipped)
+    with pytest.raises(CheckpointError, match=rf"{STEP}/meta.json does not match its own checksum .*delete .*{STEP}"):
+        Trainer(tiny_config(data, tmp_path, max_steps=4))
+
+
+@pytest.mark.parametrize("extra", ["notes.txt", "__1_0.distcp", "sub/"])
+def test_a_file_meta_json_does_not_list_is_refused(data, tmp_path, extra):
+    first_run(data, tmp_path)
+    step = step_folder(tmp_path)
+    if extra.endswith("/"):
+        (step / extra).mkdir()
+        expected = "sub is not a plain file"
+    else:
+        (step / extra).write_bytes(b"x" * 100)
+        expected = rf"{re.escape(extra)} is not listed in meta.json's checksums"
+    with pytest.raises(CheckpointError, match=expected):
+        Trainer(tiny_config(data, tmp_path, max_steps=4))
+
+
+def test_an_old_meta_json_listing_only_config_cannot_load_a_corrupted_shard(data, tmp_path):
+    """The issue's case: an old-format meta.json whose checksums name only config.json, beside a corrupted shard,
+    loaded it, trained NaN steps and saved a NaN checkpoint as `latest`."""
+    first_run(data, tmp_path)
+    step = step_folder(tmp_path)
+    config_sum = json.loads((step / "meta.json").read_text())["checksums"]["config.json"]
+    make_legacy(step / "meta.json", checksums={"config.json": config_sum})
+    shard = step / "__0_0.distcp"
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2: len(raw) // 2 + 64] = b"\xff" * 64
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match=r"\.metadata is not listed in meta.json's checksums"):
+        Trainer(tiny_config(data, tmp_path, max_steps=4))
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == STEP
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", STEP]
+
+
+def test_an_old_checkpoint_resumes_with_a_warning_and_the_next_carries_a_checksum(data, tmp_path):
+    """Checkpoints of runs in progress, written before META_SUM existed, still resume (every file listed and
+    checked), with a warning that meta.json itself is unchecked; the next save carries the digest."""
+    first_run(data, tmp_path)
+    make_legacy(step_folder(tmp_path) / "meta.json")
+    with pytest.warns(UserWarning, match="written by an older phd and carries no checksum of its own"):
+        trainer = Trainer(tiny_config(data, tmp_path, max_steps=4, checkpoint_every=2))
+    assert trainer.progress.step == 2
+    trainer.fit()
+    assert META_SUM in json.loads((tmp_path / "checkpoints" / "step_00000004" / "meta.json").read_text())
+
+
+def test_an_old_checkpoint_must_still_list_every_file_and_have_only_old_fields(data, tmp_path):
+    """A digest key whose name was corrupted does not pass as an old checkpoint, nor does an old meta.json that
+    leaves a file out."""
+    first_run(data, tmp_path)
+    meta_path = step_folder(tmp_path) / "meta.json"
+    original = meta_path.read_text()
+    meta = json.loads(original)
+    make_legacy(meta_path, meta_sha257=meta[META_SUM])
+    with pytest.raises(CheckpointError, match=r"has no meta_sha256 and not the fields an older phd wrote .*"
+                                              r"meta_sha257"):
+        Trainer(tiny_config(data, tmp_path, max_steps=4))
+    meta_path.write_text(original)
+    make_legacy(meta_path, checksums={k: v for k, v in meta["checksums"].items() if k != "tokenizer.json"})
+    with pytest.raises(CheckpointError, match="tokenizer.json is not listed"):
+        Trainer(tiny_config(data, tmp_path, max_steps=4))
+
+
+def test_a_linked_step_folder_is_refused(data, tmp_path, capsys):
+    """A step folder that is a link into another run (the one `latest` names, or one `phd export` is given by
+    --step or by path) is never resumed from or exported."""
+    first_run(data, tmp_path / "other")
+    Trainer(tiny_config(data, tmp_path / "other", max_steps=4, checkpoint_every=2)).fit()
+    first_run(data, tmp_path / "run")
+    step = step_folder(tmp_path / "run")
+    shutil.rmtree(step)
+    step.symlink_to(step_folder(tmp_path / "other"), target_is_directory=True)
+    with pytest.raises(CheckpointError, match=rf"{STEP} is a symbolic link to .*other.*; phd never resumes from"):
+        Trainer(tiny_config(data, tmp_path / "run", max_steps=4))
+    linked = tmp_path / "run" / "checkpoints" / "step_00000004"
+    linked.symlink_to(tmp_path / "other" / "checkpoints" / "step_00000004", target_is_directory=True)
+    capsys.readouterr()
+    for how in (["--step", "4"], []):
+        run_or_step = str(tmp_path / "run") if how else str(linked)
+        assert main(["export", run_or_step, *how, "--out", str(tmp_path / "export")]) == 1
+        err = capsys.readouterr().err.strip()
+        assert "step_00000004 is a symbolic link" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "export").exists()
+
+
+@pytest.mark.parametrize("name", ["__0_0.distcp", "meta.json"])
+def test_a_linked_file_in_a_step_folder_is_refused(data, tmp_path, name):
+    """Even a link to an identical copy: a file of a checkpoint is read from the checkpoint's own folder only."""
+    first_run(data, tmp_path)
+    file = step_folder(tmp_path) / name
+    copy = tmp_path / "elsewhere" / name
+    copy.parent.mkdir()
+    shutil.copyfile(file, copy)
+    file.unlink()
+    file.symlink_to(copy)
+    with pytest.raises(CheckpointError, match=rf"{re.escape(name)} is a symbolic link to .*elsewhere"):
+        Trainer(tiny_config(data, tmp_path, max_steps=4))

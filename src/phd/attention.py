@@ -187,17 +187,30 @@ def pick_kernel(device: torch.device):
 
 
 def _band_plan(layout: AttentionLayout, device: torch.device):
-    """The cached band plan, kept out of compiled graphs (inductor cannot trace it). The wrapper is made on first
-    use: `torch.compiler.disable` imports dynamo, which would double the time `import phd` takes."""
-    return _uncompiled_band_plan()(layout, device)
-
-
-@functools.cache
-def _uncompiled_band_plan():
-    return torch.compiler.disable(_make_band_plan)
+    """The band plan of `layout`, computed once per layout and device. Under torch.compile it enters the graph as
+    constants (`_constant_band_plan`): computing it inside the graph fails in inductor (torch 2.13: "vr must not
+    be None"), and a cache lookup or `torch.compiler.disable` there would break the graph."""
+    if torch.compiler.is_compiling():
+        return _constant_band_plan(layout.seq_len, layout.repeat_k, layout.window, layout.chunk, device)
+    return _cached_band_plan(layout, device)
 
 
 @functools.lru_cache(maxsize=64)
+def _cached_band_plan(layout: AttentionLayout, device: torch.device):
+    return _make_band_plan(layout, device)
+
+
+def _constant_band_plan(seq_len: int, repeat_k: int, window: int | None, chunk: int | None, device: torch.device):
+    """The cached plan, which dynamo calls while tracing and keeps as constants (a function of the layout only;
+    the layout goes in as its fields, which dynamo passes as they are)."""
+    return _cached_band_plan(AttentionLayout(seq_len, repeat_k, window, chunk), device)
+
+
+# torch.compiler.assume_constant_result(_constant_band_plan), without the dynamo import it makes (which would double
+# the time `import phd` takes): what that decorator sets.
+_constant_band_plan._dynamo_marked_constant = True  # type: ignore[attr-defined]
+
+
 def _make_band_plan(layout: AttentionLayout, device: torch.device):
     """Key indices and mask of the hidden band, in blocks of BAND_BLOCK hidden query rows.
 

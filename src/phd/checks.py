@@ -1,10 +1,19 @@
-"""Checks of user input shared by the API and the commands: token ids and devices.
+"""Checks of user input shared by the API and the commands: token ids, sequence lengths and devices.
 
 Each failure is an InputError whose message names the value, what is allowed and the fix (one line, no
 traceback at the command line).
+
+Length rule (one for every path: the training-time forward, the transformers forward with and without a cache,
+transformers' generate(), `phd.generate` and `phd generate`): a sequence may run past the model's max_seq_len
+(transformers' max_position_embeddings). RoPE is computed for any position and the caches grow, so nothing
+breaks there, as with Llama; but the model never saw such positions in training, so `warn_past_max_len` says so
+with a LengthWarning (Python shows it once per place it is raised from). Only a cache the caller sized
+(`max_len` / capacity) and a training run's seq_len (train config) have hard limits.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 from torch import Tensor
@@ -12,11 +21,31 @@ from torch import Tensor
 from .errors import InputError
 
 
+class LengthWarning(UserWarning):
+    """A sequence runs past the max_seq_len (max_position_embeddings) the model was built and trained for."""
+
+
+def warn_past_max_len(max_seq_len: int, length: int) -> None:
+    """The length rule (module docstring): `length` positions past `max_seq_len` run, with a LengthWarning."""
+    if length > max_seq_len:
+        warnings.warn(
+            f"the sequence runs past max_seq_len={max_seq_len} (max_position_embeddings), the length this model was "
+            "built and trained for: later positions are computed (RoPE has no table to run out of) but the model "
+            "never saw them in training, so expect worse predictions there",
+            LengthWarning, stacklevel=3,
+        )
+
+
 def check_token_ids(token_ids: Tensor, vocab_size: int, what: str) -> None:
-    """Integer ids inside [0, vocab_size) (one host sync): an id outside would index past the embedding."""
+    """Integer ids inside [0, vocab_size) (one host sync; inside a compiled graph a device-side assert instead):
+    an id outside would index past the embedding."""
     if token_ids.dtype not in (torch.int64, torch.int32):
         raise InputError(f"{what} must hold integer token ids (int64), got dtype {token_ids.dtype}")
-    if token_ids.numel() and bool(((token_ids < 0) | (token_ids >= vocab_size)).any()):
+    outside = (token_ids < 0) | (token_ids >= vocab_size)
+    if torch.compiler.is_compiling():  # in a compiled graph a host sync would break it: the device asserts
+        torch._assert_async(~outside.any(), f"{what} holds a token id outside the vocabulary [0, {vocab_size})")
+        return
+    if token_ids.numel() and bool(outside.any()):
         low, high = int(token_ids.min()), int(token_ids.max())
         bad = low if low < 0 else high
         raise InputError(

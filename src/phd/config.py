@@ -75,6 +75,10 @@ class PHDConfig:
             _fail("repeat_k", self.repeat_k, "K must be an integer >= 1 (1 = vanilla)")
         if self.window is not None and (not isinstance(self.window, int) or self.window < 1):
             _fail("window", self.window, "W must be None (PHD) or an integer >= 1 (SWA)")
+        if self.window is not None and self.window > self.max_seq_len:
+            # no sequence reaches such a window: the model would compute PHD-K under another variant's name
+            _fail("window", self.window, f"W must be <= max_seq_len={self.max_seq_len}; lower window (or "
+                  "use PHD-K, no window)")
         if self.chunk is not None:
             if not isinstance(self.chunk, int) or self.chunk < 1:
                 _fail("chunk", self.chunk, "C must be None or an integer >= 1 (CSWA)")

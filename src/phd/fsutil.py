@@ -3,9 +3,11 @@
 The output rule every command follows (`phd data`, `phd export`, `phd convert`, the trainer's `model/`): phd
 never deletes or overwrites anything it did not write. A folder phd writes carries a marker file naming its
 kind; an existing non-empty `--out` is replaced only if it carries the marker of the same kind and the caller
-passed `overwrite`. The new folder is built in a temporary sibling, fsynced, and published by renames, so an
-interrupted command leaves the old folder or the new one, never a mix; leftovers of a killed command are
-cleaned (or restored) by the next one.
+passed `overwrite`. A folder without the marker is the user's, whatever files it holds (a folder holding only a
+config.json and a tokenizer.json once passed for an old phd export and was replaced). The new folder is built in
+a temporary sibling, fsynced, and published by renames, so an interrupted command leaves the old folder or the
+new one, never a mix; leftovers of a killed command are cleaned (or restored) by the next one. A write the OS
+refuses (a full disk) is one line naming the file (WriteError).
 
 A single output file (`phd eval --out FILE`) follows the same rule: the JSON phd writes names its kind under
 FILE_KIND_KEY, its first key; an existing FILE is replaced only if it is phd's JSON of the same kind, by a
@@ -15,6 +17,7 @@ temporary sibling renamed over it. Anything else (a user's notes, a checkpoint's
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -29,11 +32,6 @@ from .errors import PHDError
 MARKER = ".phd-output"
 TMP_TAG = ".phd-tmp-"
 OLD_TAG = ".phd-old-"
-# Folders phd wrote before the marker existed: replaceable when they hold only these files.
-LEGACY_FILES = {
-    "phd-data": {"meta.json", "train.bin", "val.bin", "tokenizer.json"},
-    "phd-export": {"config.json", "model.safetensors", "tokenizer.json", "checksums.json"},
-}
 
 
 FILE_KIND_KEY = "phd_output"  # first key of a JSON file phd writes: its kind (e.g. "phd-eval")
@@ -42,6 +40,50 @@ MAX_OUTPUT_FILE = 16 << 20  # larger files are never phd's JSON output, and are 
 
 class OutputError(PHDError, ValueError):
     """An output folder or file cannot be written without losing something; the message names it and the way out."""
+
+
+WRITE_FIX = "free space (or choose a folder on another disk) and run again"
+
+
+class WriteError(PHDError, OSError):
+    """The OS refused a write (a full disk, a quota, a read-only file system): one line naming the file, not a
+    traceback. Still an OSError, with the original errno, for callers that catch those."""
+
+    def __init__(self, path: str | Path, reason: str, code: int | None, fix: str = WRITE_FIX) -> None:
+        name = f" [{errno.errorcode[code]}]" if code in errno.errorcode else ""
+        super().__init__(f"cannot write {path}: {reason}{name}; {fix}")
+        self.errno, self.path, self.reason, self.fix = code, path, reason, fix
+
+    def with_fix(self, fix: str) -> WriteError:
+        """The same failure with another way out (a caller that knows more, e.g. where the trained weights are)."""
+        return WriteError(self.path, self.reason, self.errno, fix)
+
+    def moved(self, tmp: Path, out: Path) -> WriteError:
+        """The same failure named at its place in `out`, for a file of the temporary folder that would become it
+        (the temporary folder is gone by the time the user reads the message)."""
+        path = Path(self.path)
+        if path != tmp and tmp not in path.parents:
+            return self
+        return WriteError(out / path.relative_to(tmp), self.reason, self.errno, self.fix)
+
+
+def write_error(path: str | Path, err: OSError, fix: str = WRITE_FIX) -> WriteError:
+    """The WriteError of an OSError raised while writing `path`."""
+    return WriteError(path, err.strerror or str(err) or type(err).__name__, err.errno, fix)
+
+
+@contextlib.contextmanager
+def reporting_write_errors(path: str | Path, fix: str = WRITE_FIX) -> Iterator[None]:
+    """Turn an OS error of the writes inside into a WriteError naming `path`. An OSError without an errno (raised
+    by code, not by the OS) passes unchanged: it is a bug or a test's fault, and its traceback is wanted."""
+    try:
+        yield
+    except PHDError:
+        raise
+    except OSError as err:
+        if err.errno is None:
+            raise
+        raise write_error(path, err, fix) from None
 
 
 def cache_root() -> Path:
@@ -69,23 +111,17 @@ def fsync_dir(path: Path) -> None:
 
 
 def output_kind(path: Path) -> str | None:
-    """The kind of phd output `path` holds (its marker, or a legacy folder of phd's files only), else None."""
+    """The kind of phd output `path` holds, read from its marker only; None (the user's folder) without one.
+
+    File names prove nothing: a user's folder of a config.json and a tokenizer.json looks like an old export, and
+    guessing from names once let `--overwrite` delete such a folder."""
     marker = path / MARKER
-    if marker.is_file():
-        with contextlib.suppress(OSError, ValueError, AttributeError):
-            return json.loads(marker.read_text()).get("kind")
+    if not marker.is_file() or marker.is_symlink():
         return None
-    names = {p.name for p in path.iterdir()}
-    for kind, files in LEGACY_FILES.items():
-        if names and names <= files and (kind != "phd-data" or _is_legacy_data(path)):
-            return kind
-    return None
-
-
-def _is_legacy_data(path: Path) -> bool:
     with contextlib.suppress(OSError, ValueError, AttributeError):
-        return json.loads((path / "meta.json").read_text()).get("format") == "phd-tokens-v1"
-    return False
+        kind = json.loads(marker.read_text()).get("kind")
+        return kind if isinstance(kind, str) else None
+    return None
 
 
 def _inside(a: Path, b: Path) -> bool:
@@ -110,7 +146,8 @@ def check_out(out: Path, kind: str, overwrite: bool, sources: Iterable[Path] = (
         raise OutputError(f"--out {out} exists and is not a folder; pass a new or empty folder")
     if not any(out.iterdir()):
         return
-    _refuse_foreign(out, output_kind(out), kind, "is not empty and", "deletes", "a new or empty folder")
+    _refuse_foreign(out, output_kind(out), kind, "is not empty and", "deletes", "a new or empty folder",
+                    f"no {MARKER} marker file")
     if not overwrite:
         raise OutputError(f"--out {out} already holds a {kind}; pass --overwrite to replace it, or another --out")
 
@@ -134,13 +171,16 @@ def check_out_file(out: Path, kind: str) -> None:
         return
     if out.is_symlink() or not out.is_file():
         raise OutputError(f"--out {out} exists and is not a plain file; pass a new file name")
-    _refuse_foreign(out, output_file_kind(out), kind, "exists and is", "overwrites", "a new file name")
+    _refuse_foreign(out, output_file_kind(out), kind, "exists and is", "overwrites", "a new file name",
+                    f"no {FILE_KIND_KEY!r} key")
 
 
-def _refuse_foreign(out: Path, found: str | None, kind: str, state: str, verb: str, instead: str) -> None:
-    """One message for an --out that phd did not write as output of `kind` (`found`: what phd wrote there)."""
+def _refuse_foreign(out: Path, found: str | None, kind: str, state: str, verb: str, instead: str,
+                    unmarked: str) -> None:
+    """One message for an --out that phd did not write as output of `kind` (`found`: what phd wrote there;
+    `unmarked`: what the user's folder or file lacks, so the message says how phd tells its own output apart)."""
     if found != kind:
-        what = f"phd {found} output, not {kind}" if found else "not written by phd"
+        what = f"phd {found} output, not {kind}" if found else f"not written by phd ({unmarked})"
         raise OutputError(f"--out {out} {state} {what}; phd never {verb} what it did not write: pass {instead}, or "
                           "delete it yourself")
 
@@ -209,7 +249,11 @@ def output_dir(out: str | Path, kind: str, overwrite: bool = False, sources: Ite
     tmp = new_temp_dir(out)
     try:
         yield tmp
-        publish_dir(tmp, out, kind)
+        with reporting_write_errors(out):
+            publish_dir(tmp, out, kind)
+    except WriteError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise err.moved(tmp, out) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -258,8 +302,9 @@ class DirLock:
 
         if self._file is not None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        f = open(self.path, "a+")
+        with reporting_write_errors(self.path):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            f = open(self.path, "a+")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -271,10 +316,15 @@ class DirLock:
                 "would overwrite each other's checkpoints and metrics: wait for it to finish, stop it, or choose "
                 "another out"
             ) from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"{os.getpid()} on {socket.gethostname()}\n")
-        f.flush()
+        try:
+            with reporting_write_errors(self.path):
+                f.seek(0)
+                f.truncate()
+                f.write(f"{os.getpid()} on {socket.gethostname()}\n")
+                f.flush()
+        except BaseException:
+            f.close()  # drops the lock: a holder whose pid could not be recorded does not keep the folder
+            raise
         self._file = f
 
     def release(self) -> None:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import LayoutAttention, resolve_backend
-from .checks import check_token_ids
+from .checks import check_token_ids, warn_past_max_len
 from .config import PHDConfig
 from .errors import InputError
 from .masks import AttentionLayout, rope_position
@@ -214,21 +214,22 @@ class PHDTransformer(nn.Module):
                 h = block(h, cos, sin, attend) if checkpoint is None else checkpoint(block, h, cos, sin, attend)
         return h
 
+    def final_states(self, input_ids: Tensor, backend: str | None = None) -> Tensor:
+        """Hidden states [B, T, d] of the final copies after the final norm: what the LM head reads (a base
+        model's last hidden state). A sequence longer than max_seq_len runs, with a LengthWarning (checks.py)."""
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise InputError(f"input_ids must be [batch, seq_len] with seq_len >= 1, got {tuple(input_ids.shape)}")
+        warn_past_max_len(self.config.max_seq_len, input_ids.shape[1])
+        check_token_ids(input_ids, self.config.vocab_size, "input_ids")
+        h = self.layout(input_ids.shape[1]).final_copies(self.hidden_states(input_ids, backend))
+        return self.norm(h)
+
     def forward(
         self, input_ids: Tensor, targets: Tensor | None = None, backend: str | None = None,
         ignore_index: int = -100,
     ) -> CausalLMOutput:
         """Logits [B, T, vocab] of the final copies; the mean next-token loss when targets [B, T] are given."""
-        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-            raise InputError(f"input_ids must be [batch, seq_len] with seq_len >= 1, got {tuple(input_ids.shape)}")
-        if input_ids.shape[1] > self.config.max_seq_len:
-            raise InputError(
-                f"input_ids hold {input_ids.shape[1]} tokens, more than max_seq_len={self.config.max_seq_len}; "
-                "shorten the input or build the model with a larger max_seq_len"
-            )
-        check_token_ids(input_ids, self.config.vocab_size, "input_ids")
-        h = self.layout(input_ids.shape[1]).final_copies(self.hidden_states(input_ids, backend))
-        logits = self.lm_head(self.norm(h))
+        logits = self.lm_head(self.final_states(input_ids, backend))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(

@@ -19,6 +19,7 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -28,10 +29,18 @@ import torch
 import torch.nn.functional as F
 
 from ..config import PHDConfig
-from ..inference import PHDCache, decode_step, prefill
+from ..inference import PHDCache, decode_step, generate, prefill
 from ..inference.engine import hidden_widths
 from ..inference.kernels import ROWS_LINEAR_MAX_ROWS, rows_linear_op
-from ..inference.weights import column_major_linears, decode_applies, decode_linears, packing_available, plain_linears
+from ..inference.weights import (
+    as_loaded,
+    column_major_linears,
+    decode_applies,
+    decode_linears,
+    kernel_linears,
+    packing_available,
+    plain_linears,
+)
 from ..masks import hidden_token
 from ..model import PHDTransformer
 from .timing import CLOCKS
@@ -49,7 +58,8 @@ QUICK = dict(preset="cpu-1m", ks=[1, 2, 4], prompt_lens=[64, 128], batches=[1, 2
              decode_context=64, decode_steps=4, repeats=2, warmup=1)
 # Every option (`phd bench inference --help`); None: taken from FULL or QUICK.
 DEFAULTS = dict(dict.fromkeys(FULL), quick=False, kfold_repeats=1, max_prefill_tokens=8192, max_cache_gb=4.0,
-                device="cpu", dtype="float32", threads=None, clock="wall", out="docs/bench", weights="decode")
+                device="cpu", dtype="float32", threads=None, clock="wall", out="docs/bench", weights="default",
+                generate=True)
 
 
 def options(**given: Any) -> SimpleNamespace:
@@ -156,7 +166,7 @@ def _matmul_scaling(d_in: int, d_out: int, rows: list[int], clock, n_weights: in
     return out
 
 
-LAYOUTS = {"row": "row-major weights", "column": "column-major weights",
+LAYOUTS = {"row": "row-major weights", "column": "column-major weights", "default": "what decode_step does",
            "packed": "weights packed by MKL for the row count", "kernel": "phd's rows kernel"}
 
 
@@ -164,8 +174,10 @@ def _used(scaling: dict[str, dict[int, float]], weights: str, rows: int) -> floa
     """Seconds of the kernel a decode of `rows` rows runs under `weights`, as decode_linears chooses: `decode`
     takes the rows kernel up to 4 rows, MKL's packs beyond (`packed`: packs from 2 rows on); one row without
     the kernel stays a plain matrix-vector product."""
-    if weights == "decode" and rows in scaling.get("kernel", {}):
+    if weights in ("default", "decode") and rows in scaling.get("kernel", {}):
         return scaling["kernel"][rows]
+    if weights == "default":
+        weights = "row"
     if weights in ("decode", "packed"):
         weights = "packed" if rows > 1 and "packed" in scaling else "row"
     return scaling[weights][rows]
@@ -209,7 +221,7 @@ def run(args: SimpleNamespace) -> int:
     base = PHDTransformer(cfg).to(args.device, dtype).eval()
     if args.weights == "column":
         column_major_linears(base)  # the variants below share these weights
-    plain_rows = args.weights in ("decode", "packed") and decode_applies(args.device, dtype)
+    plain_rows = args.weights in ("default", "decode", "packed") and decode_applies(args.device, dtype)
     variants = _variants(args.ks, args.window, args.chunk, plain_rows=plain_rows)
     models = {v.label: _with_variant(base, v.name) for v in variants}
     load_before = os.getloadavg()
@@ -234,6 +246,7 @@ def run(args: SimpleNamespace) -> int:
             for v in decoders:
                 v.decode[b] = medians.get(v.label)
             print(f"  decode batch {b} done ({time.perf_counter() - started:.0f} s)", flush=True)
+        generate = _time_generate(base, args) if args.generate else {}
 
     rows = sorted({b * k for b in args.batches for k in args.ks} | set(args.batches))
     scaling = _matmul_scaling(cfg.d_model, cfg.d_ff, rows, _clock(args), device=args.device, dtype=dtype)
@@ -252,6 +265,7 @@ def run(args: SimpleNamespace) -> int:
     }
     report = _report(cfg, variants, args, scaling, env)
     report["memory_bound"] = bound
+    report["generate"] = generate
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "inference.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -259,6 +273,65 @@ def run(args: SimpleNamespace) -> int:
     (out / "inference.md").write_text(_markdown(report, plots))
     print(f"wrote {out / 'inference.md'}, {out / 'inference.json'}" + (f", {len(plots)} plots" if plots else ""))
     return 0
+
+
+def _generate_paths() -> dict[str, Callable]:
+    """Each way a user generates greedily, as (model, ids, new tokens) -> ids: phd's own loop, and transformers'
+    generate() through PHDForCausalLM and its Cache where transformers is installed."""
+    paths: dict[str, Callable] = {"phd.generate": lambda model, ids, n: generate(model, ids, n)}
+    try:
+        from ..hf import PHDForCausalLM
+    except ImportError:
+        return paths
+
+    def hf_generate(model, ids, n):
+        hf = PHDForCausalLM.from_native(model)
+        return hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+
+    paths["transformers generate()"] = hf_generate
+    return paths
+
+
+def _time_generate(base, args) -> dict:
+    """End to end at batch 1 (a prompt of --decode-context tokens, then --decode-steps greedy tokens), vanilla and
+    PHD-CSWA at each K through each path, round-robin; each path's ratio is to vanilla through the same path.
+    Every model starts from plain linears, as a freshly loaded one does (its first decode step gives it the
+    kernel)."""
+    paths = _generate_paths()
+    names = ["vanilla"] + [f"PHD-CSWA-{k}-{args.window}-{args.chunk}" for k in args.ks if k > 1]
+    ids = torch.randint(0, base.config.vocab_size, (1, args.decode_context), device=args.device)
+    times: dict[str, dict[str, list[float]]] = {path: {n: [] for n in names} for path in paths}
+    for r in range(args.warmup + args.repeats):
+        for path, run_path in paths.items():
+            for name in names:
+                as_loaded(base)  # plain linears, no decode-kernel state: what a fresh model's first step sees
+                model = _with_variant(base, name)
+                start = _clock(args)()
+                run_path(model, ids, args.decode_steps)
+                if r >= args.warmup:
+                    times[path][name].append(_clock(args)() - start)
+    as_loaded(base)
+    out = {}
+    for path, by_name in times.items():
+        van = statistics.median(by_name["vanilla"])
+        out[path] = {name: {"seconds": statistics.median(v), "ratio": round(statistics.median(v) / van, 3)}
+                     for name, v in by_name.items()}
+    print(f"  end-to-end generate done ({len(paths)} paths)", flush=True)
+    return out
+
+
+def _generate_markdown(generate: dict) -> list[str]:
+    if not generate:
+        return []
+    names = list(next(iter(generate.values())))
+    lines = ["", "## End to end: generate at batch 1", "",
+             "A prompt of the decode context, then the decode steps' greedy tokens, through each path a user takes "
+             "(no preparation step: each model as loaded); time / vanilla's through the same path.", "",
+             "| path | vanilla | " + " | ".join(names[1:]) + " |", "|---|---|" + "---|" * (len(names) - 1)]
+    for path, by_name in generate.items():
+        cells = [_fmt(by_name[n]["ratio"]) for n in names[1:]]
+        lines.append(f"| {path} | {by_name['vanilla']['seconds']:.3f} s | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _clock(args):
@@ -334,11 +407,14 @@ def _time_decode(models: dict, variants: list[Variant], vocab: int, batch: int, 
         for v in todo:
             model = models[v.label]
             cache = _decode_cache(model, batch, ctx, max_len)
-            if args.weights in ("decode", "packed"):  # as `phd generate` before decoding (untimed, like prefill)
-                if v.plain:
-                    plain_linears(model)
-                else:
-                    decode_linears(model, v.k * batch, kernel=args.weights == "decode")
+            # The linears as each path has them (untimed, like prefill): `default` as a fresh model's first decode
+            # step leaves them (the rows kernel up to 4 rows), `decode` as `phd generate` prepares them.
+            if v.plain or args.weights in ("row", "column"):
+                plain_linears(model)
+            elif args.weights == "default":
+                kernel_linears(model)
+            else:
+                decode_linears(model, v.k * batch, kernel=args.weights == "decode")
             decode_step(model, token, cache, check=False)  # untimed: the first step on a fresh cache
             start = _clock(args)()
             for _ in range(steps):
@@ -496,8 +572,10 @@ def _markdown(report: dict, plots: list[str]) -> str:
         + f" (this run: {LAYOUTS.get(env.get('weights', 'row'), 'decode_linears')}"
         + (", one row plain" if env.get("weights") == "packed" else "")
         + (": the rows kernel up to 4 rows, MKL's packs beyond" if env.get("weights") == "decode" else "")
+        + (": the rows kernel up to 4 rows, nn.Linear's own beyond" if env.get("weights") == "default" else "")
         + "; column *matmul_ratio* in inference.json: time at 4B rows / time at B rows).",
     ]
+    lines += _generate_markdown(report.get("generate") or {})
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     return "\n".join(lines) + "\n"

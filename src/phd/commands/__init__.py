@@ -14,7 +14,7 @@ import sys
 from ..errors import PHDError
 
 COMMANDS = {name: f"phd.commands.{name}" for name in
-            ("data", "train", "export", "compare", "generate", "bench", "eval", "convert", "study")}
+            ("data", "train", "export", "compare", "generate", "serve", "bench", "eval", "convert", "study")}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,7 +27,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    passthrough = argv[argv.index("--") + 1:] if "--" in argv else []  # for another program (phd serve: vLLM)
+    args = parser.parse_args(argv[: len(argv) - len(passthrough) - 1] if "--" in argv else argv)
+    if "--" in argv:
+        if not hasattr(args, "passthrough"):
+            parser.error(f"arguments after `--` are passed to vLLM by `phd serve` only; phd {args.command} takes none")
+        args.passthrough = passthrough
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

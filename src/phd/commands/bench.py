@@ -8,6 +8,7 @@ import argparse
 from ..bench import compile as compile_bench
 from ..bench import gpu_check, inference, scaling, serving, training
 from ..bench.timing import CLOCKS
+from .argtypes import positive_int
 
 
 def _training_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,7 +22,7 @@ def _training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="cpu-10m", help="model for the full training step")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-dense-above", type=int, default=8192, help="skip dense when K*T exceeds this")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
                         help="wall time, or this process's CPU time (steadier on a shared machine; use --threads 1)")
     parser.add_argument("--out", default="docs/bench", help="where training.md / training.json go")
@@ -51,15 +52,19 @@ def _inference_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), help="where to run (default cpu)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"),
                         help="weights and cache (default float32)")
-    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--threads", type=positive_int, help="torch threads (default: torch's choice)")
     parser.add_argument("--clock", choices=tuple(CLOCKS),
                         help="wall: elapsed time (default); cpu: this process's CPU time, steadier on a shared "
                              "machine (use with --threads 1: spinning threads would count)")
     parser.add_argument("--out", help="directory for inference.md / .json / *.png")
-    parser.add_argument("--weights", choices=("decode", "packed", "row", "column"),
-                        help="linears of decode: decode (default; what phd generate does on CPU): phd's rows "
-                             "kernel up to 4 rows, MKL packs beyond; packed: MKL packs for the K x batch rows; "
-                             "row: nn.Linear's own; column: column-major weights")
+    parser.add_argument("--weights", choices=("default", "decode", "packed", "row", "column"),
+                        help="linears of decode: default (what model.decode_step gives any model: phd's rows "
+                             "kernel up to 4 rows, nn.Linear's own beyond); decode (what phd generate does on "
+                             "CPU): the rows kernel up to 4 rows, MKL packs beyond; packed: MKL packs for the K x "
+                             "batch rows; row: nn.Linear's own; column: column-major weights")
+    parser.add_argument("--generate", action=argparse.BooleanOptionalAction,
+                        help="also time generate() end to end at batch 1 through phd.generate and transformers "
+                             "(default on)")
     parser.set_defaults(**inference.DEFAULTS)
 
 
@@ -70,7 +75,8 @@ def _scaling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=16, help="global sequences per step (default 16)")
     parser.add_argument("--micro-batch", type=int, default=None, help="per process (default: batch / procs)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads per process (default: cores / procs)")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="CPU threads per process (default: cores / procs)")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2, help="steps left out of the median (default 2)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -104,7 +110,8 @@ def _serving_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--new-tokens", type=int, help="output tokens per request (default 64)")
     parser.add_argument("--repeats", type=int, help="round-robin repeats (default 3)")
     parser.add_argument("--no-native", action="store_true", help="leave out the native engine")
-    parser.add_argument("--threads", type=int, help="torch threads of the native engine (default: torch's choice)")
+    parser.add_argument("--threads", type=positive_int,
+                        help="torch threads of the native engine (default: torch's choice)")
     parser.add_argument("--work", default="runs/bench-serving", help="converted models and server logs")
     parser.add_argument("--out", default="docs/bench", help="where serving.md / serving.json go")
 
@@ -116,7 +123,7 @@ def _compile_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=15, help="round-robin repeats (default 15)")
     parser.add_argument("--check-steps", type=int, default=4, help="steps whose losses are compared (default 4)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1, as a study worker)")
+    parser.add_argument("--threads", type=positive_int, default=1, help="torch threads (default 1, as a study worker)")
     parser.add_argument("--clock", choices=tuple(CLOCKS), default="wall")
     parser.add_argument("--out", default="docs/bench/compile", help="where compile.md / compile.json go")
 

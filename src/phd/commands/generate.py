@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -13,7 +14,7 @@ from ..checks import resolve_device
 from ..errors import InputError, PHDError
 from ..inference.generate import generate_stream
 from ..inference.sampling import SamplingConfig
-from ..inference.weights import decode_linears
+from ..inference.weights import decode_linears, plain_linears
 from ..io import eos_id, generation_eos_ids, load_model, load_tokenizer, model_dir
 from .argtypes import positive_int
 
@@ -90,6 +91,11 @@ class _TextStream:
         sys.stdout.flush()
 
 
+def _warning_line(message: Warning | str, category: type[Warning], *_: object, **__: object) -> None:
+    """A warning (e.g. phd.checks.LengthWarning) as one stderr line beside the command's own report."""
+    print(f"[warning: {message}]", file=sys.stderr, flush=True)
+
+
 def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -110,13 +116,10 @@ def run(args: argparse.Namespace) -> int:
         if not ids:
             raise InputError("the prompt is empty (it encodes to no tokens); give some text")
         sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
-        room = model.config.max_seq_len - len(ids)
-        max_new = args.max_new_tokens
-        if 0 <= room < max_new:
-            print(f"[--max-new-tokens {max_new} clipped to {room}: the model's maximum length is "
-                  f"{model.config.max_seq_len}]", file=sys.stderr)
-            max_new = room
-        if not args.plain_linears:
+        max_new = args.max_new_tokens  # past max_seq_len: generated, with a warning line (phd.checks)
+        if args.plain_linears:
+            plain_linears(model)  # also keeps decode steps from giving it the rows kernel
+        else:
             decode_linears(model, model.config.repeat_k)  # decode's rows: K copies of one sequence
         stream = generate_stream(
             model, torch.tensor([ids]), max_new, sampling, stops,
@@ -125,9 +128,11 @@ def run(args: argparse.Namespace) -> int:
         out = _TextStream(tokenizer)
         start = time.perf_counter()
         first = None
-        for token in stream:
-            first = first or time.perf_counter()
-            out.add(int(token[0]))
+        with warnings.catch_warnings():
+            warnings.showwarning = _warning_line
+            for token in stream:
+                first = first or time.perf_counter()
+                out.add(int(token[0]))
         end = time.perf_counter()
     except PHDError as err:  # bad model, prompt or sampling options: exit 2
         print(f"error: {err}", file=sys.stderr)

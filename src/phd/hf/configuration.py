@@ -3,6 +3,12 @@
 It carries every field of the native `PHDConfig` (derived from its dataclass fields) under the names
 transformers tools expect (hidden_size, num_hidden_layers, ...), so `config.json` written by `save_pretrained`
 rebuilds the native model exactly.
+
+The attributes that tools written for Llama-family configs read (`head_dim`, `hidden_act`, `rope_parameters` and
+transformers' `rope_scaling` alias of it, `attention_bias`, `attention_dropout`, `mlp_bias`) are properties
+derived from those fields: a PHD model has exactly one value for each (SwiGLU, no biases, no dropout, plain RoPE),
+so they are not stored twice and cannot disagree with the native config. Setting one (a config.json or a
+script that names them) is accepted when it says the same thing and refused otherwise.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ from typing import Any
 
 from transformers import PreTrainedConfig
 
-from ..config import PHDConfig
+from ..config import ConfigError, PHDConfig
 from ..hfnames import RENAMED, SAME, config_from_transformers_fields, transformers_fields
 
 
@@ -40,6 +46,75 @@ class _PHDHFBase(PreTrainedConfig):
         fields = {hf: getattr(config, native) for hf, native in RENAMED.items()}
         fields.update({name: getattr(config, name) for name in SAME})
         return cls(**fields, **special_tokens)
+
+    # ----- the Llama-family attributes (read-only views of the native fields; see the module docstring) -----
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @head_dim.setter
+    def head_dim(self, value: Any) -> None:
+        _same("head_dim", value, self.head_dim, "a PHD model's head_dim is hidden_size / num_attention_heads")
+
+    @property
+    def hidden_act(self) -> str:
+        return "silu"
+
+    @hidden_act.setter
+    def hidden_act(self, value: Any) -> None:
+        _same("hidden_act", value, "silu", "the MLP of a PHD model is SwiGLU")
+
+    @property
+    def attention_bias(self) -> bool:
+        return False
+
+    @attention_bias.setter
+    def attention_bias(self, value: Any) -> None:
+        _same("attention_bias", value, False, "the attention projections of a PHD model have no bias")
+
+    @property
+    def mlp_bias(self) -> bool:
+        return False
+
+    @mlp_bias.setter
+    def mlp_bias(self, value: Any) -> None:
+        _same("mlp_bias", value, False, "the MLP projections of a PHD model have no bias")
+
+    @property
+    def attention_dropout(self) -> float:
+        return 0.0
+
+    @attention_dropout.setter
+    def attention_dropout(self, value: Any) -> None:
+        _same("attention_dropout", value, 0.0, "a PHD model has no attention dropout")
+
+    @property
+    def rope_parameters(self) -> dict[str, Any]:
+        """transformers 5's RoPE description (also read as `rope_scaling`): plain RoPE with `rope_theta`."""
+        return {"rope_type": "default", "rope_theta": self.rope_theta}
+
+    @rope_parameters.setter
+    def rope_parameters(self, value: Any) -> None:
+        """Plain RoPE only; a `rope_theta` in it sets the native field (the one place the value lives)."""
+        if value is None:
+            return
+        given = dict(value) if isinstance(value, dict) else value
+        if not isinstance(given, dict):
+            raise ConfigError(f"rope_parameters={value!r} is invalid: give a dict like {self.rope_parameters}")
+        rope_type = given.pop("rope_type", given.pop("type", "default"))
+        if rope_type != "default" or set(given) - {"rope_theta"}:
+            raise ConfigError(
+                f"rope_parameters={value!r} is not supported: PHD models use plain RoPE (rope_type 'default', "
+                "no scaling); only rope_theta can be set"
+            )
+        if "rope_theta" in given:
+            self.rope_theta = given["rope_theta"]
+
+
+def _same(name: str, value: Any, expected: Any, why: str) -> None:
+    """A Llama-family attribute may be set only to the value a PHD model has (see the module docstring)."""
+    if value != expected or isinstance(value, bool) != isinstance(expected, bool):
+        raise ConfigError(f"{name}={value!r} is not supported: {why} ({name}={expected!r})")
 
 
 def _phd_fields(namespace: dict[str, Any]) -> None:

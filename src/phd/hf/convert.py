@@ -16,6 +16,9 @@ Name map (native <- transformers, per layer i):
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -238,10 +241,14 @@ def load_transformers(source: str | Path, dtype: torch.dtype = torch.float32) ->
         raise ConversionError(f"{source} is neither a transformers checkpoint directory nor a .gguf file")
     if source.suffix == ".gguf":
         _check_gguf_architecture(source)
-    model, info = AutoModelForCausalLM.from_pretrained(root, dtype=dtype, output_loading_info=True, **kwargs)
+    # ignore_mismatched_sizes: a tensor of the wrong shape is reported below (transformers would raise, after
+    # printing its report) instead of a traceback; the report itself is left out, the line below says it all
+    with _quiet_loading_report():
+        model, info = AutoModelForCausalLM.from_pretrained(root, dtype=dtype, output_loading_info=True,
+                                                           ignore_mismatched_sizes=True, **kwargs)
     # transformers fills weights the file lacks with random ones: a conversion must not invent weights
     problems = {k: sorted(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
-    problems = {k.split("_")[0]: [str(n) for n in v] for k, v in problems.items() if v}
+    problems = {k.split("_")[0]: [_describe_key(n) for n in v] for k, v in problems.items() if v}
     if problems:
         shown = "; ".join(f"{kind} {', '.join(names[:4])}{' ...' if len(names) > 4 else ''} ({len(names)})"
                           for kind, names in problems.items())
@@ -251,6 +258,32 @@ def load_transformers(source: str | Path, dtype: torch.dtype = torch.float32) ->
     except (OSError, ValueError):
         tokenizer = None
     return model.eval(), tokenizer
+
+
+def _describe_key(key: Any) -> str:
+    """A key of transformers' loading info: a name, or for a mismatched tensor (name, file's shape, model's shape)."""
+    if isinstance(key, tuple) and len(key) == 3:
+        name, found, wanted = key
+        return f"{name} (shape {list(found)} in the file, {list(wanted)} for its config.json)"
+    return str(key)
+
+
+@contextlib.contextmanager
+def _quiet_loading_report() -> Iterator[None]:
+    """Leave out transformers' multi-line LOAD REPORT (a warning of its modeling_utils logger) while loading:
+    ConversionError names every missing, unexpected or mismatched weight in one line. Other warnings pass."""
+    logger = logging.getLogger("transformers.modeling_utils")
+    report = _DropLoadReport()
+    logger.addFilter(report)
+    try:
+        yield
+    finally:
+        logger.removeFilter(report)
+
+
+class _DropLoadReport(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in str(record.msg)
 
 
 def _check_gguf_architecture(path: Path) -> None:

@@ -38,6 +38,7 @@ from ..masks import allowed, hidden_tokens
 from ..model import Attend, pick_rows
 from .cache import PHDCache
 from .padding import right_pad
+from .weights import auto_kernel
 
 PREFILL_MODES = ("bounded", "full")
 
@@ -302,6 +303,7 @@ def decode_step(model, token_ids: Tensor, cache: PHDCache, check: bool = True) -
         )
     if check:
         check_token_ids(token_ids, cfg.vocab_size, "token_ids")
+    auto_kernel(model)  # once per model: the K copies at about one row's cost on CPU (a no-op elsewhere)
     repeat_k = cfg.repeat_k
     pos = cache.lengths
     copies = torch.arange(1, repeat_k + 1, device=token_ids.device)

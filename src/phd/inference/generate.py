@@ -11,6 +11,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import Tensor
 
+from ..checks import warn_past_max_len
 from ..errors import InputError
 from .engine import decode_step, prefill
 from .sampling import SamplingConfig, sample
@@ -30,17 +31,17 @@ def _check_lengths(model, prompt_len: int, max_new_tokens: int, max_len: int | N
         raise InputError(f"max_new_tokens={max_new_tokens!r} is invalid: use an integer >= 0")
     if prompt_len == 0:
         raise InputError("the prompt is empty: give at least one token (e.g. a BOS token)")
-    limit = model.config.max_seq_len if max_len is None else max_len
-    if prompt_len > limit:
+    if max_len is not None and prompt_len > max_len:  # a cache size the caller chose: a hard limit
         raise InputError(
-            f"the prompt has {prompt_len} tokens, more than the maximum length {limit} "
-            "(config.max_seq_len, or max_len); truncate the prompt"
+            f"the prompt has {prompt_len} tokens, more than the maximum length max_len={max_len}; truncate the "
+            "prompt or give a larger max_len"
         )
-    if prompt_len + max_new_tokens > limit:
+    if max_len is not None and prompt_len + max_new_tokens > max_len:
         raise InputError(
-            f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the maximum length {limit}; "
-            f"use max_new_tokens <= {limit - prompt_len}"
+            f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the maximum length "
+            f"max_len={max_len}; use max_new_tokens <= {max_len - prompt_len}"
         )
+    warn_past_max_len(model.config.max_seq_len, prompt_len + max_new_tokens)  # the length rule (phd.checks)
     return prompt_len + max(max_new_tokens, 1)
 
 

@@ -101,8 +101,48 @@ def decode_linears(model: nn.Module, rows: int, kernel: bool = True) -> int:
     return len(linears)
 
 
+_AUTO = "_phd_decode_kernel"  # per-model state of the automatic kernel: absent (not yet), True (given), False (off)
+
+
+def kernel_linears(model: nn.Module) -> int:
+    """Give the model's CPU float32 linears the rows kernel, at no cost in memory; return how many take it.
+
+    Unlike `decode_linears` it never packs (MKL packs copy the weights: opt-in), and it keeps any packs the user
+    made. 0 where the kernel cannot be (PHD_KERNELS=0, no compiler, not x86 with AVX2: one warning from kernels.py)
+    or nothing is float32 on the CPU.
+    """
+    linears = [m for m in _untied_linears(model) if m.weight.dtype == torch.float32]
+    if not linears or rows_linear_op() is None:
+        object.__setattr__(model, _AUTO, False)
+        return 0
+    for m in linears:
+        if not isinstance(m, DecodeLinear):
+            m.__class__ = DecodeLinear
+            m.packed, m.packed_rows, m.packed_key = None, 0, (0, 0)
+        m.use_kernel = True
+    object.__setattr__(model, _AUTO, True)
+    return len(linears)
+
+
+def auto_kernel(model: nn.Module) -> None:
+    """`kernel_linears` once per model, called by every decode step (`phd.inference.decode_step`, so
+    `model.decode_step`, `phd.generate`, the transformers Cache and the vLLM plugin): the K copies cost about one
+    row without a preparation step. Not done again after `plain_linears(model)` (the per-model switch)."""
+    if _AUTO not in model.__dict__:
+        kernel_linears(model)
+
+
+def as_loaded(model: nn.Module) -> None:
+    """Plain linears and no decode-kernel state, as a freshly loaded model has (its next decode step gives it the
+    kernel again): what benchmarks reset to between paths."""
+    plain_linears(model)
+    del model.__dict__[_AUTO]
+
+
 def plain_linears(model: nn.Module) -> int:
-    """Undo decode_linears (the linears become plain nn.Linear again, packs freed); return how many."""
+    """Undo decode_linears and kernel_linears (the linears become plain nn.Linear again, packs freed; later decode
+    steps keep them plain); return how many."""
+    object.__setattr__(model, _AUTO, False)
     n = 0
     for m in model.modules():
         if isinstance(m, DecodeLinear):

