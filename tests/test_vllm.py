@@ -4,7 +4,9 @@ Runs in the vLLM virtual environment (scripts/setup-vllm.sh; scripts/test.sh run
 is not installed. One engine per variant (about 30 s to start on 2 cores), in-process to save the worker spawn.
 Each variant runs a batch of mixed prompt lengths submitted at once, then requests arriving while others
 decode; W and C are small so that windows and chunks are crossed many times. The CSWA engine's KV cache is
-too small for its batch at once, so vLLM preempts and recomputes requests there.
+too small for its batch at once, so vLLM preempts and recomputes requests there. Two more engines: a long request
+(thousands of tokens, many paged blocks) and many requests under memory pressure (repeated preemption and
+recompute, with the window pool's rows handed back and reused).
 """
 
 from __future__ import annotations
@@ -34,14 +36,21 @@ VARIANTS = {
 # past a block boundary while decoding, and the second finds no free block: vLLM preempts and recomputes it.
 ENGINE = {"PHD-CSWA-4-3-5": {"block_size": 32, "num_gpu_blocks_override": 4, "max_model_len": 96}}
 GREEDY = SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True, detokenize=False)
+# Engines for one test each (indirect parameters of `served`): variant fields and engine settings.
+LONG, PRESSURE = "PHD-SWA-3-2-inf-long", "PHD-SWA-2-3-inf-pressure"
+SPECIAL = {LONG: ({"repeat_k": 3, "window": 2, "max_seq_len": 4096}, {"max_model_len": 4096}),
+           # Five 32-token blocks for eight requests of up to 64 tokens: preempted again and again.
+           PRESSURE: ({"repeat_k": 2, "window": 3}, {"block_size": 32, "num_gpu_blocks_override": 6,
+                                                    "max_model_len": 96})}
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def served(request, tmp_path_factory):
     """(native model, vLLM engine) of one variant, from a `phd convert --to phd-hf`-style folder."""
     folder = tmp_path_factory.mktemp(request.param)
-    model = write_tiny(folder, **VARIANTS[request.param])
-    settings = {"max_model_len": 256, **ENGINE.get(request.param, {})}
+    fields, engine = SPECIAL.get(request.param, (VARIANTS.get(request.param), ENGINE.get(request.param, {})))
+    model = write_tiny(folder, **fields)
+    settings = {"max_model_len": 256, **engine}
     llm = LLM(model=str(folder), dtype="float32", enforce_eager=True, skip_tokenizer_init=True, max_num_seqs=8,
               seed=0, **settings)
     yield model, llm, request.param
@@ -88,3 +97,34 @@ def test_requests_arriving_while_others_decode(served):
         step += 1
         assert step < 200
     assert [done[f"r{i}"] for i in range(len(batch))] == [native_greedy(model, p, NEW) for p in batch]
+
+
+def _plugin_model(llm: LLM):
+    """The plugin's model object (the engine runs in this process)."""
+    return llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
+
+
+@pytest.mark.parametrize("served", [LONG], indirect=True)
+def test_long_request(served):
+    """A 3000-token prompt (24 paged blocks of 128, the partial last one included; the window ring wraps about
+    1500 times in prefill) beside short ones: every token equals the native engine's."""
+    model, llm, _ = served
+    batch = prompts([3000, 5, 1100], seed=3)
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in batch], GREEDY, use_tqdm=False)
+    assert [list(o.outputs[0].token_ids) for o in outs] == [native_greedy(model, p, NEW) for p in batch]
+
+
+@pytest.mark.parametrize("served", [PRESSURE], indirect=True)
+def test_preemption_under_memory_pressure(served):
+    """Eight requests, room for about three: vLLM preempts (frees the blocks) and recomputes again and again. Each
+    recompute starts the request's window empty in whatever pool row its new first block maps to; rows of keys
+    that left are reused, so the pool never holds more rows than the cache has blocks."""
+    model, llm, _ = served
+    preempted = _count_preemptions(llm)
+    batch = prompts([30, 28, 40, 20, 25, 31, 9, 33], seed=4)
+    greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, detokenize=False)
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in batch], greedy, use_tqdm=False)
+    assert [list(o.outputs[0].token_ids) for o in outs] == [native_greedy(model, p, 24) for p in batch]
+    assert preempted[0] >= 3
+    pool = _plugin_model(llm).windows
+    assert len(pool.rows) <= 6 and pool.kv.shape[1] == 8  # keyed by first blocks (6), never grown

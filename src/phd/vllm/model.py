@@ -7,8 +7,13 @@ One forward step runs, per layer, ONE block call over [the batch's originals | t
 - the hidden set (copies 2..K) of each request: the positions the future reads (the native engine's bounded
   prefill widths, `hidden_widths`; one position in decode). Its queries attend, with the mask of
   `masks.allowed`, the request's originals read back from the paged cache, its hidden window (per-request
-  state, `HiddenWindows`) and the hidden set itself; the closure then moves the window forward.
+  state, `WindowPool`) and the hidden set itself; then the set's newest entries go to the window.
 Logits come from copy K of each request's last position, placed on the row vLLM samples from.
+
+Cost: everything that does not depend on the layer (the hidden set's positions, RoPE, the mask, the block ids
+to read, the windows' rows) is built once per step (`_StepPlan`); a layer adds one read of the paged blocks
+into the buffer the hidden queries attend, one SDPA and the window write. In decode the hidden set keeps its
+size across layers, so [originals | hidden set] stays one tensor from the first layer to the last.
 """
 
 from __future__ import annotations
@@ -26,21 +31,10 @@ from vllm.model_executor.layers.attention import Attention
 from ..config import PHDConfig
 from ..hfnames import config_from_transformers_fields
 from ..inference.engine import hidden_widths
+from ..inference.weights import kernel_linears
 from ..masks import allowed, rope_position
 from ..model import Attend, PHDTransformer
-from .state import HiddenWindows, PagedReader, WindowBatch, block_size
-
-
-@dataclass
-class _Step:
-    """What one forward step knows about its requests (host-side sizes, device tensors)."""
-
-    query_start: Tensor  # [R + 1] token offsets of the requests in the batch
-    seq_lens: Tensor  # [R] tokens of each request after this step
-    block_table: Tensor  # [R, blocks]
-    last: Tensor  # [R] position of each request's last token
-    floor: Tensor  # [R] first position whose hidden tokens this step computes (>= the step's first position)
-    fresh: Tensor  # [R] the step starts the request at position 0 (a prefill or a recompute after preemption)
+from .state import PagedReader, ReadPlan, WindowPool, WindowStep, block_size
 
 
 class PHDForCausalLM(nn.Module):
@@ -60,7 +54,7 @@ class PHDForCausalLM(nn.Module):
                       cache_config=vllm_config.cache_config, prefix=f"{prefix}paged.{i}")
             for i in range(cfg.n_layers)
         )
-        self.windows = HiddenWindows(cfg) if cfg.repeat_k > 1 and cfg.window else None
+        self.windows = WindowPool(cfg) if cfg.repeat_k > 1 and cfg.window else None
         self.reader: PagedReader | None = None  # probed once the cache exists (every layer stores alike)
 
     # ----- the vLLM model interface -----
@@ -99,6 +93,7 @@ class PHDForCausalLM(nn.Module):
         missing = [name for name in params if name.startswith("model.") and name not in loaded]
         if missing:
             raise ValueError(f"the checkpoint lacks {missing[:5]} for {self.config.name}")
+        kernel_linears(self.model)  # float32 on the CPU: steps of up to 4 rows on the rows kernel (PHD_KERNELS=0: off)
         return set(params)
 
     # ----- PHD -----
@@ -116,7 +111,7 @@ class PHDForCausalLM(nn.Module):
         start = seq_lens - (query_start[1:] - query_start[:-1])
         chunk = self.config.chunk
         floor = torch.maximum(start, last // chunk * chunk) if chunk else start
-        return _Step(query_start, seq_lens, meta.block_table[:r], last, floor, start == 0)
+        return _Step(query_start, seq_lens, meta.block_table[:r], last, floor, start == 0, int(seq_lens.max()))
 
     def _reader(self) -> PagedReader:
         if self.reader is None:
@@ -124,46 +119,86 @@ class PHDForCausalLM(nn.Module):
         return self.reader
 
     def _forward_phd(self, x: Tensor, positions: Tensor, step: _Step) -> Tensor:
+        """Per step, once: the hidden set, the read plan, the windows' rows and, per hidden-set width, RoPE and
+        mask. Per layer: the block over [originals | hidden set] (one tensor, rebuilt only where the set shrinks:
+        never in decode) with `_PHDAttention`."""
         model, cfg = self.model, self.config
-        k1 = cfg.repeat_k - 1
         n = x.shape[0]
         longest = int((step.last - step.floor).max()) + 1
         widths = [min(keys, longest) for keys, _ in hidden_widths(cfg, longest)]
-        hidden = _HiddenSet.build(model, x, step, widths[0], k1)
-        windows = None
-        if self.windows is not None:
-            size = block_size(self.paged[0].kv_cache)
-            windows = self.windows.load(step.block_table, step.seq_lens, step.fresh, size, x)
-        cos_o, sin_o = model.rope(rope_position(positions, 1, model.config.repeat_k, model.config.positions))
-        h_o = x
+        plan = _StepPlan.build(self, x, positions, step, widths[0])
+        h, m = None, 0
+        window_out = None if plan.window is None else plan.window_view()
         for i, (block, paged) in enumerate(zip(model.layers, self.paged, strict=True)):
-            if i:
-                hidden = hidden.last(widths[i] * k1)
-            cos, sin = torch.cat([cos_o, hidden.cos]), torch.cat([sin_o, hidden.sin])
-            attend = _phd_attend(paged, self._reader(), n, hidden, step, cfg, windows, i)
-            h = block(torch.cat([h_o, hidden.x.flatten(0, 1)])[None], cos, sin, attend)[0]
-            h_o, hidden.x = h[:n], h[n:].view_as(hidden.x)
-        if windows is not None:
-            self.windows.store(step.block_table, windows)
-        out = h_o.clone()
-        out[step.query_start[1:] - 1] = hidden.x[:, -1]
+            shape = plan.shape(widths[i] * plan.k1)
+            if h is None:
+                h = torch.cat([x, plan.hidden_x[:, plan.m - shape.m :].flatten(0, 1)])
+            elif shape.m != m:  # prefill: the next layer needs fewer hidden positions
+                h = torch.cat([h[:n], h[n:].view(-1, m, h.shape[-1])[:, m - shape.m :].flatten(0, 1)])
+            m = shape.m
+            h = block(h[None], shape.cos, shape.sin, _PHDAttention(self, plan, shape, paged, i, window_out))[0]
+        out = h[:n].clone()
+        out[step.query_start[1:] - 1] = h[n:].view(-1, m, h.shape[-1])[:, -1]
         return model.norm(out)
 
 
 @dataclass
-class _HiddenSet:
-    """Hidden tokens of every request, [R, P*(K-1)] position-major, ending at the request's last position; a row's
-    positions before its floor are padding (`valid` False)."""
+class _Step:
+    """What one forward step knows about its requests (host-side sizes, device tensors)."""
 
-    x: Tensor  # [R, M, d]
-    pos: Tensor  # [R, M]
-    copy: Tensor  # [M]
-    valid: Tensor  # [R, M]
-    cos: Tensor  # [R*M, D]
+    query_start: Tensor  # [R + 1] token offsets of the requests in the batch
+    seq_lens: Tensor  # [R] tokens of each request after this step
+    block_table: Tensor  # [R, blocks]
+    last: Tensor  # [R] position of each request's last token
+    floor: Tensor  # [R] first position whose hidden tokens this step computes (>= the step's first position)
+    fresh: Tensor  # [R] the step starts the request at position 0 (a prefill or a recompute after preemption)
+    length: int  # the longest request after this step
+
+
+@dataclass
+class _Shape:
+    """What a hidden set of M entries per request (a suffix of the widest) shares across the layers that use it:
+    RoPE of [originals | set], the additive mask [R, 1, M, keys] of its queries over [originals | window | set],
+    and the views of the step's buffer that the set's K/V go to and that its queries attend."""
+
+    m: int
+    cos: Tensor
     sin: Tensor
+    mask: Tensor
+    keys: Tensor  # [R, Hkv, length + S + M, D]
+    values: Tensor
+    set_keys: Tensor  # [R, Hkv, M, D], the last M of keys / values
+    set_values: Tensor
+
+
+@dataclass
+class _StepPlan:
+    """Everything of a PHD step that does not depend on the layer: built once, used by every layer."""
+
+    n: int  # originals (the tokens vLLM scheduled)
+    k1: int
+    m: int  # entries per request of the widest hidden set
+    hidden_x: Tensor  # [R, m, d] inputs of the widest hidden set
+    pos: Tensor  # [R, m] its positions (position-major, K-1 copies each)
+    copy: Tensor  # [m]
+    valid: Tensor  # [R, m] False: padding (positions before the request's floor)
+    cos_o: Tensor  # RoPE of the originals
+    sin_o: Tensor
+    cos_h: Tensor  # [R, m, D] of the widest set
+    sin_h: Tensor
+    buffer: Tensor  # [2, R, Hkv, length + S + m, D]: K / V of [originals | window | widest set], one per step
+    read: ReadPlan
+    window: WindowStep | None
+    pool: WindowPool | None
+    step: _Step
+    cfg: PHDConfig
+    shapes: dict[int, _Shape]
 
     @classmethod
-    def build(cls, model: PHDTransformer, x: Tensor, step: _Step, width: int, k1: int) -> _HiddenSet:
+    def build(cls, owner: PHDForCausalLM, x: Tensor, positions: Tensor, step: _Step, width: int) -> _StepPlan:
+        """The plan of a step whose widest hidden set has `width` positions per request (layer 0's)."""
+        model, cfg = owner.model, owner.config
+        k1 = cfg.repeat_k - 1
         offsets = torch.arange(1 - width, 1, device=x.device)
         pos = (step.last[:, None] + offsets).repeat_interleave(k1, dim=1)
         copy = torch.arange(2, k1 + 2, device=x.device).repeat(width)
@@ -171,14 +206,55 @@ class _HiddenSet:
         # Token of position p in this step's batch: the request's row + p - its first position.
         start = step.seq_lens - (step.query_start[1:] - step.query_start[:-1])
         row = (step.query_start[:-1, None] + pos - start[:, None]).clamp(min=0, max=x.shape[0] - 1)
-        cos, sin = model.rope(rope_position(pos, copy, model.config.repeat_k, model.config.positions).flatten())
-        return cls(x[row], pos, copy, valid, cos, sin)
+        cos_o, sin_o = model.rope(rope_position(positions, 1, cfg.repeat_k, cfg.positions))
+        cos_h, sin_h = model.rope(rope_position(pos, copy, cfg.repeat_k, cfg.positions))
+        window, s, cache = None, 0, owner.paged[0].kv_cache
+        if owner.windows is not None:
+            window = owner.windows.begin(step.block_table, step.seq_lens, step.fresh, block_size(cache), x, pos,
+                                         valid, step.last)
+            s = owner.windows.slots
+        # Every layer reads into the same buffer: its attention is done before the next layer writes it.
+        buffer = x.new_empty(2, pos.shape[0], cfg.n_kv_heads, step.length + s + pos.shape[1], cfg.head_dim)
+        read = owner._reader().plan(cache, step.block_table, step.seq_lens, step.length,
+                                    buffer[0, :, :, : step.length], buffer[1, :, :, : step.length])
+        return cls(x.shape[0], k1, pos.shape[1], x[row], pos, copy, valid, cos_o, sin_o, cos_h, sin_h, buffer, read,
+                   window, owner.windows, step, cfg, {})
 
-    def last(self, m: int) -> _HiddenSet:
-        r = self.pos.shape[0]
-        keep = self.pos.shape[1] - m
-        cos, sin = (t.view(r, -1, t.shape[-1])[:, keep:].flatten(0, 1) for t in (self.cos, self.sin))
-        return _HiddenSet(self.x[:, keep:], self.pos[:, keep:], self.copy[keep:], self.valid[:, keep:], cos, sin)
+    def window_view(self) -> Tensor:
+        """[R, 2, Hkv, S, D]: where the windows go in the buffer."""
+        length = self.read.length
+        return self.buffer[:, :, :, length : length + self.window.pos.shape[1]].transpose(0, 1)
+
+    def shape(self, m: int) -> _Shape:
+        """The `_Shape` of the set's last m entries per request (built at its first layer)."""
+        if m not in self.shapes:
+            keep = self.m - m
+            cos = torch.cat([self.cos_o, self.cos_h[:, keep:].flatten(0, 1)])
+            sin = torch.cat([self.sin_o, self.sin_h[:, keep:].flatten(0, 1)])
+            end = self.buffer.shape[3] - keep
+            keys, values = self.buffer[0, :, :, :end], self.buffer[1, :, :, :end]
+            self.shapes[m] = _Shape(m, cos, sin, self._mask(keep), keys, values, keys[:, :, end - m :],
+                                    values[:, :, end - m :])
+        return self.shapes[m]
+
+    def _mask(self, keep: int) -> Tensor:
+        """Additive mask (0 / -inf) [R, 1, M, length + S + M] by `masks.allowed`. Padding queries may see any
+        allowed key (no empty softmax row); real queries see only real keys."""
+        step, cfg = self.step, self.cfg
+        q_pos, q_copy, q_valid = self.pos[:, keep:], self.copy[keep:], self.valid[:, keep:]
+        r = q_pos.shape[0]
+        o_pos = torch.arange(step.length, device=q_pos.device).expand(r, -1)
+        key_pos, key_copy, key_valid = [o_pos, q_pos], [torch.ones_like(o_pos[0]), q_copy], [
+            o_pos < step.seq_lens[:, None], q_valid]
+        if self.window is not None:
+            key_pos.insert(1, self.window.pos)
+            key_copy.insert(1, self.window.copy)
+            key_valid.insert(1, self.window.pos >= 0)
+        key_pos_t, key_copy_t, key_valid_t = (torch.cat(t, dim=-1) for t in (key_pos, key_copy, key_valid))
+        mask = allowed(q_pos[..., None], q_copy[:, None], key_pos_t[:, None], key_copy_t, cfg.window, cfg.chunk)
+        mask = mask & (key_valid_t[:, None] | ~q_valid[..., None])
+        return torch.zeros(mask.shape, dtype=self.cos_o.dtype, device=mask.device).masked_fill_(
+            ~mask, float("-inf"))[:, None]
 
 
 def _paged_attend(paged: Attention, n: int) -> Attend:
@@ -192,39 +268,30 @@ def _paged_attend(paged: Attention, n: int) -> Attend:
     return attend
 
 
-def _phd_attend(paged: Attention, reader: PagedReader, n: int, hidden: _HiddenSet, step: _Step, cfg: PHDConfig,
-                windows: WindowBatch | None, layer: int) -> Attend:
-    """Attention of [n originals | hidden set] (q, k, v [1, heads, n + R*M, D]): the originals through vLLM,
-    the hidden set against its request's paged originals, hidden window and itself (rule: `masks.allowed`).
-    Afterwards the layer's hidden window moves forward to the set's last W positions."""
-    originals = _paged_attend(paged, n)
+class _PHDAttention:
+    """Layer `layer`'s attention over [n originals | hidden set] (q, k, v [1, heads, n + R*M, D]): the originals
+    through vLLM, then the hidden set against the step's buffer of K and V, [its request's paged originals |
+    hidden window | the set], filled in place through views made once per step (no concatenation), by the
+    step's mask. Afterwards the set's new entries go to the window pool."""
 
-    def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        o_o = originals(q, k, v)  # first: the cache then holds this step's originals
-        r, m = hidden.pos.shape
-        q_h, k_h, v_h = (t[0, :, n:].unflatten(1, (r, m)).transpose(0, 1) for t in (q, k, v))  # [R, heads, M, D]
-        length = int(step.seq_lens.max())
-        k_o, v_o = reader.read(paged.kv_cache, step.block_table, step.seq_lens, length)
-        o_pos = torch.arange(length, device=q.device).expand(r, -1)
-        keys, values = [k_o, k_h], [v_o, v_h]
-        key_pos, key_copy = [o_pos, hidden.pos], [torch.ones_like(o_pos[0]), hidden.copy]
-        key_valid = [o_pos < step.seq_lens[:, None], hidden.valid]
-        if windows is not None:
-            w_k, w_v = windows.kv_of(layer)
-            keys.insert(1, w_k)
-            values.insert(1, w_v)
-            key_pos.insert(1, windows.pos[layer])
-            key_copy.insert(1, windows.copy)
-            key_valid.insert(1, windows.pos[layer] >= 0)
-        key_pos_t, key_copy_t, key_valid_t = (torch.cat(t, dim=-1) for t in (key_pos, key_copy, key_valid))
-        mask = allowed(hidden.pos[..., None], hidden.copy[:, None], key_pos_t[:, None], key_copy_t,
-                       cfg.window, cfg.chunk)
-        # Padding queries may see any allowed key (no empty softmax row); real queries see only real keys.
-        mask = mask & (key_valid_t[:, None] | ~hidden.valid[..., None])
-        o_h = F.scaled_dot_product_attention(q_h, torch.cat(keys, 2), torch.cat(values, 2), attn_mask=mask[:, None],
+    def __init__(self, owner: PHDForCausalLM, plan: _StepPlan, shape: _Shape, paged: Attention, layer: int,
+                 window_out: Tensor | None) -> None:
+        self.owner, self.plan, self.shape, self.paged, self.layer = owner, plan, shape, paged, layer
+        self.window_out = window_out
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        plan, shape, n = self.plan, self.shape, self.plan.n
+        o_o = _paged_attend(self.paged, n)(q, k, v)  # first: the cache then holds this step's originals
+        r = plan.pos.shape[0]
+        q_h, k_h, v_h = (t[0].narrow(1, n, r * shape.m).unflatten(1, (r, shape.m)).transpose(0, 1)
+                         for t in (q, k, v))  # [R, heads, M, D]
+        self.owner._reader().read_into(self.paged.kv_cache, plan.read)
+        if plan.window is not None:
+            plan.pool.read_into(self.layer, plan.window, self.window_out)
+        shape.set_keys.copy_(k_h)
+        shape.set_values.copy_(v_h)
+        o_h = F.scaled_dot_product_attention(q_h, shape.keys, shape.values, attn_mask=shape.mask,
                                              enable_gqa=q_h.shape[1] != k_h.shape[1])
-        if windows is not None:
-            windows.advance(layer, k_h, v_h, hidden.pos, hidden.valid)
+        if plan.window is not None:
+            plan.pool.write(self.layer, plan.window, k_h, v_h, plan.m - shape.m)
         return torch.cat([o_o, o_h.transpose(0, 1).flatten(1, 2)[None]], dim=2)
-
-    return attend
