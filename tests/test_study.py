@@ -262,7 +262,8 @@ def test_compare_sets_its_seeds_beside_the_study_interval(tmp_path):
         return {"suite": suite, "recipe": "r", "variant": variant, "seed": seed, "val_loss": loss, "tokens": 1000,
                 "role": role, "corpus": corpus,
                 "config": {"lr": lr, "seq_len": 8, "seed": seed, "compile": True, "out": f"x{seed}",
-                           "model": {"vocab_size": 10, "repeat_k": 2 if variant != "vanilla" else 1}}}
+                           "model": {"vocab_size": 10, "variant": variant,  # as the runs' saved configs have it
+                                     "repeat_k": 2 if variant != "vanilla" else 1}}}
 
     study = [row("vanilla", s, 5.0) for s in range(6)] + [row("PHD-2", s, 5.0 + d) for s, d in
                                                           enumerate([-0.10, -0.12, -0.08, -0.11, -0.09, -0.10])]

@@ -140,7 +140,7 @@ def summary(rows: list[dict[str, Any]], args: Comparison, settings: dict[str, An
 # Settings that do not change what a run computes (or only how its curve is sampled): left out when matching.
 _UNCOMPARED = ("seed", "out", "data", "progress", "compile", "diagnostics_every", "eval_every", "checkpoint_every",
                "checkpoint_keep", "log_every", "resumes")
-_VARIANT_FIELDS = ("repeat_k", "window", "chunk", "naive", "attn_backend")
+_VARIANT_FIELDS = ("variant", "repeat_k", "window", "chunk", "naive", "attn_backend")
 
 
 def _comparable(row: dict[str, Any]) -> str:
