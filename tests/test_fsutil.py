@@ -236,3 +236,24 @@ def test_eval_out_replaces_its_own_file_atomically(run, tmp_path, capsys, monkey
         main(eval_cmd(run, out, "--max-tokens", "96"))
     assert out.read_bytes() == written and sorted(p.name for p in out.parent.iterdir()) == ["eval.json"]
     capsys.readouterr()
+
+
+def test_atomic_file_replaces_whole_or_not_at_all(tmp_path):
+    """The one atomic writer (eval JSON, checkpoint meta and pointer, kernel records, safetensors headers): the
+    old file survives an exception in the block and no temporary file stays; success replaces it, with the asked
+    permissions; a caller's temporary name is used (the checkpointer cleans its own names)."""
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"old")
+    with pytest.raises(RuntimeError, match="boom"), fsutil.atomic_file(path, "wb") as f:
+        f.write(b"half")
+        raise RuntimeError("boom")
+    assert path.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["f.bin"]
+    with fsutil.atomic_file(path, "wb", chmod=0o640) as f:
+        f.write(b"new")
+    assert path.read_bytes() == b"new" and stat.S_IMODE(path.stat().st_mode) == 0o640
+    seen = []
+    with fsutil.atomic_file(path, tmp=tmp_path / ".tmp-f") as f:
+        seen = sorted(p.name for p in tmp_path.iterdir())
+        f.write("text")
+    assert seen == [".tmp-f", "f.bin"] and path.read_text() == "text"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.bin"]

@@ -26,6 +26,7 @@ import shutil
 import socket
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import IO
 
 from .errors import PHDError
 
@@ -185,25 +186,36 @@ def _refuse_foreign(out: Path, found: str | None, kind: str, state: str, verb: s
                           "delete it yourself")
 
 
-def write_output_file(out: str | Path, kind: str, data: dict) -> Path:
-    """Write `data` as JSON marked with its kind (the first key) to `out`, a new file or phd's own of the same kind
-    (checked again: a long command may have started before the file appeared); atomically, so a kill leaves the
-    old file or the new one, never half of one."""
-    out = Path(out)
-    check_out_file(out, kind)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}{TMP_TAG}{os.getpid()}-{secrets.token_hex(4)}")
+@contextlib.contextmanager
+def atomic_file(path: Path, mode: str = "w", tmp: Path | None = None, chmod: int | None = None) -> Iterator[IO]:
+    """An open temporary sibling of `path` that replaces `path` when the block ends without an exception (flushed,
+    fsynced, optionally chmod-ed, renamed over it, the folder fsynced), so a kill leaves the old file or the new one,
+    never half of one; an exception removes the temporary file. `tmp`: its name where a caller's own clean-up must
+    recognise it (default: `.NAME` + TMP_TAG + pid-token, which _clean_leftovers removes)."""
+    tmp = tmp or path.with_name(f".{path.name}{TMP_TAG}{os.getpid()}-{secrets.token_hex(4)}")
     try:
-        with open(tmp, "w") as f:
-            marked = {FILE_KIND_KEY: kind, **{k: v for k, v in data.items() if k != FILE_KIND_KEY}}
-            f.write(json.dumps(marked, indent=2) + "\n")
+        with open(tmp, mode) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, out)
+        if chmod is not None:
+            os.chmod(tmp, chmod)
+        os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_dir(out.parent)
+    fsync_dir(path.parent)
+
+
+def write_output_file(out: str | Path, kind: str, data: dict) -> Path:
+    """Write `data` as JSON marked with its kind (the first key) to `out`, a new file or phd's own of the same kind
+    (checked again: a long command may have started before the file appeared); atomically (atomic_file)."""
+    out = Path(out)
+    check_out_file(out, kind)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(out) as f:
+        marked = {FILE_KIND_KEY: kind, **{k: v for k, v in data.items() if k != FILE_KIND_KEY}}
+        f.write(json.dumps(marked, indent=2) + "\n")
     return out
 
 

@@ -7,7 +7,6 @@ model/ folder) and `phd export` consolidates a training checkpoint (sharded, wit
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from collections.abc import Iterable, Mapping
@@ -22,7 +21,7 @@ from tokenizers import Tokenizer
 from .config import SHAPE_FIELDS, ConfigError, PHDConfig
 from .data.tokenizer import EOS_CANDIDATES
 from .errors import PHDError
-from .fsutil import TMP_TAG, WriteError, output_dir, reporting_write_errors, sha256_file, write_error
+from .fsutil import WriteError, atomic_file, output_dir, reporting_write_errors, sha256_file, write_error
 from .hfnames import RENAMED
 from .model import PHDTransformer
 
@@ -87,21 +86,13 @@ def record_config(folder: str | Path, config: PHDConfig) -> None:
 def _set_metadata(file: Path, extra: dict[str, str]) -> None:
     """Rewrite the header of a safetensors file with `extra` added to its metadata, through a temporary file renamed
     over it; the tensor bytes are copied unchanged (their offsets count from the end of the header)."""
-    tmp = file.with_name(f".{file.name}{TMP_TAG}{os.getpid()}")
-    try:
-        with open(file, "rb") as src, open(tmp, "wb") as dst:
-            header = json.loads(src.read(int.from_bytes(src.read(8), "little")))
-            header["__metadata__"] = {**header.get("__metadata__", {}), **extra}
-            text = json.dumps(header, separators=(",", ":")).encode()
-            text += b" " * (-len(text) % 8)  # the data stays 8-byte aligned
-            dst.write(len(text).to_bytes(8, "little") + text)
-            shutil.copyfileobj(src, dst, 1 << 24)
-            dst.flush()
-            os.fsync(dst.fileno())
-        os.replace(tmp, file)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with open(file, "rb") as src, atomic_file(file, "wb") as dst:
+        header = json.loads(src.read(int.from_bytes(src.read(8), "little")))
+        header["__metadata__"] = {**header.get("__metadata__", {}), **extra}
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)  # the data stays 8-byte aligned
+        dst.write(len(text).to_bytes(8, "little") + text)
+        shutil.copyfileobj(src, dst, 1 << 24)
 
 
 def check_recorded_config(weights: Path, config: PHDConfig, config_file: Path, hf_names: bool = False) -> None:

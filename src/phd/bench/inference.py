@@ -275,20 +275,21 @@ def run(args: SimpleNamespace) -> int:
     return 0
 
 
-def _generate_paths() -> dict[str, Callable]:
-    """Each way a user generates greedily, as (model, ids, new tokens) -> ids: phd's own loop, and transformers'
-    generate() through PHDForCausalLM and its Cache where transformers is installed."""
-    paths: dict[str, Callable] = {"phd.generate": lambda model, ids, n: generate(model, ids, n)}
+def _generate_paths() -> dict[str, tuple[Callable, Callable]]:
+    """Each way a user generates greedily, as (wrap, run): wrap(model) builds what the user holds (outside the
+    clock), run(wrapped, ids, new tokens) -> ids is timed. phd's own loop, and transformers' generate() through
+    PHDForCausalLM and its Cache where transformers is installed."""
+    paths: dict[str, tuple[Callable, Callable]] = {
+        "phd.generate": (lambda model: model, lambda model, ids, n: generate(model, ids, n))}
     try:
         from ..hf import PHDForCausalLM
     except ImportError:
         return paths
 
-    def hf_generate(model, ids, n):
-        hf = PHDForCausalLM.from_native(model)
+    def hf_generate(hf, ids, n):
         return hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
 
-    paths["transformers generate()"] = hf_generate
+    paths["transformers generate()"] = (PHDForCausalLM.from_native, hf_generate)
     return paths
 
 
@@ -302,10 +303,10 @@ def _time_generate(base, args) -> dict:
     ids = torch.randint(0, base.config.vocab_size, (1, args.decode_context), device=args.device)
     times: dict[str, dict[str, list[float]]] = {path: {n: [] for n in names} for path in paths}
     for r in range(args.warmup + args.repeats):
-        for path, run_path in paths.items():
+        for path, (wrap, run_path) in paths.items():
             for name in names:
                 as_loaded(base)  # plain linears, no decode-kernel state: what a fresh model's first step sees
-                model = _with_variant(base, name)
+                model = wrap(_with_variant(base, name))
                 start = _clock(args)()
                 run_path(model, ids, args.decode_steps)
                 if r >= args.warmup:

@@ -22,6 +22,25 @@ from ..config import ConfigError, PHDConfig
 from ..hfnames import RENAMED, SAME, config_from_transformers_fields, transformers_fields
 
 
+class _Fixed:
+    """A Llama-family attribute with one value for every PHD model (or one derived from its fields, if callable):
+    reading gives it, setting it to anything else is refused (see the module docstring)."""
+
+    def __init__(self, value: Any, why: str) -> None:
+        self.value, self.why = value, why
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, config: Any, owner: type | None = None) -> Any:
+        if config is None:
+            return self
+        return self.value(config) if callable(self.value) else self.value
+
+    def __set__(self, config: Any, value: Any) -> None:
+        _same(self.name, value, self.__get__(config), self.why)
+
+
 class _PHDHFBase(PreTrainedConfig):
     """The methods of PHDHFConfig; its fields are added from PHDConfig's below."""
 
@@ -48,45 +67,12 @@ class _PHDHFBase(PreTrainedConfig):
         return cls(**fields, **special_tokens)
 
     # ----- the Llama-family attributes (read-only views of the native fields; see the module docstring) -----
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
-    @head_dim.setter
-    def head_dim(self, value: Any) -> None:
-        _same("head_dim", value, self.head_dim, "a PHD model's head_dim is hidden_size / num_attention_heads")
-
-    @property
-    def hidden_act(self) -> str:
-        return "silu"
-
-    @hidden_act.setter
-    def hidden_act(self, value: Any) -> None:
-        _same("hidden_act", value, "silu", "the MLP of a PHD model is SwiGLU")
-
-    @property
-    def attention_bias(self) -> bool:
-        return False
-
-    @attention_bias.setter
-    def attention_bias(self, value: Any) -> None:
-        _same("attention_bias", value, False, "the attention projections of a PHD model have no bias")
-
-    @property
-    def mlp_bias(self) -> bool:
-        return False
-
-    @mlp_bias.setter
-    def mlp_bias(self, value: Any) -> None:
-        _same("mlp_bias", value, False, "the MLP projections of a PHD model have no bias")
-
-    @property
-    def attention_dropout(self) -> float:
-        return 0.0
-
-    @attention_dropout.setter
-    def attention_dropout(self, value: Any) -> None:
-        _same("attention_dropout", value, 0.0, "a PHD model has no attention dropout")
+    head_dim = _Fixed(lambda c: c.hidden_size // c.num_attention_heads,
+                      "a PHD model's head_dim is hidden_size / num_attention_heads")
+    hidden_act = _Fixed("silu", "the MLP of a PHD model is SwiGLU")
+    attention_bias = _Fixed(False, "the attention projections of a PHD model have no bias")
+    mlp_bias = _Fixed(False, "the MLP projections of a PHD model have no bias")
+    attention_dropout = _Fixed(0.0, "a PHD model has no attention dropout")
 
     @property
     def rope_parameters(self) -> dict[str, Any]:

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from ..fsutil import cache_root, fsync_dir, sha256_file
+from ..fsutil import atomic_file, cache_root, fsync_dir, sha256_file
 
 ROWS_LINEAR_MAX_ROWS = 4  # the kernel's register budget; more rows go to MKL's packed GEMM
 _SOURCE = Path(__file__).with_name("csrc") / "rows_linear.cpp"
@@ -181,17 +181,9 @@ def _damage(lib: Path) -> str | None:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    """`text` into `path` by a fsynced temporary sibling renamed over it, readable by all, writable by the user."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """`text` into `path` atomically (fsutil.atomic_file), readable by all, writable by the user."""
+    with atomic_file(path, chmod=0o644) as f:
+        f.write(text)
 
 
 def _compiler() -> tuple[str, str]:

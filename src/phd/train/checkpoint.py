@@ -43,7 +43,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from ..config import SHAPE_FIELDS, PHDConfig
-from ..fsutil import fsync_dir, sha256_file
+from ..fsutil import atomic_file, fsync_dir, sha256_file
 from ..io import CONFIG, TOKENIZER, CheckpointError
 from .parallelize import any_rank, unwrap
 
@@ -62,13 +62,8 @@ def step_dir_name(step: int) -> str:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
-    with open(tmp, "w") as f:
+    with atomic_file(path, tmp=path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")) as f:  # cleaned at start
         f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def _barrier() -> None:
