@@ -39,9 +39,9 @@ def test_quick_benchmark_writes_report(tmp_path, capsys):
     kernel = rows_linear_op() is not None
     assert set(report["matmul_seconds"]) == ({"row", "column"} | ({"packed"} if packing_available() else set())
                                              | ({"kernel"} if kernel else set()))
-    if kernel:  # the kernel serves up to 4 rows only
+    if kernel:  # the kernel serves up to 8 rows only
         assert set(report["matmul_seconds"]["kernel"]) == {"1", "2"}
-    assert "(this run: what decode_step does: the rows kernel up to 4 rows, nn.Linear's own beyond" in text
+    assert "(this run: what decode_step does: the rows kernel up to 8 rows, nn.Linear's own beyond" in text
     generate = report["generate"]  # end to end at batch 1, each path's ratio to vanilla through that path
     paths = {"phd.generate"} | ({"transformers generate()"} if importlib.util.find_spec("transformers") else set())
     assert set(generate) == paths

@@ -116,7 +116,7 @@ needs_mkl = pytest.mark.skipif(not packing_available(), reason="this PyTorch has
 @needs_mkl
 @pytest.mark.parametrize("name", ["vanilla", "PHD-3", "PHD-CSWA-3-2-4"])
 def test_packed_linears_decode_the_same_tokens(name):
-    """Decode with MKL-packed linears (decode_linears beyond 4 rows, or without the rows kernel) gives the plain
+    """Decode with MKL-packed linears (decode_linears beyond 8 rows, or without the rows kernel) gives the plain
     model's greedy tokens for batches whose K x B rows are packed and for others (they fall back to F.linear)."""
     from phd.inference import decode_linears
 
@@ -140,30 +140,30 @@ def test_packs_serve_only_their_rows_and_an_unchanged_weight():
     model = _model("PHD-2")
     keys = list(model.state_dict())
     assert decode_linears(model, 1, kernel=False) == 0 and not any(isinstance(m, DecodeLinear) for m in model.modules())
-    n = decode_linears(model, 6)  # beyond the rows kernel: MKL packs
-    assert n == 7 * model.config.n_layers + 1 and decode_linears(model, 6) == n  # idempotent
+    n = decode_linears(model, 12)  # beyond the rows kernel: MKL packs
+    assert n == 7 * model.config.n_layers + 1 and decode_linears(model, 12) == n  # idempotent
     assert list(model.state_dict()) == keys
     lin = model.layers[0].mlp.w_up
     assert isinstance(lin, DecodeLinear) and isinstance(lin, torch.nn.Linear) and not lin.use_kernel
-    x6, x5 = torch.randn(2, 3, lin.in_features), torch.randn(5, lin.in_features)
+    x6, x5 = torch.randn(3, 4, lin.in_features), torch.randn(5, lin.in_features)
     with torch.no_grad():
         assert torch.allclose(lin(x6), x6 @ lin.weight.T, atol=1e-5)
-        lin.packed = torch.ops.mkl._mkl_reorder_linear_weight(torch.zeros_like(lin.weight), 6)  # planted
-        assert lin(x6).abs().max() == 0  # the pack serves 6 rows ...
+        lin.packed = torch.ops.mkl._mkl_reorder_linear_weight(torch.zeros_like(lin.weight), 12)  # planted
+        assert lin(x6).abs().max() == 0  # the pack serves 12 rows ...
         assert torch.allclose(lin(x5), x5 @ lin.weight.T, atol=1e-5)  # ... and nothing else
     x6.requires_grad_(True)
     assert torch.allclose(lin(x6), x6 @ lin.weight.T, atol=1e-5)  # a gradient is wanted: plain kernel
     with torch.no_grad():
         lin.weight.mul_(2)  # changed in place: the pack is stale, not used
         assert torch.allclose(lin(x6), x6 @ lin.weight.T, atol=1e-5)
-    decode_linears(model, 6)  # repacked from the new weight
+    decode_linears(model, 12)  # repacked from the new weight
     with torch.no_grad():
         assert torch.allclose(lin(x6), x6 @ lin.weight.T, atol=1e-5)
         lin.weight.data = lin.weight.data.clone() + 1  # replaced: not the packed storage any more
         assert torch.allclose(lin(x6), x6 @ lin.weight.T, atol=1e-5)
     assert plain_linears(model) == n and type(lin) is torch.nn.Linear and not hasattr(lin, "packed")
     tied = PHDTransformer(PHDConfig.from_name("PHD-2", preset="cpu-1m"))
-    assert decode_linears(tied, 6) == 7 * tied.config.n_layers  # the tied LM head is the embedding: not packed
+    assert decode_linears(tied, 12) == 7 * tied.config.n_layers  # the tied LM head is the embedding: not packed
 
 
 def test_seed_makes_sampling_reproducible():

@@ -52,7 +52,7 @@ def test_kernel_is_built_where_it_can_be():
 
 
 @needs_kernel
-@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 8])
 @pytest.mark.parametrize("bias", [False, True])
 def test_rows_linear_equals_f_linear(rows, bias):
     """Every row count, shapes with every tail, with and without bias: F.linear's values, and no less accurate
@@ -70,7 +70,7 @@ def test_rows_linear_equals_f_linear(rows, bias):
 @needs_kernel
 def test_threads_split_the_output_not_the_sums():
     """With 2 threads each output is still one thread's sum in the same order: bit-identical to 1 thread."""
-    x, w, b = torch.randn(4, 300), torch.randn(1000, 300), torch.randn(1000)
+    x, w, b = torch.randn(7, 300), torch.randn(1000, 300), torch.randn(1000)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -94,7 +94,7 @@ def test_torch_compile_traces_through_the_kernel():
 @needs_kernel
 def test_rows_linear_refuses_what_it_does_not_handle():
     w = torch.randn(8, 16)
-    for x, what in ((torch.randn(5, 16), "1 to 4 rows"), (torch.randn(2, 16).double(), "float32"),
+    for x, what in ((torch.randn(9, 16), "1 to 8 rows"), (torch.randn(2, 16).double(), "float32"),
                     (torch.randn(16, 2).t(), "contiguous"), (torch.randn(2, 15), "x must be")):
         with pytest.raises(RuntimeError, match=what):
             OP(x, w.double() if x.dtype == torch.float64 else w, None)
@@ -171,7 +171,7 @@ def test_the_switch_keeps_decode_on_pytorch_kernels(monkeypatch):
 
 @needs_kernel
 def test_kernel_reads_the_live_weight_and_steps_aside_for_gradients():
-    """The kernel reads the weight as it is now (no copy to go stale); a wanted gradient or more than 4 rows run
+    """The kernel reads the weight as it is now (no copy to go stale); a wanted gradient or more than 8 rows run
     F.linear."""
     model = _model("PHD-2")
     decode_linears(model, 2)
@@ -183,7 +183,7 @@ def test_kernel_reads_the_live_weight_and_steps_aside_for_gradients():
                                                                 rtol=1e-5)) == 1
         lin.weight.data = lin.weight.data.clone() + 1
         torch.testing.assert_close(lin(x), F.linear(x, lin.weight), atol=1e-5, rtol=1e-5)
-        assert _kernel_calls(lambda: lin(torch.randn(5, lin.in_features))) == 0
+        assert _kernel_calls(lambda: lin(torch.randn(9, lin.in_features))) == 0
     assert _kernel_calls(lambda: lin(x.requires_grad_(True)).sum().backward()) == 0
     assert x.grad is not None
 
@@ -215,7 +215,7 @@ def test_a_prepared_linear_with_a_bias_equals_f_linear(path, monkeypatch):
             pytest.skip("no MKL packed GEMM in this PyTorch")
         monkeypatch.setattr(weights, "rows_linear_op", lambda: None)
     gen = torch.Generator().manual_seed(3)
-    for rows in ([1, 2, 3, 4] if path == "kernel" else [2, 3, 5]):
+    for rows in ([1, 2, 4, 5, 8] if path == "kernel" else [2, 3, 5, 9]):
         holder = torch.nn.Sequential(torch.nn.Linear(37, 19, bias=True))
         with torch.no_grad():
             holder[0].bias.copy_(torch.randn(19, generator=gen) * 10)  # large: a doubled bias cannot hide

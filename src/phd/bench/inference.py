@@ -133,7 +133,7 @@ def _matmul_scaling(d_in: int, d_out: int, rows: list[int], clock, n_weights: in
     """Seconds of one [rows, d_in] x [d_in, d_out] linear, weights streamed from memory as in decoding
     (cycling through n_weights distinct matrices, larger than the caches): how cost grows with the rows, for
     weights stored row-major (nn.Linear's default), column-major, packed by MKL for that row count, and read by
-    phd's rows kernel (up to 4 rows; the last two are what decode_linears uses on CPU)."""
+    phd's rows kernel (up to 8 rows; the last two are what decode_linears uses on CPU)."""
     row_major = [torch.randn(d_out, d_in, device=device, dtype=dtype) for _ in range(n_weights)]
     layouts = {"row": row_major, "column": [w.t().contiguous().t() for w in row_major]}
     float_cpu = torch.device(device).type == "cpu" and (dtype or torch.float32) == torch.float32
@@ -172,7 +172,7 @@ LAYOUTS = {"row": "row-major weights", "column": "column-major weights", "defaul
 
 def _used(scaling: dict[str, dict[int, float]], weights: str, rows: int) -> float:
     """Seconds of the kernel a decode of `rows` rows runs under `weights`, as decode_linears chooses: `decode`
-    takes the rows kernel up to 4 rows, MKL's packs beyond (`packed`: packs from 2 rows on); one row without
+    takes the rows kernel up to 8 rows, MKL's packs beyond (`packed`: packs from 2 rows on); one row without
     the kernel stays a plain matrix-vector product."""
     if weights in ("default", "decode") and rows in scaling.get("kernel", {}):
         return scaling["kernel"][rows]
@@ -409,7 +409,7 @@ def _time_decode(models: dict, variants: list[Variant], vocab: int, batch: int, 
             model = models[v.label]
             cache = _decode_cache(model, batch, ctx, max_len)
             # The linears as each path has them (untimed, like prefill): `default` as a fresh model's first decode
-            # step leaves them (the rows kernel up to 4 rows), `decode` as `phd generate` prepares them.
+            # step leaves them (the rows kernel up to 8 rows), `decode` as `phd generate` prepares them.
             if v.plain or args.weights in ("row", "column"):
                 plain_linears(model)
             elif args.weights == "default":
@@ -572,8 +572,8 @@ def _markdown(report: dict, plots: list[str]) -> str:
                     for layout, by in m.items())
         + f" (this run: {LAYOUTS.get(env.get('weights', 'row'), 'decode_linears')}"
         + (", one row plain" if env.get("weights") == "packed" else "")
-        + (": the rows kernel up to 4 rows, MKL's packs beyond" if env.get("weights") == "decode" else "")
-        + (": the rows kernel up to 4 rows, nn.Linear's own beyond" if env.get("weights") == "default" else "")
+        + (": the rows kernel up to 8 rows, MKL's packs beyond" if env.get("weights") == "decode" else "")
+        + (": the rows kernel up to 8 rows, nn.Linear's own beyond" if env.get("weights") == "default" else "")
         + "; column *matmul_ratio* in inference.json: time at 4B rows / time at B rows).",
     ]
     lines += _generate_markdown(report.get("generate") or {})

@@ -59,8 +59,8 @@ def _inference_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="directory for inference.md / .json / *.png")
     parser.add_argument("--weights", choices=("default", "decode", "packed", "row", "column"),
                         help="linears of decode: default (what model.decode_step gives any model: phd's rows "
-                             "kernel up to 4 rows, nn.Linear's own beyond); decode (what phd generate does on "
-                             "CPU): the rows kernel up to 4 rows, MKL packs beyond; packed: MKL packs for the K x "
+                             "kernel up to 8 rows, nn.Linear's own beyond); decode (what phd generate does on "
+                             "CPU): the rows kernel up to 8 rows, MKL packs beyond; packed: MKL packs for the K x "
                              "batch rows; row: nn.Linear's own; column: column-major weights")
     parser.add_argument("--generate", action=argparse.BooleanOptionalAction,
                         help="also time generate() end to end at batch 1 through phd.generate and transformers "

@@ -42,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--plain-linears", action="store_true",
                    help="decode with nn.Linear's own CPU kernels; by default the K rows of a decode step go to "
-                        "phd's rows kernel (K <= 4, compiled once) or to weights packed by MKL for K rows")
+                        "phd's rows kernel (K <= 8, compiled once) or to weights packed by MKL for K rows")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     p.set_defaults(func=run)
 

@@ -1,6 +1,6 @@
 """phd's C++ kernels, compiled on first use with the machine's C++ compiler and cached; absent where they cannot be.
 
-One kernel so far: `rows_linear` (csrc/rows_linear.cpp), y = x @ w.T + b for 1 to 4 rows of float32 on an x86
+One kernel so far: `rows_linear` (csrc/rows_linear.cpp), y = x @ w.T + b for 1 to 8 rows of float32 on an x86
 CPU with AVX2 and FMA, at about the cost of reading w once (the decode step's linears; see weights.py). It is
 compiled against the running PyTorch's headers and libraries (`$CXX`, else `c++`; about 10 s, once per source,
 flags, C++ standard and PyTorch version) into $PHD_CACHE_DIR/kernels and registered as
@@ -41,7 +41,7 @@ import torch
 
 from ..fsutil import atomic_file, cache_root, fsync_dir, sha256_file
 
-ROWS_LINEAR_MAX_ROWS = 4  # the kernel's register budget; more rows go to MKL's packed GEMM
+ROWS_LINEAR_MAX_ROWS = 8  # csrc kMaxRows: from 16 rows on MKL's packed GEMM is faster (no longer weight-bound)
 _SOURCE = Path(__file__).with_name("csrc") / "rows_linear.cpp"
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-fPIC", "-shared",
           "-fopenmp"]  # OpenMP: ATen's parallel_for inside the kernel runs on PyTorch's own thread pool

@@ -4,8 +4,9 @@ A decode step multiplies a few rows (the K copies of each sequence, times the ba
 bound by reading the weights once, whatever the row count. PyTorch's CPU GEMMs are far from that as rows are
 added (bench-100m, 1 thread, a 768 x 2048 linear: 4 rows cost 1.7-2.2x one row on the plain weight, 1.4-1.8x with
 the weight packed by MKL). `decode_linears` turns a model's linears into `DecodeLinear`s for a given row count:
-- up to 4 rows, phd's own kernel (phd.inference.kernels.rows_linear_op: the weight read as it is, in one stream
-  with the rows kept in registers; 4 rows cost 1.0-1.3x one row, one row 0.9-1.0x PyTorch's);
+- up to 8 rows, phd's own kernel (phd.inference.kernels.rows_linear_op: the weight read as it is, in one stream
+  with the rows kept in registers; 4 rows cost 1.0-1.3x one row, one row 0.9-1.0x PyTorch's, 8 rows 0.9-0.95x
+  an MKL pack's time; from 16 rows on the pack is faster: the product is no longer bound by the weight);
 - more rows, or where the kernel cannot be built, the weight packed once by MKL for that row count
   (cblas_sgemm_pack via torch.ops.mkl; one more copy of the weights in memory).
 Each is used only where it is exactly right (DecodeLinear.forward), so the model stays correct for any other use.
@@ -73,7 +74,7 @@ def decode_applies(device: str | torch.device, dtype: torch.dtype) -> bool:
 def decode_linears(model: nn.Module, rows: int, kernel: bool = True) -> int:
     """Prepare the model's CPU float32 linears for decode steps of `rows` rows (K x batch); return how many.
 
-    Up to 4 rows: phd's rows kernel, no extra memory (unless `kernel` is False or it cannot be built). More rows:
+    Up to 8 rows: phd's rows kernel, no extra memory (unless `kernel` is False or it cannot be built). More rows:
     MKL packs for exactly `rows` rows, one more copy of those weights (MKL reserves more address space than that,
     but only the copy is touched), freed by `plain_linears`. Idempotent; another row count replaces the packs.
     Returns 0 (nothing changed) where neither applies, e.g. one row without the kernel: PyTorch's matrix-vector

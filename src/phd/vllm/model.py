@@ -93,7 +93,7 @@ class PHDForCausalLM(nn.Module):
         missing = [name for name in params if name.startswith("model.") and name not in loaded]
         if missing:
             raise ValueError(f"the checkpoint lacks {missing[:5]} for {self.config.name}")
-        kernel_linears(self.model)  # float32 on the CPU: steps of up to 4 rows on the rows kernel (PHD_KERNELS=0: off)
+        kernel_linears(self.model)  # float32 on the CPU: steps of up to 8 rows on the rows kernel (PHD_KERNELS=0: off)
         return set(params)
 
     # ----- PHD -----

@@ -1,4 +1,4 @@
-// y = x @ w.T + b for the few rows (1 to 4) of a decode step, float32, on x86 CPUs with AVX2 and FMA.
+// y = x @ w.T + b for the few rows (1 to 8) of a decode step, float32, on x86 CPUs with AVX2 and FMA.
 //
 // Why: a decode step multiplies K x batch rows by every weight; the product is bound by reading the weight once,
 // but the CPU GEMMs PyTorch ships pay 1.4-2x a one-row product for 4 rows. This kernel reads w in its own
@@ -19,6 +19,7 @@
 namespace {
 
 constexpr int64_t kPrefetchFloats = 4096;  // 16 KiB ahead of the weight row being read
+constexpr int64_t kMaxRows = 8;            // kernels.py's ROWS_LINEAR_MAX_ROWS
 
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -87,11 +88,36 @@ void rows_group(const float* x, const float* w, const float* b, float* y, int64_
 using GroupFn = void (*)(const float*, const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t);
 constexpr GroupFn kRows[4] = {rows_group<1>, rows_group<2>, rows_group<3>, rows_group<4>};
 
+// M > 4 rows, weight-stationary: NT weight rows are read from memory once, by the first group of 4 input rows, and
+// stay in L1 while the other groups (the input rows live in L2) multiply them. So the weight streams once whatever
+// M is, and the arithmetic runs at the register-blocked rate of rows_block<4, NT>.
+template <int NT>
+int64_t many_rows_block(const float* x, const float* w, const float* b, float* y, int64_t M, int64_t N, int64_t K,
+                        int64_t n, int64_t n1) {
+  for (; n + NT <= n1; n += NT) {
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) rows_block<4, NT>(x + m * K, w, b, y + m * N, N, K, n, n + NT);
+    switch (M - m) {
+      case 3: rows_block<3, NT>(x + m * K, w, b, y + m * N, N, K, n, n + NT); break;
+      case 2: rows_block<2, NT>(x + m * K, w, b, y + m * N, N, K, n, n + NT); break;
+      case 1: rows_block<1, NT>(x + m * K, w, b, y + m * N, N, K, n, n + NT); break;
+      default: break;
+    }
+  }
+  return n;
+}
+
+void many_rows(const float* x, const float* w, const float* b, float* y, int64_t M, int64_t N, int64_t K, int64_t n0,
+               int64_t n1) {
+  const int64_t n = many_rows_block<3>(x, w, b, y, M, N, K, n0, n1);
+  many_rows_block<1>(x, w, b, y, M, N, K, n, n1);
+}
+
 at::Tensor rows_linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1),
               "rows_linear: x must be [M, K] and w [N, K]; got ", x.sizes(), " and ", w.sizes());
-  // Beyond 4 rows the accumulators no longer fit the registers; MKL's packed GEMM is the better kernel there.
-  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= 4, "rows_linear: 1 to 4 rows; got ", x.size(0));
+  // From 16 rows on the product is no longer bound by the weight, and MKL's blocked, packed GEMM is faster.
+  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= kMaxRows, "rows_linear: 1 to ", kMaxRows, " rows; got ", x.size(0));
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu() && x.scalar_type() == at::kFloat &&
                   w.scalar_type() == at::kFloat && x.is_contiguous() && w.is_contiguous(),
               "rows_linear: contiguous float32 CPU tensors only");
@@ -108,7 +134,12 @@ at::Tensor rows_linear(const at::Tensor& x, const at::Tensor& w, const std::opti
   const float* wp = w.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   // Each thread takes a contiguous slab of output rows: >= 64 rows, so a slab streams its weights in one run.
-  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) { kRows[M - 1](xp, wp, b, yp, N, K, n0, n1); });
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+    if (M <= 4)
+      kRows[M - 1](xp, wp, b, yp, N, K, n0, n1);
+    else
+      many_rows(xp, wp, b, yp, M, N, K, n0, n1);
+  });
   return y;
 }
 
