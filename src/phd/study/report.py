@@ -256,9 +256,9 @@ class Report:
 
     def main_table(self, suite: str, rows: list[dict[str, Any]]) -> list[str]:
         out = ["### Equal parameters, equal training tokens", "",
-               "| variant | recipe | corpus | seeds | tokens | train FLOPs | val loss | paired Δ vs vanilla | 95% CI | "
-               "wins | CI excludes 0 | tok/s | wall / run |",
-               "|---|---|---|---:|---:|---:|---:|---:|---|---:|---|---:|---:|"]
+               "| variant | recipe | corpus | lr | seeds | tokens | train FLOPs | val loss | paired Δ vs vanilla | "
+               "95% CI | wins | CI excludes 0 | tok/s | wall / run |",
+               "|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|---|---:|---:|"]
         findings = []
         for (recipe, variant), group in self.by_variant(rows).items():
             base = self.vanilla_of(suite, group[0]["baseline"])
@@ -268,7 +268,8 @@ class Report:
             speed = (f"{sum(tok_s) / len(tok_s):,.0f} | {sum(wall) / len(wall) / 60:.1f} min" if tok_s and wall
                      else " | ")
             out.append(
-                f"| {variant} | {recipe} | {corpus(group[0])} | {len(group)} | {group[0]['tokens']:,} | "
+                f"| {variant} | {recipe} | {corpus(group[0])} | {_g(group[0]['config']['lr'])} | {len(group)} | "
+                f"{group[0]['tokens']:,} | "
                 f"{_flops(group[0]['flops'])} | {_mean_sd([r['val_loss'] for r in group])} | {_delta_cells(delta)} | "
                 f"{speed} |"
             )
