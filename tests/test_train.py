@@ -301,7 +301,7 @@ def test_compare_prints_the_variants_side_by_side(tmp_path, capsys):
     assert "variant name 'PHD-CSWA-x' is unknown" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("corpus, recipe", [("default", "project"), ("pypi", "pypi")])
+@pytest.mark.parametrize("corpus, recipe", [("default", "project-lr3e-3"), ("pypi", "pypi-lr3e-3")])
 def test_compare_defaults_are_the_study_suite_it_cites(tmp_path, corpus, recipe):
     """The main job is judged against the study's runs of its own setting: the `evidence` suite's recipe for each
     corpus must train exactly what `phd compare` trains at its defaults (same variants, same TrainConfig, same
