@@ -276,7 +276,12 @@ def test_compare_sets_its_seeds_beside_the_study_interval(tmp_path):
     text = study_reference(own, ["vanilla", "PHD-2"], path)
     assert "pypi corpus" in text and "-0.1000 ± 0.0141 (6 seeds)" in text and "inside that range" in text
     assert "lower than vanilla in 6 of 6 seeds" in text
-    own[1]["val_loss"] = 5.2
+    assert "In plain words: the study finds PHD-2 lower than vanilla at this setting, by 0.085 to 0.115" in text
+    study[6:12] = [row("PHD-2", s, 5.0 + d) for s, d in enumerate([-0.10, 0.12, -0.08, 0.11, -0.09, 0.04])]
+    path.write_text("".join(json.dumps(r) + "\n" for r in study))
+    assert "the study finds no difference between PHD-2 and vanilla distinguishable from zero" in \
+        study_reference(own, ["vanilla", "PHD-2"], path)
+    own[1]["val_loss"] = 5.6
     assert "OUTSIDE that range for seed(s) 40" in study_reference(own, ["vanilla", "PHD-2"], path)
     for r in own:
         r["corpus"] = "elsewhere"

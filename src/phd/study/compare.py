@@ -194,9 +194,14 @@ def study_reference(own: list[dict[str, Any]], variants: list[str],
         verdict = ("inside that range" if not outside else
                    "OUTSIDE that range for seed(s) " + ", ".join(map(str, outside)) +
                    ": this run does not agree with the study; rerun it, and report it if it repeats")
+        near, far = sorted(abs(x) for x in s.ci95)
+        plainly = (f"In plain words: the study finds no difference between {v} and {base_name} distinguishable "
+                   "from zero at this setting" if not s.excludes_zero else
+                   f"In plain words: the study finds {v} {'lower' if s.mean < 0 else 'higher'} than {base_name} at "
+                   f"this setting, by {near:.3f} to {far:.3f}")
         parts.append(f"{head}, 95% CI of the mean {s.interval_text()}, lower than {base_name} in {s.wins} of {s.n} "
-                     f"seeds. One new seed is expected within [{lo:+.3f}, {hi:+.3f}] (95%). This run: {mine_text}: "
-                     f"{verdict}.")
+                     f"seeds. {plainly}. One new seed is expected within [{lo:+.3f}, {hi:+.3f}] (95%). This run: "
+                     f"{mine_text}: {verdict}.")
     return "\n".join(["How this compares with the study (docs/RESULTS.md):", "", *parts])
 
 
