@@ -145,22 +145,22 @@ def test_packs_serve_only_their_rows_and_an_unchanged_weight():
     assert list(model.state_dict()) == keys
     lin = model.layers[0].mlp.w_up
     assert isinstance(lin, DecodeLinear) and isinstance(lin, torch.nn.Linear) and not lin.use_kernel
-    x6, x5 = torch.randn(3, 4, lin.in_features), torch.randn(5, lin.in_features)
+    x12, x5 = torch.randn(3, 4, lin.in_features), torch.randn(5, lin.in_features)
     with torch.no_grad():
-        assert torch.allclose(lin(x6), x6 @ lin.weight.T, atol=1e-5)
+        assert torch.allclose(lin(x12), x12 @ lin.weight.T, atol=1e-5)
         lin.packed = torch.ops.mkl._mkl_reorder_linear_weight(torch.zeros_like(lin.weight), 12)  # planted
-        assert lin(x6).abs().max() == 0  # the pack serves 12 rows ...
+        assert lin(x12).abs().max() == 0  # the pack serves 12 rows ...
         assert torch.allclose(lin(x5), x5 @ lin.weight.T, atol=1e-5)  # ... and nothing else
-    x6.requires_grad_(True)
-    assert torch.allclose(lin(x6), x6 @ lin.weight.T, atol=1e-5)  # a gradient is wanted: plain kernel
+    x12.requires_grad_(True)
+    assert torch.allclose(lin(x12), x12 @ lin.weight.T, atol=1e-5)  # a gradient is wanted: plain kernel
     with torch.no_grad():
         lin.weight.mul_(2)  # changed in place: the pack is stale, not used
-        assert torch.allclose(lin(x6), x6 @ lin.weight.T, atol=1e-5)
+        assert torch.allclose(lin(x12), x12 @ lin.weight.T, atol=1e-5)
     decode_linears(model, 12)  # repacked from the new weight
     with torch.no_grad():
-        assert torch.allclose(lin(x6), x6 @ lin.weight.T, atol=1e-5)
+        assert torch.allclose(lin(x12), x12 @ lin.weight.T, atol=1e-5)
         lin.weight.data = lin.weight.data.clone() + 1  # replaced: not the packed storage any more
-        assert torch.allclose(lin(x6), x6 @ lin.weight.T, atol=1e-5)
+        assert torch.allclose(lin(x12), x12 @ lin.weight.T, atol=1e-5)
     assert plain_linears(model) == n and type(lin) is torch.nn.Linear and not hasattr(lin, "packed")
     tied = PHDTransformer(PHDConfig.from_name("PHD-2", preset="cpu-1m"))
     assert decode_linears(tied, 12) == 7 * tied.config.n_layers  # the tied LM head is the embedding: not packed
