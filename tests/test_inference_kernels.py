@@ -269,12 +269,12 @@ def test_the_cached_library_is_named_by_source_flags_and_torch_version(monkeypat
     monkeypatch.setenv("PHD_CACHE_DIR", str(tmp_path))
     base = kernels._library_path()
     assert base.parent == tmp_path / "kernels" and kernels._library_path() == base
-    source = tmp_path / "rows_linear.cpp"
-    source.write_bytes(kernels._SOURCE.read_bytes() + b"\n// changed\n")
+    source = tmp_path / "hidden_attention.cpp"
+    source.write_bytes(kernels._SOURCES[1].read_bytes() + b"\n// changed\n")
     changes = {"flags": (kernels, "_FLAGS", [*kernels._FLAGS[:-1], "-O2"]),
                "more flags": (kernels, "_FLAGS", [*kernels._FLAGS, "-march=native"]),
                "torch version": (torch, "__version__", torch.__version__ + ".post1"),
-               "source": (kernels, "_SOURCE", source)}
+               "source": (kernels, "_SOURCES", (kernels._SOURCES[0], source))}
     names = {}
     for what, (owner, name, value) in changes.items():
         with monkeypatch.context() as m:

@@ -6,7 +6,9 @@ Each variant runs a batch of mixed prompt lengths submitted at once, then reques
 decode; W and C are small so that windows and chunks are crossed many times. The CSWA engine's KV cache is
 too small for its batch at once, so vLLM preempts and recomputes requests there. Two more engines: a long request
 (thousands of tokens, many paged blocks) and many requests under memory pressure (repeated preemption and
-recompute, with the window pool's rows handed back and reused).
+recompute, with the window pool's rows handed back and reused). The batch, the long request and the pressure run go
+through both hidden paths: the hidden_attention kernel (the default where phd's kernels build) and its reference,
+SDPA over the keys read back from the paged cache.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB
 from vllm import LLM, SamplingParams  # noqa: E402
 from vllm.inputs import TokensPrompt  # noqa: E402
 from vllm_utils import native_greedy, prompts, write_tiny  # noqa: E402
+
+import phd.vllm.model as plugin  # noqa: E402
+from phd.inference.kernels import hidden_attention_op  # noqa: E402
 
 NEW = 12
 VARIANTS = {
@@ -71,12 +76,35 @@ def _count_preemptions(llm: LLM) -> list[int]:
     return count
 
 
-def test_batch_of_mixed_lengths(served):
+def _on_both_paths(llm: LLM, monkeypatch, name: str, run) -> None:
+    """run() with the hidden_attention kernel (asserting it served every PHD layer where phd's kernels build), then
+    with the plugin's SDPA path (the kernel set aside, as where it cannot be built)."""
+    calls = []
+    kernel = plugin._PHDAttention._kernel
+    monkeypatch.setattr(plugin._PHDAttention, "_kernel", lambda self, *a: calls.append(1) or kernel(self, *a))
+    run()
+    if name != "vanilla" and hidden_attention_op() is not None:
+        assert calls, "the hidden_attention kernel did not run"
+    model = _plugin_model(llm)
+    held, model.kernel = model.kernel, None
+    try:
+        calls.clear()
+        run()
+        assert not calls
+    finally:
+        model.kernel = held
+
+
+def test_batch_of_mixed_lengths(served, monkeypatch):
     model, llm, name = served
     preempted = _count_preemptions(llm)
     batch = prompts([30, 28, 70, 1, 33])
-    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in batch], GREEDY, use_tqdm=False)
-    assert [list(o.outputs[0].token_ids) for o in outs] == [native_greedy(model, p, NEW) for p in batch]
+
+    def run():
+        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in batch], GREEDY, use_tqdm=False)
+        assert [list(o.outputs[0].token_ids) for o in outs] == [native_greedy(model, p, NEW) for p in batch]
+
+    _on_both_paths(llm, monkeypatch, name, run)
     assert (preempted[0] > 0) == (name in ENGINE)  # the small cache forced recomputes, and only there
 
 
@@ -105,26 +133,34 @@ def _plugin_model(llm: LLM):
 
 
 @pytest.mark.parametrize("served", [LONG], indirect=True)
-def test_long_request(served):
+def test_long_request(served, monkeypatch):
     """A 3000-token prompt (24 paged blocks of 128, the partial last one included; the window ring wraps about
     1500 times in prefill) beside short ones: every token equals the native engine's."""
-    model, llm, _ = served
+    model, llm, name = served
     batch = prompts([3000, 5, 1100], seed=3)
-    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in batch], GREEDY, use_tqdm=False)
-    assert [list(o.outputs[0].token_ids) for o in outs] == [native_greedy(model, p, NEW) for p in batch]
+
+    def run():
+        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in batch], GREEDY, use_tqdm=False)
+        assert [list(o.outputs[0].token_ids) for o in outs] == [native_greedy(model, p, NEW) for p in batch]
+
+    _on_both_paths(llm, monkeypatch, name, run)
 
 
 @pytest.mark.parametrize("served", [PRESSURE], indirect=True)
-def test_preemption_under_memory_pressure(served):
+def test_preemption_under_memory_pressure(served, monkeypatch):
     """Eight requests, room for about three: vLLM preempts (frees the blocks) and recomputes again and again. Each
     recompute starts the request's window empty in whatever pool row its new first block maps to; rows of keys
     that left are reused, so the pool never holds more rows than the cache has blocks."""
-    model, llm, _ = served
-    preempted = _count_preemptions(llm)
+    model, llm, name = served
     batch = prompts([30, 28, 40, 20, 25, 31, 9, 33], seed=4)
     greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, detokenize=False)
-    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in batch], greedy, use_tqdm=False)
-    assert [list(o.outputs[0].token_ids) for o in outs] == [native_greedy(model, p, 24) for p in batch]
-    assert preempted[0] >= 3
+
+    def run():
+        preempted = _count_preemptions(llm)
+        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in batch], greedy, use_tqdm=False)
+        assert [list(o.outputs[0].token_ids) for o in outs] == [native_greedy(model, p, 24) for p in batch]
+        assert preempted[0] >= 3
+
+    _on_both_paths(llm, monkeypatch, name, run)
     pool = _plugin_model(llm).windows
     assert len(pool.rows) <= 6 and pool.kv.shape[1] == 8  # keyed by first blocks (6), never grown

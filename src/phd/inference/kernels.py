@@ -1,10 +1,13 @@
 """phd's C++ kernels, compiled on first use with the machine's C++ compiler and cached; absent where they cannot be.
 
-One kernel so far: `rows_linear` (csrc/rows_linear.cpp), y = x @ w.T + b for 1 to 8 rows of float32 on an x86
-CPU with AVX2 and FMA, at about the cost of reading w once (the decode step's linears; see weights.py). It is
-compiled against the running PyTorch's headers and libraries (`$CXX`, else `c++`; about 10 s, once per source,
-flags, C++ standard and PyTorch version) into $PHD_CACHE_DIR/kernels and registered as
-`torch.ops.phd_kernels.rows_linear`. Where it cannot be (no compiler, not x86, no AVX2, PHD_KERNELS=0),
+Two kernels, one library, float32 on an x86 CPU with AVX2 and FMA:
+- `rows_linear` (csrc/rows_linear.cpp): y = x @ w.T + b for 1 to 8 rows, at about the cost of reading w once (the
+  decode step's linears; see weights.py);
+- `hidden_attention` (csrc/hidden_attention.cpp): a PHD step's hidden queries over their request's originals in a
+  paged KV cache, its hidden window and the step's hidden set, read in place (the vLLM plugin; phd.vllm.model).
+The library is compiled against the running PyTorch's headers and libraries (`$CXX`, else `c++`; about 13 s, once
+per set of sources, flags, C++ standard and PyTorch version) into $PHD_CACHE_DIR/kernels and registered as
+`torch.ops.phd_kernels.*`. Where it cannot be (no compiler, not x86, no AVX2, PHD_KERNELS=0),
 `rows_linear_op()` returns None, after one warning if compiling failed, and callers use PyTorch's own kernels:
 results never depend on it, only speed.
 
@@ -16,7 +19,7 @@ Loading a shared library runs its code, so the cache is trusted only as far as i
 - the folder must be the user's own and not writable by group or others, and so must the files (another user
   could plant a library there); otherwise phd says so and builds into a private folder instead;
 - a failed build is remembered (`<name>.failed`, with the compiler's error), so later processes warn briefly instead
-  of compiling again for ~10 s; a new key (source, flags, standard, PyTorch version) or another compiler tries again.
+  of compiling again for ~13 s; a new key (sources, flags, standard, PyTorch version) or another compiler tries again.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ import torch
 from ..fsutil import atomic_file, cache_root, fsync_dir, sha256_file
 
 ROWS_LINEAR_MAX_ROWS = 8  # csrc kMaxRows: from 16 rows on MKL's packed GEMM is faster (no longer weight-bound)
-_SOURCE = Path(__file__).with_name("csrc") / "rows_linear.cpp"
+_SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("rows_linear.cpp", "hidden_attention.cpp"))
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-fPIC", "-shared",
           "-fopenmp"]  # OpenMP: ATen's parallel_for inside the kernel runs on PyTorch's own thread pool
 # torch.utils.cpp_extension builds extensions with -std=c++20 from PyTorch 2.13 on (2.14's headers refuse anything
@@ -77,15 +80,16 @@ def _compile_command(compiler: str, out: Path) -> list[str]:
 
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     return [compiler, *_flags(), f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
-            *(f"-I{p}" for p in cpp_extension.include_paths()), str(_SOURCE),
+            *(f"-I{p}" for p in cpp_extension.include_paths()), *map(str, _SOURCES),
             *(f"-L{p}" for p in cpp_extension.library_paths()), "-lc10", "-ltorch_cpu", "-o", str(out)]
 
 
 def _library_path(folder: Path | None = None) -> Path:
-    """Where the compiled kernel lives (in `folder`, default the cache's kernels/): named by a digest of the source,
+    """Where the compiled kernels live (in `folder`, default the cache's kernels/): named by a digest of the sources,
     the flags (C++ standard included) and the PyTorch version, so that any of them changing compiles anew."""
-    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join([*_flags(), torch.__version__]).encode()).hexdigest()[:16]
-    return (folder or cache_root() / "kernels") / f"rows_linear-{key}.so"
+    sources = b"".join(source.read_bytes() for source in _SOURCES)
+    key = hashlib.sha256(sources + " ".join([*_flags(), torch.__version__]).encode()).hexdigest()[:16]
+    return (folder or cache_root() / "kernels") / f"phd_kernels-{key}.so"
 
 
 def _record_path(lib: Path) -> Path:
@@ -219,7 +223,7 @@ def _build(lib: Path) -> None:
     known = _known_failure(lib, resolved)
     if known is not None:
         raise RuntimeError(f"it failed to build before: {known[:200]}; delete {_failure_path(lib)} to try again")
-    print(f"[phd: compiling the decode kernel into {lib} (once, about 10 s)]", file=sys.stderr, flush=True)
+    print(f"[phd: compiling the decode kernel into {lib} (once, about 15 s)]", file=sys.stderr, flush=True)
     lib.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = lib.with_name(f".{lib.name}.{os.getpid()}.tmp")
     try:
@@ -247,7 +251,7 @@ def _build(lib: Path) -> None:
 
 
 def _load(lib: Path) -> Callable:
-    """Register the library's op with PyTorch and return it."""
+    """Register the library's ops with PyTorch and return rows_linear (the others are then torch.ops.phd_kernels.*)."""
     torch.ops.load_library(str(lib))
     op = torch.ops.phd_kernels.rows_linear
     # Shapes without running it, so that torch.compile can trace through a DecodeLinear.
@@ -285,3 +289,9 @@ def rows_linear_op() -> Callable | None:
                           RuntimeWarning, stacklevel=2)
     _loaded["rows_linear"] = op
     return op
+
+
+def hidden_attention_op() -> Callable | None:
+    """The compiled `hidden_attention` op (csrc/hidden_attention.cpp), or None where the library is unavailable
+    (it is built and loaded with rows_linear: one library, one answer per process)."""
+    return None if rows_linear_op() is None else torch.ops.phd_kernels.hidden_attention

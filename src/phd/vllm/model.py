@@ -31,6 +31,7 @@ from vllm.model_executor.layers.attention import Attention
 from ..config import PHDConfig
 from ..hfnames import config_from_transformers_fields
 from ..inference.engine import hidden_widths
+from ..inference.kernels import hidden_attention_op
 from ..inference.weights import kernel_linears
 from ..masks import allowed, rope_position
 from ..model import Attend, PHDTransformer
@@ -56,6 +57,7 @@ class PHDForCausalLM(nn.Module):
         )
         self.windows = WindowPool(cfg) if cfg.repeat_k > 1 and cfg.window else None
         self.reader: PagedReader | None = None  # probed once the cache exists (every layer stores alike)
+        self.kernel: object | None = None  # hidden_attention where it serves this cache (decided with the reader)
 
     # ----- the vLLM model interface -----
     def embed_input_ids(self, input_ids: Tensor) -> Tensor:
@@ -116,6 +118,10 @@ class PHDForCausalLM(nn.Module):
     def _reader(self) -> PagedReader:
         if self.reader is None:
             self.reader = PagedReader.probe(self.paged[0])
+            cache = self.paged[0].kv_cache
+            if (None not in self.reader.strides and cache.device.type == "cpu" and cache.dtype == torch.float32
+                    and cache.is_contiguous()):  # the kernel reads affine float32 CPU layouts in place
+                self.kernel = hidden_attention_op()  # None: no kernels here (or PHD_KERNELS=0): the SDPA path
         return self.reader
 
     def _forward_phd(self, x: Tensor, positions: Tensor, step: _Step) -> Tensor:
@@ -128,7 +134,7 @@ class PHDForCausalLM(nn.Module):
         widths = [min(keys, longest) for keys, _ in hidden_widths(cfg, longest)]
         plan = _StepPlan.build(self, x, positions, step, widths[0])
         h, m = None, 0
-        window_out = None if plan.window is None else plan.window_view()
+        window_out = None if plan.window is None or plan.buffer is None else plan.window_view()
         for i, (block, paged) in enumerate(zip(model.layers, self.paged, strict=True)):
             shape = plan.shape(widths[i] * plan.k1)
             if h is None:
@@ -158,17 +164,19 @@ class _Step:
 @dataclass
 class _Shape:
     """What a hidden set of M entries per request (a suffix of the widest) shares across the layers that use it:
-    RoPE of [originals | set], the additive mask [R, 1, M, keys] of its queries over [originals | window | set],
-    and the views of the step's buffer that the set's K/V go to and that its queries attend."""
+    RoPE of [originals | set] and the additive masks of its queries. SDPA path: the mask [R, 1, M, keys] over
+    [originals | window | set] and the views of the step's buffer that the set's K/V go to and that its queries
+    attend. Kernel path: how many originals each query sees, and the mask [R, M, S + M] over [window | set]."""
 
     m: int
     cos: Tensor
     sin: Tensor
     mask: Tensor
-    keys: Tensor  # [R, Hkv, length + S + M, D]
-    values: Tensor
-    set_keys: Tensor  # [R, Hkv, M, D], the last M of keys / values
-    set_values: Tensor
+    keys: Tensor | None = None  # [R, Hkv, length + S + M, D]
+    values: Tensor | None = None
+    set_keys: Tensor | None = None  # [R, Hkv, M, D], the last M of keys / values
+    set_values: Tensor | None = None
+    limit: Tensor | None = None  # [R, M] int64: query sees originals 0..limit-1
 
 
 @dataclass
@@ -186,8 +194,9 @@ class _StepPlan:
     sin_o: Tensor
     cos_h: Tensor  # [R, m, D] of the widest set
     sin_h: Tensor
-    buffer: Tensor  # [2, R, Hkv, length + S + m, D]: K / V of [originals | window | widest set], one per step
-    read: ReadPlan
+    buffer: Tensor | None  # [2, R, Hkv, length + S + m, D]: K / V of [originals | window | widest set] (SDPA path)
+    read: ReadPlan | None
+    table: Tensor  # [R, blocks] int64 block table (kernel path)
     window: WindowStep | None
     pool: WindowPool | None
     step: _Step
@@ -213,12 +222,13 @@ class _StepPlan:
             window = owner.windows.begin(step.block_table, step.seq_lens, step.fresh, block_size(cache), x, pos,
                                          valid, step.last)
             s = owner.windows.slots
-        # Every layer reads into the same buffer: its attention is done before the next layer writes it.
-        buffer = x.new_empty(2, pos.shape[0], cfg.n_kv_heads, step.length + s + pos.shape[1], cfg.head_dim)
-        read = owner._reader().plan(cache, step.block_table, step.seq_lens, step.length,
-                                    buffer[0, :, :, : step.length], buffer[1, :, :, : step.length])
+        reader, buffer, read = owner._reader(), None, None
+        if owner.kernel is None:  # every layer reads into the same buffer: its attention is done before the next's
+            buffer = x.new_empty(2, pos.shape[0], cfg.n_kv_heads, step.length + s + pos.shape[1], cfg.head_dim)
+            read = reader.plan(cache, step.block_table, step.seq_lens, step.length, buffer[0, :, :, : step.length],
+                               buffer[1, :, :, : step.length])
         return cls(x.shape[0], k1, pos.shape[1], x[row], pos, copy, valid, cos_o, sin_o, cos_h, sin_h, buffer, read,
-                   window, owner.windows, step, cfg, {})
+                   step.block_table.long().contiguous(), window, owner.windows, step, cfg, {})
 
     def window_view(self) -> Tensor:
         """[R, 2, Hkv, S, D]: where the windows go in the buffer."""
@@ -231,25 +241,34 @@ class _StepPlan:
             keep = self.m - m
             cos = torch.cat([self.cos_o, self.cos_h[:, keep:].flatten(0, 1)])
             sin = torch.cat([self.sin_o, self.sin_h[:, keep:].flatten(0, 1)])
-            end = self.buffer.shape[3] - keep
-            keys, values = self.buffer[0, :, :, :end], self.buffer[1, :, :, :end]
-            self.shapes[m] = _Shape(m, cos, sin, self._mask(keep), keys, values, keys[:, :, end - m :],
-                                    values[:, :, end - m :])
+            if self.buffer is None:  # the kernel: originals by count (allowed: positions <= the query's), the rest
+                limit = torch.minimum(self.pos[:, keep:] + 1, self.step.seq_lens[:, None]).clamp_(min=0)
+                self.shapes[m] = _Shape(m, cos, sin, self._mask(keep, originals=False)[:, 0].contiguous(),
+                                        limit=limit.contiguous())
+            else:
+                end = self.buffer.shape[3] - keep
+                keys, values = self.buffer[0, :, :, :end], self.buffer[1, :, :, :end]
+                self.shapes[m] = _Shape(m, cos, sin, self._mask(keep), keys, values, keys[:, :, end - m :],
+                                        values[:, :, end - m :])
         return self.shapes[m]
 
-    def _mask(self, keep: int) -> Tensor:
-        """Additive mask (0 / -inf) [R, 1, M, length + S + M] by `masks.allowed`. Padding queries may see any
-        allowed key (no empty softmax row); real queries see only real keys."""
+    def _mask(self, keep: int, originals: bool = True) -> Tensor:
+        """Additive mask (0 / -inf) [R, 1, M, length + S + M] by `masks.allowed` ([R, 1, M, S + M] without the
+        originals). Padding queries may see any allowed key (no empty softmax row); real queries see only real
+        keys."""
         step, cfg = self.step, self.cfg
         q_pos, q_copy, q_valid = self.pos[:, keep:], self.copy[keep:], self.valid[:, keep:]
         r = q_pos.shape[0]
-        o_pos = torch.arange(step.length, device=q_pos.device).expand(r, -1)
-        key_pos, key_copy, key_valid = [o_pos, q_pos], [torch.ones_like(o_pos[0]), q_copy], [
-            o_pos < step.seq_lens[:, None], q_valid]
+        key_pos, key_copy, key_valid = [q_pos], [q_copy], [q_valid]
         if self.window is not None:
-            key_pos.insert(1, self.window.pos)
-            key_copy.insert(1, self.window.copy)
-            key_valid.insert(1, self.window.pos >= 0)
+            key_pos.insert(0, self.window.pos)
+            key_copy.insert(0, self.window.copy)
+            key_valid.insert(0, self.window.pos >= 0)
+        if originals:
+            o_pos = torch.arange(step.length, device=q_pos.device).expand(r, -1)
+            key_pos.insert(0, o_pos)
+            key_copy.insert(0, torch.ones_like(o_pos[0]))
+            key_valid.insert(0, o_pos < step.seq_lens[:, None])
         key_pos_t, key_copy_t, key_valid_t = (torch.cat(t, dim=-1) for t in (key_pos, key_copy, key_valid))
         mask = allowed(q_pos[..., None], q_copy[:, None], key_pos_t[:, None], key_copy_t, cfg.window, cfg.chunk)
         mask = mask & (key_valid_t[:, None] | ~q_valid[..., None])
@@ -285,6 +304,8 @@ class _PHDAttention:
         r = plan.pos.shape[0]
         q_h, k_h, v_h = (t[0].narrow(1, n, r * shape.m).unflatten(1, (r, shape.m)).transpose(0, 1)
                          for t in (q, k, v))  # [R, heads, M, D]
+        if plan.buffer is None:
+            return torch.cat([o_o, self._kernel(q_h, k_h, v_h)[None]], dim=2)
         self.owner._reader().read_into(self.paged.kv_cache, plan.read)
         if plan.window is not None:
             plan.pool.read_into(self.layer, plan.window, self.window_out)
@@ -295,3 +316,20 @@ class _PHDAttention:
         if plan.window is not None:
             plan.pool.write(self.layer, plan.window, k_h, v_h, plan.m - shape.m)
         return torch.cat([o_o, o_h.transpose(0, 1).flatten(1, 2)[None]], dim=2)
+
+    def _kernel(self, q_h: Tensor, k_h: Tensor, v_h: Tensor) -> Tensor:
+        """The hidden queries by the hidden_attention kernel: the originals read in the paged blocks, the window in
+        its pool row, the set where the projection left it (no copies); then the window write. [Hq, R*M, D]."""
+        plan, shape, owner = self.plan, self.shape, self.owner
+        cache = self.paged.kv_cache
+        if plan.window is not None:
+            window, rows = plan.pool.kv[self.layer], plan.window.rows
+        else:
+            window, rows = k_h.new_zeros(0, 2, k_h.shape[1], 0, k_h.shape[-1]), plan.table.new_zeros(0)
+        key_layout, value_layout = owner.reader.strides
+        o_h = owner.kernel(q_h, cache.view(cache.shape[0], cache.shape[1], -1), list(key_layout), list(value_layout),
+                           block_size(cache), plan.table, shape.limit, window, rows, k_h, v_h, shape.mask,
+                           q_h.shape[-1] ** -0.5)
+        if plan.window is not None:
+            plan.pool.write(self.layer, plan.window, k_h, v_h, plan.m - shape.m)
+        return o_h

@@ -1,0 +1,96 @@
+"""The hidden-attention kernel (csrc/hidden_attention.cpp) against its dense reference: SDPA over the same keys
+gathered out of the paged cache, with the same mask."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from phd.inference.kernels import hidden_attention_op
+
+OP = hidden_attention_op()
+pytestmark = pytest.mark.skipif(OP is None, reason="no phd kernels here (not x86 with AVX2, or no compiler)")
+
+# (base, s_t, s_d) of keys and values in a block's slab of 2 * size * D floats per kv head.
+LAYOUTS = {
+    "cpu backend (keys [D, size], values [size, D])": lambda size, d: ((0, 1, size), (size * d, d, 1)),
+    "plain (keys and values [size, D])": lambda size, d: ((0, d, 1), (size * d, d, 1)),
+    "transposed values": lambda size, d: ((size * d, d, 1), (0, 1, size)),
+}
+
+
+def _case(seed: int, r: int, hq: int, hkv: int, m: int, d: int, size: int, s: int, lengths: list[int]):
+    """A random paged cache holding requests of `lengths` originals in shuffled blocks, plus window, set, mask."""
+    g = torch.Generator().manual_seed(seed)
+    n_blocks = [-(-n // size) for n in lengths]
+    total = sum(n_blocks) + 3  # and blocks no request owns
+    cache = torch.randn(total, hkv, 2 * size * d, generator=g)
+    ids = torch.randperm(total, generator=g)
+    table = torch.zeros(r, max(n_blocks) + 1, dtype=torch.long)  # a spare column: tables are wider than needed
+    used = 0
+    for i, n in enumerate(n_blocks):
+        table[i, :n] = ids[used : used + n]
+        used += n
+    q = torch.randn(r, m, hq, d, generator=g).transpose(1, 2)  # strided, as the plugin's views are
+    set_k, set_v = (torch.randn(r, m, hkv, d, generator=g).transpose(1, 2) for _ in range(2))
+    window = torch.randn(r + 2, 2, hkv, s, d, generator=g)
+    rows = torch.randperm(r + 2, generator=g)[:r]
+    # Query i of request j sees originals 0..limit-1 (below its length), and a random half of window and set
+    # (at least one key each, as masks.allowed always grants the query itself).
+    limit = torch.stack([torch.randint(0, n + 1, (m,), generator=g) for n in lengths])
+    limit[:, -1] = torch.tensor(lengths)
+    extra = torch.rand(r, m, s + m, generator=g) < 0.5
+    extra[..., s:] |= torch.eye(m, dtype=torch.bool)
+    mask = torch.zeros(extra.shape).masked_fill_(~extra, float("-inf"))
+    return cache, table, q, set_k, set_v, window, rows, limit, mask
+
+
+def _reference(q, cache, key_layout, value_layout, size, table, limit, window, rows, set_k, set_v, mask, scale):
+    """SDPA over [originals gathered from the blocks | window | set] with the additive mask: [Hq, R*M, D]."""
+    r, hq, m, d = q.shape
+    hkv = cache.shape[1]
+    length = int(limit.max())
+    pos = torch.arange(length)
+    out = []
+    for layout in (key_layout, value_layout):
+        base, s_t, s_d = layout
+        place = base + (pos % size)[:, None] * s_t + torch.arange(d) * s_d  # [length, D]
+        block = table.gather(1, (pos // size).expand(r, -1))  # [R, length]
+        out.append(cache[block[..., None, None], torch.arange(hkv)[:, None], place[:, None]]
+                   .permute(0, 2, 1, 3) if length else cache.new_zeros(r, hkv, 0, d))
+    keys = torch.cat([out[0], window[rows, 0], set_k], dim=2)
+    values = torch.cat([out[1], window[rows, 1], set_v], dim=2)
+    seen = (pos < limit[..., None]).float().log()  # [R, M, length]: 0 or -inf
+    full = torch.cat([seen, mask], dim=-1)[:, None]
+    o = F.scaled_dot_product_attention(q, keys, values, attn_mask=full, scale=scale, enable_gqa=hq != hkv)
+    return o.transpose(0, 1).flatten(1, 2)  # [Hq, R*M, D]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", [
+    dict(r=1, hq=9, hkv=3, m=3, d=64, size=16, s=48, lengths=[150]),  # decode, SmolLM2's heads, K = 4, W = 16
+    dict(r=3, hq=4, hkv=2, m=1, d=16, size=8, s=0, lengths=[1, 17, 40]),  # PHD-2 (no window), ragged requests
+    dict(r=2, hq=6, hkv=6, m=12, d=12, size=4, s=6, lengths=[30, 9]),  # prefill-sized set, D not a multiple of 8
+])
+def test_the_kernel_equals_sdpa_over_the_gathered_keys(layout, shape):
+    key_layout, value_layout = LAYOUTS[layout](shape["size"], shape["d"])
+    cache, table, q, set_k, set_v, window, rows, limit, mask = _case(0, **{k: v for k, v in shape.items()})
+    scale = shape["d"] ** -0.5
+    args = (q, cache, key_layout, value_layout, shape["size"], table, limit, window, rows, set_k, set_v, mask, scale)
+    got, want = OP(*args), _reference(*args)
+    assert got.shape == want.shape == (shape["hq"], shape["r"] * shape["m"], shape["d"])
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+
+
+def test_a_query_with_no_key_gets_zeros_and_bad_input_is_refused():
+    """Only a padding query can see nothing; it gets zeros (never NaN). Limits past the block table are refused."""
+    cache, table, q, set_k, set_v, window, rows, limit, mask = _case(1, 2, 2, 1, 2, 8, 4, 0, [5, 7])
+    limit[0, 0] = 0
+    mask[0, 0] = float("-inf")
+    layouts = LAYOUTS["plain (keys and values [size, D])"](4, 8)
+    out = OP(q, cache, *layouts, 4, table, limit, window, rows, set_k, set_v, mask, 0.5)
+    assert torch.equal(out[:, 0], torch.zeros_like(out[:, 0])) and torch.isfinite(out).all()
+    limit[1, 1] = 4 * table.shape[1] + 1
+    with pytest.raises(RuntimeError, match="outside the"):
+        OP(q, cache, *layouts, 4, table, limit, window, rows, set_k, set_v, mask, 0.5)
