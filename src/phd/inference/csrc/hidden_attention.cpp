@@ -59,61 +59,86 @@ inline __m256 exp256(__m256 x) {
   return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), keep);
 }
 
-// The scores of J query rows against n keys held as columns, k[d * ld + t]: s[j * E + t] = sum_d qT[d * J + j] *
-// k[d * ld + t]. Register-blocked: 8 keys by up to 8 query rows in 8 accumulators, each key vector loaded once
-// per 8 rows and each query element broadcast once per 8 keys.
+inline __m256i first(int64_t count) {  // lanes 0..count-1 (count < 8): for the masked loads of a tail
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// The scores of JT query rows (j0..j0+JT-1 of J) against n keys held as columns, k[d * ld + t]:
+// s[j * E + t] = sum_d qT[d * J + j] * k[d * ld + t]. Register-blocked: 16 keys (two vectors) by JT rows in 2*JT
+// accumulators, so each broadcast query element feeds two FMAs and each key vector JT; the last < 16 keys go 8
+// (then fewer, masked) at a time.
 template <int JT>
 void scores_tile(const float* qT, int64_t J, int64_t j0, const float* k, int64_t ld, int64_t n, int64_t D, float* s,
                  int64_t E) {
-  for (int64_t t0 = 0; t0 < n; t0 += 8) {
+  int64_t t0 = 0;
+  for (; t0 + 16 <= n; t0 += 16) {
+    __m256 a[JT], b[JT];
+    for (int jj = 0; jj < JT; ++jj) a[jj] = b[jj] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; ++d) {
+      const __m256 k0 = _mm256_loadu_ps(k + d * ld + t0), k1 = _mm256_loadu_ps(k + d * ld + t0 + 8);
+      const float* qd = qT + d * J + j0;
+      for (int jj = 0; jj < JT; ++jj) {
+        const __m256 qv = _mm256_broadcast_ss(qd + jj);
+        a[jj] = _mm256_fmadd_ps(qv, k0, a[jj]);
+        b[jj] = _mm256_fmadd_ps(qv, k1, b[jj]);
+      }
+    }
+    for (int jj = 0; jj < JT; ++jj) {
+      _mm256_storeu_ps(s + (j0 + jj) * E + t0, a[jj]);
+      _mm256_storeu_ps(s + (j0 + jj) * E + t0 + 8, b[jj]);
+    }
+  }
+  for (; t0 < n; t0 += 8) {
     const int64_t left = n - t0;
-    const __m256i keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(left, 8))),
-                                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    __m256 acc[JT];
-    for (int jj = 0; jj < JT; ++jj) acc[jj] = _mm256_setzero_ps();
+    const __m256i keep = first(std::min<int64_t>(left, 8));
+    __m256 a[JT];
+    for (int jj = 0; jj < JT; ++jj) a[jj] = _mm256_setzero_ps();
     for (int64_t d = 0; d < D; ++d) {
       const __m256 kv = left >= 8 ? _mm256_loadu_ps(k + d * ld + t0) : _mm256_maskload_ps(k + d * ld + t0, keep);
       const float* qd = qT + d * J + j0;
-      for (int jj = 0; jj < JT; ++jj) acc[jj] = _mm256_fmadd_ps(_mm256_broadcast_ss(qd + jj), kv, acc[jj]);
+      for (int jj = 0; jj < JT; ++jj) a[jj] = _mm256_fmadd_ps(_mm256_broadcast_ss(qd + jj), kv, a[jj]);
     }
     for (int jj = 0; jj < JT; ++jj) {
-      float* out = s + (j0 + jj) * E + t0;
       if (left >= 8)
-        _mm256_storeu_ps(out, acc[jj]);
+        _mm256_storeu_ps(s + (j0 + jj) * E + t0, a[jj]);
       else
-        _mm256_maskstore_ps(out, keep, acc[jj]);
+        _mm256_maskstore_ps(s + (j0 + jj) * E + t0, keep, a[jj]);
     }
   }
 }
 
-void scores(const float* qT, int64_t J, const float* k, int64_t ld, int64_t n, int64_t D, float* s, int64_t E) {
-  int64_t j0 = 0;
-  for (; j0 + 8 <= J; j0 += 8) scores_tile<8>(qT, J, j0, k, ld, n, D, s, E);
-  switch (J - j0) {
-    case 7: scores_tile<7>(qT, J, j0, k, ld, n, D, s, E); break;
-    case 6: scores_tile<6>(qT, J, j0, k, ld, n, D, s, E); break;
-    case 5: scores_tile<5>(qT, J, j0, k, ld, n, D, s, E); break;
-    case 4: scores_tile<4>(qT, J, j0, k, ld, n, D, s, E); break;
-    case 3: scores_tile<3>(qT, J, j0, k, ld, n, D, s, E); break;
-    case 2: scores_tile<2>(qT, J, j0, k, ld, n, D, s, E); break;
-    case 1: scores_tile<1>(qT, J, j0, k, ld, n, D, s, E); break;
-    default: break;
-  }
-}
-
-// acc[j * D + d] += sum_t p[j * E + t] * v[t * ld + d] for n values held as rows: 8 dimensions by up to 8 rows in
-// 8 accumulators, each value vector loaded once per 8 rows.
+// acc[j * D + d] += sum_t p[j * E + t] * v[t * ld + d] for JT rows and n values held as rows: 16 dimensions by JT
+// rows in 2*JT accumulators, then 8 (then fewer, masked) at a time.
 template <int JT>
 void values_tile(const float* p, int64_t E, int64_t j0, const float* v, int64_t ld, int64_t n, int64_t D,
                  float* acc) {
-  for (int64_t d0 = 0; d0 < D; d0 += 8) {
+  int64_t d0 = 0;
+  for (; d0 + 16 <= D; d0 += 16) {
+    __m256 a[JT], b[JT];
+    for (int jj = 0; jj < JT; ++jj) {
+      a[jj] = _mm256_loadu_ps(acc + (j0 + jj) * D + d0);
+      b[jj] = _mm256_loadu_ps(acc + (j0 + jj) * D + d0 + 8);
+    }
+    for (int64_t t = 0; t < n; ++t) {
+      const __m256 v0 = _mm256_loadu_ps(v + t * ld + d0), v1 = _mm256_loadu_ps(v + t * ld + d0 + 8);
+      for (int jj = 0; jj < JT; ++jj) {
+        const __m256 pv = _mm256_broadcast_ss(p + (j0 + jj) * E + t);
+        a[jj] = _mm256_fmadd_ps(pv, v0, a[jj]);
+        b[jj] = _mm256_fmadd_ps(pv, v1, b[jj]);
+      }
+    }
+    for (int jj = 0; jj < JT; ++jj) {
+      _mm256_storeu_ps(acc + (j0 + jj) * D + d0, a[jj]);
+      _mm256_storeu_ps(acc + (j0 + jj) * D + d0 + 8, b[jj]);
+    }
+  }
+  for (; d0 < D; d0 += 8) {
     const int64_t left = D - d0;
-    const __m256i keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(left, 8))),
-                                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    const __m256i keep = first(std::min<int64_t>(left, 8));
     __m256 a[JT];
     for (int jj = 0; jj < JT; ++jj)
-      a[jj] = left >= 8 ? _mm256_loadu_ps(acc + (j0 + jj) * D + d0) : _mm256_maskload_ps(acc + (j0 + jj) * D + d0,
-                                                                                          keep);
+      a[jj] = left >= 8 ? _mm256_loadu_ps(acc + (j0 + jj) * D + d0)
+                        : _mm256_maskload_ps(acc + (j0 + jj) * D + d0, keep);
     for (int64_t t = 0; t < n; ++t) {
       const __m256 vv = left >= 8 ? _mm256_loadu_ps(v + t * ld + d0) : _mm256_maskload_ps(v + t * ld + d0, keep);
       for (int jj = 0; jj < JT; ++jj) a[jj] = _mm256_fmadd_ps(_mm256_broadcast_ss(p + (j0 + jj) * E + t), vv, a[jj]);
@@ -127,18 +152,87 @@ void values_tile(const float* p, int64_t E, int64_t j0, const float* v, int64_t 
   }
 }
 
+// Runs f.template operator()<JT>(j0) over J rows in balanced tiles of at most 6 (12 accumulators + 2 loaded
+// vectors + 1 broadcast fit the 16 vector registers): 9 rows go 5 + 4, not 6 + 3.
+template <typename F>
+void by_tiles(int64_t J, const F& f) {
+  const int64_t tiles = (J + 5) / 6, size = (J + tiles - 1) / tiles;
+  for (int64_t j0 = 0; j0 < J; j0 += size) {
+    switch (std::min(size, J - j0)) {
+      case 6: f.template operator()<6>(j0); break;
+      case 5: f.template operator()<5>(j0); break;
+      case 4: f.template operator()<4>(j0); break;
+      case 3: f.template operator()<3>(j0); break;
+      case 2: f.template operator()<2>(j0); break;
+      case 1: f.template operator()<1>(j0); break;
+      default: break;
+    }
+  }
+}
+
+struct Scores {  // (a functor, not a template lambda: the library also builds as C++17, for PyTorch < 2.13)
+  const float* qT;
+  int64_t J;
+  const float* k;
+  int64_t ld, n, D;
+  float* s;
+  int64_t E;
+  template <int JT>
+  void operator()(int64_t j0) const { scores_tile<JT>(qT, J, j0, k, ld, n, D, s, E); }
+};
+
+struct Values {
+  const float* p;
+  int64_t E;
+  const float* v;
+  int64_t ld, n, D;
+  float* acc;
+  template <int JT>
+  void operator()(int64_t j0) const { values_tile<JT>(p, E, j0, v, ld, n, D, acc); }
+};
+
+void scores(const float* qT, int64_t J, const float* k, int64_t ld, int64_t n, int64_t D, float* s, int64_t E) {
+  by_tiles(J, Scores{qT, J, k, ld, n, D, s, E});
+}
+
 void values(const float* p, int64_t E, int64_t J, const float* v, int64_t ld, int64_t n, int64_t D, float* acc) {
-  int64_t j0 = 0;
-  for (; j0 + 8 <= J; j0 += 8) values_tile<8>(p, E, j0, v, ld, n, D, acc);
-  switch (J - j0) {
-    case 7: values_tile<7>(p, E, j0, v, ld, n, D, acc); break;
-    case 6: values_tile<6>(p, E, j0, v, ld, n, D, acc); break;
-    case 5: values_tile<5>(p, E, j0, v, ld, n, D, acc); break;
-    case 4: values_tile<4>(p, E, j0, v, ld, n, D, acc); break;
-    case 3: values_tile<3>(p, E, j0, v, ld, n, D, acc); break;
-    case 2: values_tile<2>(p, E, j0, v, ld, n, D, acc); break;
-    case 1: values_tile<1>(p, E, j0, v, ld, n, D, acc); break;
-    default: break;
+  by_tiles(J, Values{p, E, v, ld, n, D, acc});
+}
+
+// The scores of J query rows (q rows of D at qrow[j]) against n keys held as rows, k[t * ld + d]: dot products,
+// four query rows at a time (four independent FMA chains, each key vector loaded once for them), for the window,
+// the set, and blocks whose layout keeps a key's dimensions together (no transposition).
+void scores_rows(const float* const* qrow, int64_t J, const float* k, int64_t ld, int64_t n, int64_t D, float* s,
+                 int64_t E) {
+  const int64_t tail = D % 8;
+  const __m256i keep = first(tail);
+  for (int64_t t = 0; t < n; ++t) {
+    const float* kt = k + t * ld;
+    for (int64_t j0 = 0; j0 < J; j0 += 4) {
+      const int64_t rows = std::min<int64_t>(4, J - j0);
+      const float* q0 = qrow[j0];
+      const float* q1 = qrow[j0 + (rows > 1 ? 1 : 0)];  // fewer than 4 rows: repeat the first (results unused)
+      const float* q2 = qrow[j0 + (rows > 2 ? 2 : 0)];
+      const float* q3 = qrow[j0 + (rows > 3 ? 3 : 0)];
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      int64_t d = 0;
+      for (; d + 8 <= D; d += 8) {
+        const __m256 kv = _mm256_loadu_ps(kt + d);
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + d), kv, a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q1 + d), kv, a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(q2 + d), kv, a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(q3 + d), kv, a3);
+      }
+      if (tail) {
+        const __m256 kv = _mm256_maskload_ps(kt + d, keep);
+        a0 = _mm256_fmadd_ps(_mm256_maskload_ps(q0 + d, keep), kv, a0);
+        a1 = _mm256_fmadd_ps(_mm256_maskload_ps(q1 + d, keep), kv, a1);
+        a2 = _mm256_fmadd_ps(_mm256_maskload_ps(q2 + d, keep), kv, a2);
+        a3 = _mm256_fmadd_ps(_mm256_maskload_ps(q3 + d, keep), kv, a3);
+      }
+      const float got[4] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3)};
+      for (int64_t jj = 0; jj < rows; ++jj) s[(j0 + jj) * E + t] = got[jj];
+    }
   }
 }
 
@@ -222,7 +316,8 @@ at::Tensor hidden_attention(const at::Tensor& q, const at::Tensor& cache, at::In
   const float sc = static_cast<float>(scale);
 
   at::parallel_for(0, R * Hkv, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> sc_buf, qT(D * J), acc, scratch(std::max<int64_t>({block_size, S, M}) * D);
+    std::vector<float> sc_buf, qT(D * J), acc, scratch(block_size * D);
+    std::vector<const float*> qrow(J);
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t r = task / Hkv, h = task % Hkv;
       int64_t L = 0;  // originals any query of this request sees
@@ -231,7 +326,7 @@ at::Tensor hidden_attention(const at::Tensor& q, const at::Tensor& cache, at::In
       sc_buf.resize(J * E);
       float* s = sc_buf.data();
       for (int64_t j = 0; j < J; ++j) {  // query row j = g * M + m (head h * G + g), as columns qT[d * J + j]
-        const float* qv = qp + r * q.stride(0) + (h * G + j / M) * q.stride(1) + (j % M) * q.stride(2);
+        const float* qv = qrow[j] = qp + r * q.stride(0) + (h * G + j / M) * q.stride(1) + (j % M) * q.stride(2);
         for (int64_t d = 0; d < D; ++d) qT[d * J + j] = qv[d];
       }
       // Scores: originals block by block (keys read in place when the layout holds them as columns), then the
@@ -243,17 +338,15 @@ at::Tensor hidden_attention(const at::Tensor& q, const at::Tensor& cache, at::In
         const int64_t n = std::min(block_size, L - b0);
         if (kl.st == 1) {
           scores(qT.data(), J, k, kl.sd, n, D, s + b0, E);
+        } else if (kl.sd == 1) {
+          scores_rows(qrow.data(), J, k, kl.st, n, D, s + b0, E);
         } else {
           columns(k, kl.st, kl.sd, n, D, scratch.data());
           scores(qT.data(), J, scratch.data(), n, n, D, s + b0, E);
         }
       }
-      if (S) {
-        columns(wp + ((rp[r] * 2 + 0) * Hkv + h) * S * D, D, 1, S, D, scratch.data());
-        scores(qT.data(), J, scratch.data(), S, S, D, s + L, E);
-      }
-      columns(kp + r * set_k.stride(0) + h * set_k.stride(1), set_k.stride(2), 1, M, D, scratch.data());
-      scores(qT.data(), J, scratch.data(), M, M, D, s + L + S, E);
+      if (S) scores_rows(qrow.data(), J, wp + ((rp[r] * 2 + 0) * Hkv + h) * S * D, D, S, D, s + L, E);
+      scores_rows(qrow.data(), J, kp + r * set_k.stride(0) + h * set_k.stride(1), set_k.stride(2), M, D, s + L + S, E);
       // Scale, mask, softmax (probabilities in place of the scores, their sums kept).
       std::vector<float> sums(J);
       for (int64_t j = 0; j < J; ++j) {
