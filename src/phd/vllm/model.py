@@ -241,16 +241,29 @@ class _StepPlan:
             keep = self.m - m
             cos = torch.cat([self.cos_o, self.cos_h[:, keep:].flatten(0, 1)])
             sin = torch.cat([self.sin_o, self.sin_h[:, keep:].flatten(0, 1)])
-            if self.buffer is None:  # the kernel: originals by count (allowed: positions <= the query's), the rest
-                limit = torch.minimum(self.pos[:, keep:] + 1, self.step.seq_lens[:, None]).clamp_(min=0)
+            if self.buffer is None:  # the kernel: originals by count, the window and the set by mask
                 self.shapes[m] = _Shape(m, cos, sin, self._mask(keep, originals=False)[:, 0].contiguous(),
-                                        limit=limit.contiguous())
+                                        limit=self._originals_seen(keep))
             else:
                 end = self.buffer.shape[3] - keep
                 keys, values = self.buffer[0, :, :, :end], self.buffer[1, :, :, :end]
                 self.shapes[m] = _Shape(m, cos, sin, self._mask(keep), keys, values, keys[:, :, end - m :],
                                         values[:, :, end - m :])
         return self.shapes[m]
+
+    def _originals_seen(self, keep: int) -> Tensor:
+        """[R, M] int64: how many of its request's originals each query of the set's last M entries sees, by
+        `masks.allowed` (a prefix of the positions: a hidden copy sees every original up to its own position), among
+        those the request holds."""
+        step, q_pos = self.step, self.pos[:, keep:]
+        o_pos = torch.arange(step.length, device=q_pos.device)
+        seen = allowed(q_pos[..., None], self.copy[keep:, None], o_pos, torch.ones_like(o_pos), self.cfg.window,
+                       self.cfg.chunk) & (o_pos < step.seq_lens[:, None, None])
+        count = seen.sum(-1)
+        if not torch.equal(seen, o_pos < count[..., None]):  # the kernel takes a count: the rule must give a prefix
+            raise RuntimeError("masks.allowed gives hidden queries originals that are not a prefix of the positions; "
+                               "the hidden_attention kernel cannot serve it (PHD_KERNELS=0 runs the SDPA path)")
+        return count
 
     def _mask(self, keep: int, originals: bool = True) -> Tensor:
         """Additive mask (0 / -inf) [R, 1, M, length + S + M] by `masks.allowed` ([R, 1, M, S + M] without the
