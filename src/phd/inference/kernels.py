@@ -256,6 +256,8 @@ def _load(lib: Path) -> Callable:
     op = torch.ops.phd_kernels.rows_linear
     # Shapes without running it, so that torch.compile can trace through a DecodeLinear.
     torch.library.register_fake("phd_kernels::rows_linear")(lambda x, w, bias: x.new_empty(x.shape[0], w.shape[0]))
+    torch.library.register_fake("phd_kernels::hidden_attention")(
+        lambda q, *_: q.new_empty(q.shape[1], q.shape[0] * q.shape[2], q.shape[3]))
     return op
 
 

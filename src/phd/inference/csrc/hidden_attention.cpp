@@ -295,14 +295,27 @@ at::Tensor hidden_attention(const at::Tensor& q, const at::Tensor& cache, at::In
               "hidden_attention: block_table [R, B] and limit [R, M] must be contiguous int64");
   TORCH_CHECK(S == 0 || (rows.scalar_type() == at::kLong && rows.is_contiguous()),
               "hidden_attention: rows must be contiguous int64");
+  TORCH_CHECK(block_table.device().is_cpu() && limit.device().is_cpu() && (S == 0 || rows.device().is_cpu()),
+              "hidden_attention: block_table, limit and rows must be CPU tensors");
   const Layout kl = layout_of(key_layout, "key_layout"), vl = layout_of(value_layout, "value_layout");
   const int64_t G = Hq / Hkv, J = G * M, B = block_table.size(1), slab = cache.size(2);
+  TORCH_CHECK(block_size > 0, "hidden_attention: block_size must be positive");
+  for (const Layout& l : {kl, vl})
+    TORCH_CHECK(l.base >= 0 && l.st >= 0 && l.sd >= 0 && l.base + (block_size - 1) * l.st + (D - 1) * l.sd < slab,
+                "hidden_attention: a layout (", l.base, ", ", l.st, ", ", l.sd, ") reaches past the ", slab,
+                " elements of a block's slab");
+  at::Tensor out = at::empty({Hq, R * M, D}, q.options());
+  if (R * M == 0) return out;
   const int64_t* lim = limit.data_ptr<int64_t>();
   for (int64_t i = 0; i < R * M; ++i)
     TORCH_CHECK(lim[i] >= 0 && lim[i] <= B * block_size, "hidden_attention: limit ", lim[i], " outside the ",
                 B * block_size, " positions the block table holds");
+  if (S)
+    for (int64_t r = 0; r < R; ++r)
+      TORCH_CHECK(rows.data_ptr<int64_t>()[r] >= 0 && rows.data_ptr<int64_t>()[r] < window.size(0),
+                  "hidden_attention: window row ", rows.data_ptr<int64_t>()[r], " outside the ", window.size(0),
+                  " rows of the pool");
 
-  at::Tensor out = at::empty({Hq, R * M, D}, q.options());
   const float* qp = q.data_ptr<float>();
   const float* cp = cache.data_ptr<float>();
   const float* wp = window.data_ptr<float>();
@@ -371,7 +384,7 @@ at::Tensor hidden_attention(const at::Tensor& q, const at::Tensor& cache, at::In
         }
         float sum = hsum(sumv);
         for (; t < E; ++t) {
-          sj[t] = sj[t] == kNegInf ? 0.0f : std::exp(sj[t] - mx);
+          sj[t] = sj[t] - mx >= -87.0f ? std::exp(sj[t] - mx) : 0.0f;  // as exp256: 0 below -87 (and -inf)
           sum += sj[t];
         }
         sums[j] = sum;
