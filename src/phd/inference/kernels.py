@@ -223,7 +223,7 @@ def _build(lib: Path) -> None:
     known = _known_failure(lib, resolved)
     if known is not None:
         raise RuntimeError(f"it failed to build before: {known[:200]}; delete {_failure_path(lib)} to try again")
-    print(f"[phd: compiling the decode kernel into {lib} (once, about 15 s)]", file=sys.stderr, flush=True)
+    print(f"[phd: compiling the decode kernel into {lib} (once, about 13 s)]", file=sys.stderr, flush=True)
     lib.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = lib.with_name(f".{lib.name}.{os.getpid()}.tmp")
     try:

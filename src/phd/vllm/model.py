@@ -18,7 +18,7 @@ size across layers, so [originals | hidden set] stays one tensor from the first 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -57,7 +57,7 @@ class PHDForCausalLM(nn.Module):
         )
         self.windows = WindowPool(cfg) if cfg.repeat_k > 1 and cfg.window else None
         self.reader: PagedReader | None = None  # probed once the cache exists (every layer stores alike)
-        self.kernel: object | None = None  # hidden_attention where it serves this cache (decided with the reader)
+        self.kernel: Callable | None = None  # hidden_attention where it serves this cache (decided with the reader)
 
     # ----- the vLLM model interface -----
     def embed_input_ids(self, input_ids: Tensor) -> Tensor:
@@ -196,7 +196,8 @@ class _StepPlan:
     sin_h: Tensor
     buffer: Tensor | None  # [2, R, Hkv, length + S + m, D]: K / V of [originals | window | widest set] (SDPA path)
     read: ReadPlan | None
-    table: Tensor  # [R, blocks] int64 block table (kernel path)
+    table: Tensor | None  # [R, blocks] int64 block table (kernel path)
+    no_window: tuple[Tensor, Tensor] | None  # kernel path without a window: an empty pool and rows, made once
     window: WindowStep | None
     pool: WindowPool | None
     step: _Step
@@ -222,13 +223,22 @@ class _StepPlan:
             window = owner.windows.begin(step.block_table, step.seq_lens, step.fresh, block_size(cache), x, pos,
                                          valid, step.last)
             s = owner.windows.slots
-        reader, buffer, read = owner._reader(), None, None
+        reader, buffer, read, table, no_window = owner._reader(), None, None, None, None
         if owner.kernel is None:  # every layer reads into the same buffer: its attention is done before the next's
             buffer = x.new_empty(2, pos.shape[0], cfg.n_kv_heads, step.length + s + pos.shape[1], cfg.head_dim)
             read = reader.plan(cache, step.block_table, step.seq_lens, step.length, buffer[0, :, :, : step.length],
                                buffer[1, :, :, : step.length])
+        else:
+            table = step.block_table.long().contiguous()
+            if window is None:
+                no_window = (x.new_zeros(0, 2, cfg.n_kv_heads, 0, cfg.head_dim), table.new_zeros(0))
         return cls(x.shape[0], k1, pos.shape[1], x[row], pos, copy, valid, cos_o, sin_o, cos_h, sin_h, buffer, read,
-                   step.block_table.long().contiguous(), window, owner.windows, step, cfg, {})
+                   table, no_window, window, owner.windows, step, cfg, {})
+
+    def kernel_window(self, layer: int) -> tuple[Tensor, Tensor]:
+        """The kernel's window arguments for `layer`: the layer's pool and the requests' rows in it (empty without
+        a window)."""
+        return self.no_window if self.window is None else (self.pool.kv[layer], self.window.rows)
 
     def window_view(self) -> Tensor:
         """[R, 2, Hkv, S, D]: where the windows go in the buffer."""
@@ -317,8 +327,15 @@ class _PHDAttention:
         r = plan.pos.shape[0]
         q_h, k_h, v_h = (t[0].narrow(1, n, r * shape.m).unflatten(1, (r, shape.m)).transpose(0, 1)
                          for t in (q, k, v))  # [R, heads, M, D]
-        if plan.buffer is None:
-            return torch.cat([o_o, self._kernel(q_h, k_h, v_h)[None]], dim=2)
+        o_h = self._sdpa(q_h, k_h, v_h) if plan.buffer is not None else self._kernel(q_h, k_h, v_h)  # [Hq, R*M, D]
+        if plan.window is not None:  # after the attention: it read the windows as they were before this step
+            plan.pool.write(self.layer, plan.window, k_h, v_h, plan.m - shape.m)
+        return torch.cat([o_o, o_h[None]], dim=2)
+
+    def _sdpa(self, q_h: Tensor, k_h: Tensor, v_h: Tensor) -> Tensor:
+        """The hidden queries by SDPA over the step's buffer, filled here: the originals read back from the paged
+        blocks, the windows, the set's own K/V (the reference path, and where the kernel cannot serve)."""
+        plan, shape = self.plan, self.shape
         self.owner._reader().read_into(self.paged.kv_cache, plan.read)
         if plan.window is not None:
             plan.pool.read_into(self.layer, plan.window, self.window_out)
@@ -326,23 +343,14 @@ class _PHDAttention:
         shape.set_values.copy_(v_h)
         o_h = F.scaled_dot_product_attention(q_h, shape.keys, shape.values, attn_mask=shape.mask,
                                              enable_gqa=q_h.shape[1] != k_h.shape[1])
-        if plan.window is not None:
-            plan.pool.write(self.layer, plan.window, k_h, v_h, plan.m - shape.m)
-        return torch.cat([o_o, o_h.transpose(0, 1).flatten(1, 2)[None]], dim=2)
+        return o_h.transpose(0, 1).flatten(1, 2)
 
     def _kernel(self, q_h: Tensor, k_h: Tensor, v_h: Tensor) -> Tensor:
         """The hidden queries by the hidden_attention kernel: the originals read in the paged blocks, the window in
-        its pool row, the set where the projection left it (no copies); then the window write. [Hq, R*M, D]."""
-        plan, shape, owner = self.plan, self.shape, self.owner
-        cache = self.paged.kv_cache
-        if plan.window is not None:
-            window, rows = plan.pool.kv[self.layer], plan.window.rows
-        else:
-            window, rows = k_h.new_zeros(0, 2, k_h.shape[1], 0, k_h.shape[-1]), plan.table.new_zeros(0)
+        its pool row, the set where the projection left it (no copies)."""
+        plan, owner, cache = self.plan, self.owner, self.paged.kv_cache
+        window, rows = plan.kernel_window(self.layer)
         key_layout, value_layout = owner.reader.strides
-        o_h = owner.kernel(q_h, cache.view(cache.shape[0], cache.shape[1], -1), list(key_layout), list(value_layout),
-                           block_size(cache), plan.table, shape.limit, window, rows, k_h, v_h, shape.mask,
-                           q_h.shape[-1] ** -0.5)
-        if plan.window is not None:
-            plan.pool.write(self.layer, plan.window, k_h, v_h, plan.m - shape.m)
-        return o_h
+        return owner.kernel(q_h, cache.view(cache.shape[0], cache.shape[1], -1), list(key_layout),
+                            list(value_layout), block_size(cache), plan.table, self.shape.limit, window, rows, k_h,
+                            v_h, self.shape.mask, q_h.shape[-1] ** -0.5)
