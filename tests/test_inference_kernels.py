@@ -20,7 +20,7 @@ import phd
 from phd import PHDConfig, PHDTransformer
 from phd.fsutil import sha256_file
 from phd.inference import decode_linears, kernels, plain_linears
-from phd.inference.weights import DecodeLinear, packing_available
+from phd.inference.weights import DecodeLinear, packed_linears, packing_available
 
 OP = kernels.rows_linear_op()
 needs_kernel = pytest.mark.skipif(OP is None, reason="no rows kernel here (not x86 with AVX2, or no compiler)")
@@ -231,6 +231,43 @@ def test_a_prepared_linear_with_a_bias_equals_f_linear(path, monkeypatch):
         torch.testing.assert_close(got, F.linear(x, lin.weight, lin.bias), atol=1e-4, rtol=1e-4)
         with torch.no_grad():  # the [..., rows, K] shape of a decode step comes back in its own shape
             torch.testing.assert_close(lin(x[None]), F.linear(x, lin.weight, lin.bias)[None], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_one_pack_serves_every_row_count_the_kernel_leaves(kernel, monkeypatch):
+    """packed_linears (the vLLM plugin's, for batches that change size every step): one MKL pack per weight, made
+    for 16 rows, serves every step of 2+ rows the rows kernel does not take, fewer or more rows than it was made
+    for, equal to F.linear (bias added once); the kernel keeps its rows, one row without it stays plain, and a
+    changed weight is never read from the stale pack."""
+    import phd.inference.weights as weights
+
+    if not packing_available():
+        pytest.skip("no MKL packed GEMM in this PyTorch")
+    if kernel and OP is None:
+        pytest.skip("no rows kernel here (not x86 with AVX2, or no compiler)")
+    if not kernel:
+        monkeypatch.setattr(weights, "rows_linear_op", lambda: None)
+    gen = torch.Generator().manual_seed(5)
+    holder = torch.nn.Sequential(torch.nn.Linear(37, 19, bias=True))
+    with torch.no_grad():
+        holder[0].bias.copy_(torch.randn(19, generator=gen) * 10)
+    weights.kernel_linears(holder)
+    assert packed_linears(holder, 16) == 1
+    lin = holder[0]
+    for rows in [1, 2, 5, 8, 9, 16, 17, 40, 130]:
+        x = torch.randn(rows, 37, generator=gen)
+        with torch.no_grad():
+            got = lin(x[None])[0]
+            on_kernel = kernel and rows <= 8
+            assert _kernel_calls(lambda x=x: lin(x), "mkl::_mkl_linear") == int(rows > 1 and not on_kernel), rows
+            assert _kernel_calls(lambda x=x: lin(x)) == int(on_kernel), rows
+        torch.testing.assert_close(got, F.linear(x, lin.weight, lin.bias), atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        lin.weight.add_(1)  # in place: the pack is stale now
+        x = torch.randn(20, 37, generator=gen)
+        assert _kernel_calls(lambda: lin(x), "mkl::_mkl_linear") == 0
+        torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias), atol=1e-4, rtol=1e-4)
+    assert weights.plain_linears(holder) == 1 and type(lin) is torch.nn.Linear and not hasattr(lin, "packed")
 
 
 def test_models_without_cpu_float32_linears_never_ask_for_the_kernel(monkeypatch):

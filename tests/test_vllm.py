@@ -27,6 +27,7 @@ from vllm_utils import native_greedy, prompts, write_tiny  # noqa: E402
 
 import phd.vllm.model as plugin  # noqa: E402
 from phd.inference.kernels import hidden_attention_op  # noqa: E402
+from phd.inference.weights import DecodeLinear, packing_available  # noqa: E402
 
 NEW = 12
 VARIANTS = {
@@ -106,6 +107,22 @@ def test_batch_of_mixed_lengths(served, monkeypatch):
 
     _on_both_paths(llm, monkeypatch, name, run)
     assert (preempted[0] > 0) == (name in ENGINE)  # the small cache forced recomputes, and only there
+
+
+def test_steps_above_eight_rows_run_on_one_pack(served):
+    """The plugin packs every linear once (MKL, for its largest decode step) and steps of more than 8 rows run on
+    those packs: the batch's prefill here, and PHD decode steps of K x requests rows (the tokens stay equal: above)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if not packing_available():
+        pytest.skip("no MKL packed GEMM in this PyTorch")
+    model, llm, _ = served
+    linears = [m for m in _plugin_model(llm).model.modules() if isinstance(m, DecodeLinear)]
+    assert linears and all(m.packed_any and m.packed is not None for m in linears)
+    batch = prompts([12, 9, 7], seed=4)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        llm.generate([TokensPrompt(prompt_token_ids=p) for p in batch], GREEDY, use_tqdm=False)
+    assert sum(e.count for e in prof.key_averages() if e.key == "mkl::_mkl_linear") > 0
 
 
 def test_requests_arriving_while_others_decode(served):

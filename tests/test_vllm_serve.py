@@ -7,6 +7,7 @@ engine's, and many concurrent requests all come back complete. Runs in the vLLM 
 from __future__ import annotations
 
 import json
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -81,3 +82,8 @@ def test_bench_serving_quick(tmp_path):
     assert all(r["throughput_vs_vanilla"] > 0 and r["ttft_ms"]["p50"] <= r["latency_ms"]["p99"]
                for r in report["rows"])
     assert "| vllm | PHD-CSWA-4-2-4 | 2 |" in (tmp_path / "serving.md").read_text()
+    # both engines compute on the same threads: the native engine's torch threads, the cores vLLM's worker binds
+    threads, env = report["settings"]["threads"], report["environment"]
+    assert threads == env["torch_threads"] == max(1, (os.cpu_count() or 1) - 1)
+    assert env["vllm_bind"] == ("0" if threads == 1 else f"0-{threads - 1}")
+    assert f"VLLM_CPU_OMP_THREADS_BIND='{env['vllm_bind']}'" in (tmp_path / "work" / "vanilla.log").read_text()

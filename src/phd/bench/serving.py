@@ -60,8 +60,9 @@ def run(args: Any) -> int:
             setattr(args, key, value)
     if PHDConfig.parse_name(args.variants[0]).get("repeat_k", 1) != 1:
         raise SystemExit("the first variant is the baseline of the ratios: give vanilla first")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args.threads = args.threads or max(1, (os.cpu_count() or 1) - 1)
+    torch.set_num_threads(args.threads)  # the native engine computes on as many threads as vLLM's worker binds
+    bind = os.environ.get("VLLM_CPU_OMP_THREADS_BIND") or ("0" if args.threads == 1 else f"0-{args.threads - 1}")
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     folders = _models(args, work)
@@ -70,7 +71,8 @@ def run(args: Any) -> int:
     server_args = ("--max-model-len", str(max_len), "--max-num-seqs", str(max(args.concurrency)))
     samples: dict[tuple[str, str, int], list[dict]] = {}
     with ExitStack() as stack, ThreadPoolExecutor(len(folders)) as pool:
-        starts = {v: pool.submit(lambda v=v: stack.enter_context(serve(folders[v], work / f"{v}.log", *server_args)))
+        starts = {v: pool.submit(lambda v=v: stack.enter_context(
+                      serve(folders[v], work / f"{v}.log", *server_args, env={"VLLM_CPU_OMP_THREADS_BIND": bind})))
                   for v in args.variants}  # started together: one start's wait, not three
         bases = {v: f.result() for v, f in starts.items()}
         natives = {} if args.no_native else {v: load_model(folders[v]).eval() for v in args.variants}
@@ -86,7 +88,7 @@ def run(args: Any) -> int:
                     if v in natives:
                         samples.setdefault(("native", v, c), []).append(
                             _native_burst(natives[v], batch, c, args.new_tokens))
-    report = _report(args, samples, vllm_version)
+    report = _report(args, samples, vllm_version, bind)
     out.mkdir(parents=True, exist_ok=True)
     (out / "serving.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "serving.md").write_text(_markdown(report))
@@ -175,7 +177,7 @@ def _burst(rows: list[tuple], seconds: float, expected_tokens: int) -> dict:
             "ttft": [r[1] - r[0] for r in rows], "latency": [r[2] - r[0] for r in rows]}
 
 
-def _report(args: Any, samples: dict, vllm_version: str) -> dict:
+def _report(args: Any, samples: dict, vllm_version: str, bind: str) -> dict:
     rows = []
     for (engine, variant, c), bursts in samples.items():
         ttft = [x for b in bursts for x in b["ttft"]]
@@ -198,8 +200,8 @@ def _report(args: Any, samples: dict, vllm_version: str) -> dict:
     settings = {k: getattr(args, k) for k in ("quick", "source", "variants", "concurrency", "requests", "prompt_len",
                                               "new_tokens", "repeats", "threads")}
     env = {"vllm": vllm_version, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-           "cpus": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
-           "date": time.strftime("%Y-%m-%d %H:%M")}
+           "vllm_bind": bind, "cpus": os.cpu_count(), "machine": platform.machine(),
+           "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M")}
     return {"settings": settings, "environment": env, "rows": rows}
 
 
@@ -218,7 +220,8 @@ def _markdown(report: dict) -> str:
         "all requests of all repeats. Ratios: to vanilla in the same engine at the same concurrency, and vLLM / "
         "native for the same model.",
         "",
-        f"Environment: vLLM {env['vllm']}, torch {env['torch']} ({env['torch_threads']} threads native), "
+        f"Environment: vLLM {env['vllm']}, torch {env['torch']}; {env['torch_threads']} threads native, vLLM's worker "
+        f"bound to cores {env.get('vllm_bind', 'auto (vLLM reserves one core for its server)')}; "
         f"{env['cpus']} CPUs ({env['machine']}), {env['date']}.",
         "",
         "| engine | variant | conc. | output tok/s | req/s | TTFT p50 / p90 / p99 ms | latency p50 / p90 / p99 ms "

@@ -111,7 +111,9 @@ def _serving_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, help="round-robin repeats (default 3)")
     parser.add_argument("--no-native", action="store_true", help="leave out the native engine")
     parser.add_argument("--threads", type=positive_int,
-                        help="torch threads of the native engine (default: torch's choice)")
+                        help="compute threads of each engine: the native engine's torch threads and the cores vLLM's "
+                             "worker binds (0..N-1; default: all cores but one, as vLLM binds by itself, keeping one "
+                             "for its server)")
     parser.add_argument("--work", default="runs/bench-serving", help="converted models and server logs")
     parser.add_argument("--out", default="docs/bench", help="where serving.md / serving.json go")
 

@@ -18,7 +18,7 @@ from vllm.model_executor.models.config import VerifyAndUpdateConfig
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
 
-logger = init_logger(__name__)
+logger = init_logger("vllm.phd")  # under vLLM's logger, so that its handler prints these lines
 
 
 class PHDServingConfig(VerifyAndUpdateConfig):

@@ -18,6 +18,7 @@ size across layers, so [originals | hidden set] stays one tensor from the first 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -32,9 +33,10 @@ from ..config import PHDConfig
 from ..hfnames import config_from_transformers_fields
 from ..inference.engine import hidden_widths
 from ..inference.kernels import hidden_attention_op
-from ..inference.weights import kernel_linears
+from ..inference.weights import kernel_linears, packed_linears
 from ..masks import allowed, rope_position
 from ..model import Attend, PHDTransformer
+from .config import logger
 from .state import PagedReader, ReadPlan, WindowPool, WindowStep, block_size
 
 
@@ -58,6 +60,7 @@ class PHDForCausalLM(nn.Module):
         self.windows = WindowPool(cfg) if cfg.repeat_k > 1 and cfg.window else None
         self.reader: PagedReader | None = None  # probed once the cache exists (every layer stores alike)
         self.kernel: Callable | None = None  # hidden_attention where it serves this cache (decided with the reader)
+        self.max_rows = cfg.repeat_k * vllm_config.scheduler_config.max_num_seqs  # the largest decode step's rows
 
     # ----- the vLLM model interface -----
     def embed_input_ids(self, input_ids: Tensor) -> Tensor:
@@ -96,7 +99,21 @@ class PHDForCausalLM(nn.Module):
         if missing:
             raise ValueError(f"the checkpoint lacks {missing[:5]} for {self.config.name}")
         kernel_linears(self.model)  # float32 on the CPU: steps of up to 8 rows on the rows kernel (PHD_KERNELS=0: off)
+        self._pack_linears()
         return set(params)
+
+    def _pack_linears(self) -> None:
+        """Steps above the rows kernel's 8 rows (K rows per request) on MKL packs made once for the largest decode
+        step: what the native engine does per batch, for vLLM's batches that change size every step. One more copy
+        of the linears' weights, said in the log; `PHD_VLLM_PACKS=0` turns it off."""
+        if os.environ.get("PHD_VLLM_PACKS", "1") == "0":
+            return
+        n = packed_linears(self.model, min(max(self.max_rows, 16), 256))
+        if n:
+            size = sum(m.weight.numel() * m.weight.element_size() for m in self.model.modules()
+                       if getattr(m, "packed_any", False))
+            logger.info("PHD: %d linears packed by MKL for steps of more than 8 rows (%.0f MiB more memory; "
+                        "PHD_VLLM_PACKS=0 turns this off)", n, size / 2**20)
 
     # ----- PHD -----
     def _step(self) -> _Step | None:
