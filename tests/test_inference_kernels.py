@@ -228,6 +228,7 @@ def test_a_prepared_linear_with_a_bias_equals_f_linear(path, monkeypatch):
             got = lin(x)
             op = "phd_kernels::rows_linear" if path == "kernel" else "mkl::_mkl_linear"
             assert _kernel_calls(lambda lin=lin, x=x: lin(x), op) == 1
+            assert _kernel_calls(lambda lin=lin, x=x: lin(x), "aten::addmm") == 0  # no fallback inside the op
         torch.testing.assert_close(got, F.linear(x, lin.weight, lin.bias), atol=1e-4, rtol=1e-4)
         with torch.no_grad():  # the [..., rows, K] shape of a decode step comes back in its own shape
             torch.testing.assert_close(lin(x[None]), F.linear(x, lin.weight, lin.bias)[None], atol=1e-4, rtol=1e-4)
@@ -236,9 +237,9 @@ def test_a_prepared_linear_with_a_bias_equals_f_linear(path, monkeypatch):
 @pytest.mark.parametrize("kernel", [True, False])
 def test_one_pack_serves_every_row_count_the_kernel_leaves(kernel, monkeypatch):
     """packed_linears (the vLLM plugin's, for batches that change size every step): one MKL pack per weight, made
-    for 16 rows, serves every step of 2+ rows the rows kernel does not take, fewer or more rows than it was made
-    for, equal to F.linear (bias added once); the kernel keeps its rows, one row without it stays plain, and a
-    changed weight is never read from the stale pack."""
+    for 40 rows, serves every step of 2 to 40 rows the rows kernel does not take, equal to F.linear (bias added
+    once) and on the pack itself (no GEMM fallback inside _mkl_linear); the kernel keeps its rows, one row without
+    it and steps above 40 rows (prefill) stay plain, and a changed weight is never read from the stale pack."""
     import phd.inference.weights as weights
 
     if not packing_available():
@@ -252,14 +253,15 @@ def test_one_pack_serves_every_row_count_the_kernel_leaves(kernel, monkeypatch):
     with torch.no_grad():
         holder[0].bias.copy_(torch.randn(19, generator=gen) * 10)
     weights.kernel_linears(holder)
-    assert packed_linears(holder, 16) == 1
+    assert packed_linears(holder, 40) == 1
     lin = holder[0]
-    for rows in [1, 2, 5, 8, 9, 16, 17, 40, 130]:
+    for rows in [1, 2, 5, 8, 9, 16, 17, 39, 40, 41, 130]:
         x = torch.randn(rows, 37, generator=gen)
         with torch.no_grad():
             got = lin(x[None])[0]
-            on_kernel = kernel and rows <= 8
-            assert _kernel_calls(lambda x=x: lin(x), "mkl::_mkl_linear") == int(rows > 1 and not on_kernel), rows
+            on_kernel, on_pack = kernel and rows <= 8, 1 < rows <= 40 and not (kernel and rows <= 8)
+            assert _kernel_calls(lambda x=x: lin(x), "mkl::_mkl_linear") == int(on_pack), rows
+            assert _kernel_calls(lambda x=x: lin(x), "aten::addmm") == int(not on_pack and not on_kernel), rows
             assert _kernel_calls(lambda x=x: lin(x)) == int(on_kernel), rows
         torch.testing.assert_close(got, F.linear(x, lin.weight, lin.bias), atol=1e-4, rtol=1e-4)
     with torch.no_grad():

@@ -109,20 +109,36 @@ def test_batch_of_mixed_lengths(served, monkeypatch):
     assert (preempted[0] > 0) == (name in ENGINE)  # the small cache forced recomputes, and only there
 
 
-def test_steps_above_eight_rows_run_on_one_pack(served):
-    """The plugin packs every linear once (MKL, for its largest decode step) and steps of more than 8 rows run on
-    those packs: the batch's prefill here, and PHD decode steps of K x requests rows (the tokens stay equal: above)."""
+def test_steps_above_eight_rows_run_on_one_pack(served, monkeypatch):
+    """The plugin packs every linear once (MKL, for its largest decode step: K x max_num_seqs rows, 16 at least)
+    and the decode steps above the rows kernel's 8 rows run on those packs (3 requests x K >= 3 copies here; the
+    tokens stay equal: the tests above). PHD_VLLM_PACKS=0 leaves the linears unpacked."""
     from torch.profiler import ProfilerActivity, profile
+
+    from phd.inference.weights import kernel_linears, plain_linears
 
     if not packing_available():
         pytest.skip("no MKL packed GEMM in this PyTorch")
-    model, llm, _ = served
-    linears = [m for m in _plugin_model(llm).model.modules() if isinstance(m, DecodeLinear)]
-    assert linears and all(m.packed_any and m.packed is not None for m in linears)
+    _, llm, _ = served
+    plugin_model = _plugin_model(llm)
+    k = plugin_model.config.repeat_k
+    linears = [m for m in plugin_model.model.modules() if isinstance(m, DecodeLinear)]
+    assert linears and all(m.packed_any and m.packed_rows == max(8 * k, 16) for m in linears)
     batch = prompts([12, 9, 7], seed=4)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         llm.generate([TokensPrompt(prompt_token_ids=p) for p in batch], GREEDY, use_tqdm=False)
-    assert sum(e.count for e in prof.key_averages() if e.key == "mkl::_mkl_linear") > 0
+    packed_rows = {e.input_shapes[0][0] for e in prof.key_averages(group_by_input_shape=True)
+                   if e.key == "mkl::_mkl_linear" and e.input_shapes}
+    assert (3 * k in packed_rows) == (3 * k > 8), packed_rows  # decode steps: the kernel up to 8 rows, packs beyond
+    try:
+        monkeypatch.setenv("PHD_VLLM_PACKS", "0")
+        plain_linears(plugin_model.model)
+        kernel_linears(plugin_model.model)
+        plugin_model._pack_linears()
+        assert not any(getattr(m, "packed_any", False) for m in plugin_model.model.modules())
+    finally:
+        monkeypatch.delenv("PHD_VLLM_PACKS")
+        plugin_model._pack_linears()
 
 
 def test_requests_arriving_while_others_decode(served):

@@ -11,12 +11,15 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import torch
 
 pytest.importorskip("vllm")
 
 from vllm_utils import native_greedy, prompts, write_byte_tokenizer, write_tiny  # noqa: E402
 
 from phd.vllm.server import greedy_body, post, serve, stream  # noqa: E402
+
+_SET_NUM_THREADS = torch.set_num_threads  # at collection, before any in-process engine replaces it
 
 NEW = 10
 
@@ -68,11 +71,15 @@ def test_concurrent_requests_none_lost(server):
     assert outs == [native_greedy(model, p, NEW) for p in batch]
 
 
-def test_bench_serving_quick(tmp_path):
+def test_bench_serving_quick(tmp_path, monkeypatch):
     """`phd bench serving --quick` (two of its three variants: each server costs two vLLM process starts): the
     tiny servers started together, vLLM and native measured, the report written."""
     from phd.commands import main
 
+    # an in-process vLLM engine (tests/test_vllm.py, same session) replaces torch.set_num_threads with a no-op; the
+    # bench runs in a process of its own, so it gets the real one back here
+    monkeypatch.setattr(torch, "set_num_threads", _SET_NUM_THREADS)
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)  # the servers run as a user's do
     variants = ["vanilla", "PHD-CSWA-4-2-4"]
     assert main(["bench", "serving", "--quick", "--variants", *variants, "--work", str(tmp_path / "work"),
                  "--out", str(tmp_path)]) == 0
@@ -84,6 +91,7 @@ def test_bench_serving_quick(tmp_path):
     assert "| vllm | PHD-CSWA-4-2-4 | 2 |" in (tmp_path / "serving.md").read_text()
     # both engines compute on the same threads: the native engine's torch threads, the cores vLLM's worker binds
     threads, env = report["settings"]["threads"], report["environment"]
-    assert threads == env["torch_threads"] == max(1, (os.cpu_count() or 1) - 1)
-    assert env["vllm_bind"] == ("0" if threads == 1 else f"0-{threads - 1}")
+    allowed = sorted(os.sched_getaffinity(0))
+    assert threads == env["torch_threads"] == max(1, len(allowed) - 1)
+    assert env["vllm_bind"] == ",".join(map(str, allowed[:threads]))
     assert f"VLLM_CPU_OMP_THREADS_BIND='{env['vllm_bind']}'" in (tmp_path / "work" / "vanilla.log").read_text()

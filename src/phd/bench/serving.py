@@ -60,9 +60,8 @@ def run(args: Any) -> int:
             setattr(args, key, value)
     if PHDConfig.parse_name(args.variants[0]).get("repeat_k", 1) != 1:
         raise SystemExit("the first variant is the baseline of the ratios: give vanilla first")
-    args.threads = args.threads or max(1, (os.cpu_count() or 1) - 1)
+    args.threads, bind = _compute_cores(args.threads, os.environ.get("VLLM_CPU_OMP_THREADS_BIND"))
     torch.set_num_threads(args.threads)  # the native engine computes on as many threads as vLLM's worker binds
-    bind = os.environ.get("VLLM_CPU_OMP_THREADS_BIND") or ("0" if args.threads == 1 else f"0-{args.threads - 1}")
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     folders = _models(args, work)
@@ -94,6 +93,29 @@ def run(args: Any) -> int:
     (out / "serving.md").write_text(_markdown(report))
     print(f"wrote {out / 'serving.md'} and serving.json")
     return 0
+
+
+def _compute_cores(threads: int | None, bind: str | None) -> tuple[int, str]:
+    """How many threads each engine computes on, and the cores vLLM's workers bind (VLLM_CPU_OMP_THREADS_BIND).
+
+    Default: the first N of the cores this process may use, N = all but one (vLLM's own 'auto' keeps one core for
+    its server; on a machine with hyper-threads or several NUMA nodes it binds differently, so the bench names
+    the cores itself). A bind already set in the environment is kept, and N is its count (--threads must agree).
+    """
+    if bind:
+        try:
+            cores = {c for part in bind.split(",") for a, _, b in [part.partition("-")]
+                     for c in range(int(a), int(b or a) + 1)}
+        except ValueError:
+            raise SystemExit(f"VLLM_CPU_OMP_THREADS_BIND={bind!r}: give a core list such as 0-3 or 0,2 "
+                             "(one worker; or unset it and use --threads)") from None
+        if threads and threads != len(cores):
+            raise SystemExit(f"--threads {threads} and VLLM_CPU_OMP_THREADS_BIND={bind!r} ({len(cores)} cores) "
+                             "disagree: both engines must compute on as many threads")
+        return len(cores), bind
+    allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    n = min(threads or max(1, len(allowed) - 1), len(allowed))
+    return n, ",".join(map(str, allowed[:n]))
 
 
 def _models(args: Any, work: Path) -> dict[str, Path]:

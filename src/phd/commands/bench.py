@@ -112,8 +112,8 @@ def _serving_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-native", action="store_true", help="leave out the native engine")
     parser.add_argument("--threads", type=positive_int,
                         help="compute threads of each engine: the native engine's torch threads and the cores vLLM's "
-                             "worker binds (0..N-1; default: all cores but one, as vLLM binds by itself, keeping one "
-                             "for its server)")
+                             "worker binds (the first N this process may use; default: all but one, which vLLM keeps "
+                             "for its server; a VLLM_CPU_OMP_THREADS_BIND already set is kept and counted)")
     parser.add_argument("--work", default="runs/bench-serving", help="converted models and server logs")
     parser.add_argument("--out", default="docs/bench", help="where serving.md / serving.json go")
 

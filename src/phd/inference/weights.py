@@ -9,9 +9,10 @@ the weight packed by MKL). `decode_linears` turns a model's linears into `Decode
   an MKL pack's time; from 16 rows on the pack is faster: the product is no longer bound by the weight);
 - more rows, or where the kernel cannot be built, the weight packed once by MKL for that row count
   (cblas_sgemm_pack via torch.ops.mkl; one more copy of the weights in memory).
-An engine whose batches change size every step (the vLLM plugin) packs once for its largest step instead and
-uses that pack for every step above 8 rows (`packed_linears`): MKL's packed weight serves any row count, and a
-pack made for 128 rows takes 0.8-0.9x the plain GEMM's time at 17-128 rows of SmolLM2's linears.
+An engine whose batches change size every step (the vLLM plugin) packs once for its largest decode step instead
+and uses that pack for every step of 2 up to that many rows the kernel does not take (`packed_linears`): MKL's
+packed weight serves any row count, and a pack made for 128 rows takes 0.8-0.9x the plain GEMM's time at 17-128
+rows of SmolLM2's linears (at 256-2048 rows, prefill's, packs are within +-10% of it: not worth the rule).
 Each is used only where it is exactly right (DecodeLinear.forward), so the model stays correct for any other use.
 """
 
@@ -35,7 +36,7 @@ class DecodeLinear(nn.Linear):
     No gradient may be wanted and input and weight must be float32 on the CPU. Then: up to ROWS_LINEAR_MAX_ROWS rows
     go to phd's rows kernel (`use_kernel`; it reads the live weight, so any weight change is seen); exactly
     `packed_rows` rows go to the MKL pack (`packed`, a copy) while the weight is the very tensor it was packed from,
-    unmodified (same storage, same version counter), and so does any row count from 2 on if `packed_any`.
+    unmodified (same storage, same version counter), and so does any count from 2 to `packed_rows` if `packed_any`.
     Anything else runs the plain F.linear. Same parameters and
     state_dict keys as nn.Linear; `plain_linears` turns it back.
     """
@@ -54,8 +55,9 @@ class DecodeLinear(nn.Linear):
         rows = x.numel() // x.shape[-1]
         if self.use_kernel and rows <= ROWS_LINEAR_MAX_ROWS and w.is_contiguous():
             y = rows_linear_op()(x.reshape(rows, x.shape[-1]).contiguous(), w, self.bias)
-        elif self.packed is not None and (rows == self.packed_rows or (self.packed_any and rows > 1)) \
-                and (w.data_ptr(), w._version) == self.packed_key:
+        elif self.packed is not None and (w.data_ptr(), w._version) == self.packed_key and (
+                rows == self.packed_rows or (self.packed_any and 1 < rows < self.packed_rows)):
+            # the last argument must be this call's row count: given any other, _mkl_linear silently runs F.linear
             y = torch.ops.mkl._mkl_linear(x.reshape(rows, x.shape[-1]), self.packed, w, self.bias, rows)
         else:
             return F.linear(x, w, self.bias)
@@ -68,6 +70,22 @@ def _as_decode_linear(m: nn.Linear) -> DecodeLinear:
         m.__class__ = DecodeLinear
         m.use_kernel, m.packed, m.packed_rows, m.packed_key, m.packed_any = False, None, 0, (0, 0), False
     return m
+
+
+def _pack(m: DecodeLinear, rows: int, any_rows: bool) -> None:
+    """Pack m's weight by MKL for `rows` rows, unless the pack it holds already is for this weight, unmodified."""
+    w = m.weight
+    key = (w.data_ptr(), w._version)
+    if m.packed is None or m.packed_rows != rows or m.packed_key != key:
+        m.packed = None  # the old pack goes before the new one is made: never two copies at once
+        m.packed = torch.ops.mkl._mkl_reorder_linear_weight(w.detach(), rows)
+        m.packed_rows, m.packed_key = rows, key
+    m.packed_any = any_rows
+
+
+def _float32_linears(model: nn.Module) -> list[nn.Linear]:
+    """The untied CPU linears whose weight is float32: the only ones a kernel or a pack serves."""
+    return [m for m in _untied_linears(model) if m.weight.dtype == torch.float32]
 
 
 def _untied_linears(model: nn.Module) -> list[nn.Linear]:
@@ -94,7 +112,7 @@ def decode_linears(model: nn.Module, rows: int, kernel: bool = True) -> int:
     Returns 0 (nothing changed) where neither applies, e.g. one row without the kernel: PyTorch's matrix-vector
     product is then already the right kernel.
     """
-    linears = [m for m in _untied_linears(model) if m.weight.dtype == torch.float32]
+    linears = _float32_linears(model)
     if not linears:  # a CUDA or bfloat16 model: nothing to do, and no kernel to compile for it
         return 0
     use_kernel = kernel and rows <= ROWS_LINEAR_MAX_ROWS and rows_linear_op() is not None
@@ -102,17 +120,12 @@ def decode_linears(model: nn.Module, rows: int, kernel: bool = True) -> int:
         return 0
     with torch.no_grad():
         for m in linears:
-            w = m.weight
-            key = (w.data_ptr(), w._version)
-            fresh = isinstance(m, DecodeLinear) and m.packed is not None and m.packed_rows == rows \
-                and m.packed_key == key
             m = _as_decode_linear(m)
-            m.use_kernel, m.packed_any = use_kernel, False
+            m.use_kernel = use_kernel
             if use_kernel:
-                m.packed, m.packed_rows, m.packed_key = None, 0, (0, 0)
-            elif not fresh:
-                m.packed = torch.ops.mkl._mkl_reorder_linear_weight(w.detach(), rows)
-                m.packed_rows, m.packed_key = rows, key
+                m.packed, m.packed_rows, m.packed_key, m.packed_any = None, 0, (0, 0), False
+            else:
+                _pack(m, rows, any_rows=False)
     return len(linears)
 
 
@@ -126,7 +139,7 @@ def kernel_linears(model: nn.Module) -> int:
     made. 0 where the kernel cannot be (PHD_KERNELS=0, no compiler, not x86 with AVX2: one warning from kernels.py)
     or nothing is float32 on the CPU.
     """
-    linears = [m for m in _untied_linears(model) if m.weight.dtype == torch.float32]
+    linears = _float32_linears(model)
     if not linears or rows_linear_op() is None:
         object.__setattr__(model, _AUTO, False)
         return 0
@@ -137,21 +150,19 @@ def kernel_linears(model: nn.Module) -> int:
 
 
 def packed_linears(model: nn.Module, rows: int) -> int:
-    """MKL packs of the model's CPU float32 linears, made for steps of `rows` rows and used for every step of 2+
-    rows the rows kernel does not take (it stays on where it was given); return how many.
+    """MKL packs of the model's CPU float32 linears, made for steps of `rows` rows and used for every step of 2 to
+    `rows` rows the rows kernel does not take (it stays on where it was given); return how many.
 
     For engines whose batch changes size every step (the vLLM plugin; `rows`: its largest decode step): one pack
-    per weight, made once, serves them all. One more copy of these weights; `plain_linears` frees it.
+    per weight, made once, serves them all. One more copy of these weights; `plain_linears` frees it. A weight
+    changed in place through `.data` (no version bump) needs this called again.
     """
     if not packing_available():
         return 0
-    linears = [m for m in _untied_linears(model) if m.weight.dtype == torch.float32]
+    linears = _float32_linears(model)
     with torch.no_grad():
         for m in linears:
-            m = _as_decode_linear(m)
-            w = m.weight
-            m.packed = torch.ops.mkl._mkl_reorder_linear_weight(w.detach(), rows)
-            m.packed_rows, m.packed_key, m.packed_any = rows, (w.data_ptr(), w._version), True
+            _pack(_as_decode_linear(m), rows, any_rows=True)
     return len(linears)
 
 

@@ -33,7 +33,7 @@ from ..config import PHDConfig
 from ..hfnames import config_from_transformers_fields
 from ..inference.engine import hidden_widths
 from ..inference.kernels import hidden_attention_op
-from ..inference.weights import kernel_linears, packed_linears
+from ..inference.weights import kernel_linears, packed_linears, packing_available
 from ..masks import allowed, rope_position
 from ..model import Attend, PHDTransformer
 from .config import logger
@@ -93,7 +93,8 @@ class PHDForCausalLM(nn.Module):
                 if self.config.tie_embeddings and name == "model.lm_head.weight":
                     continue
                 raise ValueError(f"checkpoint tensor {name} has no place in {self.config.name}")
-            params[name].data.copy_(tensor)
+            with torch.no_grad():
+                params[name].copy_(tensor)  # not through .data: the copy bumps the version, so no pack outlives it
             loaded.add(name)
         missing = [name for name in params if name.startswith("model.") and name not in loaded]
         if missing:
@@ -103,10 +104,13 @@ class PHDForCausalLM(nn.Module):
         return set(params)
 
     def _pack_linears(self) -> None:
-        """Steps above the rows kernel's 8 rows (K rows per request) on MKL packs made once for the largest decode
-        step: what the native engine does per batch, for vLLM's batches that change size every step. One more copy
-        of the linears' weights, said in the log; `PHD_VLLM_PACKS=0` turns it off."""
+        """Steps above the rows kernel's 8 rows (K rows per request), up to the largest decode step's, on MKL packs
+        made once for that step: what the native engine does per batch, for vLLM's batches that change size every
+        step. One more copy of the linears' weights, said in the log; `PHD_VLLM_PACKS=0` turns it off."""
         if os.environ.get("PHD_VLLM_PACKS", "1") == "0":
+            return
+        if not packing_available():
+            logger.info("PHD: no MKL packed GEMM in this PyTorch: steps of more than 8 rows run PyTorch's GEMM")
             return
         n = packed_linears(self.model, min(max(self.max_rows, 16), 256))
         if n:
