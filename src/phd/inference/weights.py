@@ -37,8 +37,8 @@ class DecodeLinear(nn.Linear):
     go to phd's rows kernel (`use_kernel`; it reads the live weight, so any weight change is seen); exactly
     `packed_rows` rows go to the MKL pack (`packed`, a copy) while the weight is the very tensor it was packed from,
     unmodified (same storage, same version counter), and so does any count from 2 to `packed_rows` if `packed_any`.
-    Anything else runs the plain F.linear. Same parameters and
-    state_dict keys as nn.Linear; `plain_linears` turns it back.
+    Anything else runs the plain F.linear. Same parameters and state_dict keys as nn.Linear; `plain_linears` turns
+    it back.
     """
 
     use_kernel: bool
