@@ -91,6 +91,21 @@ def test_the_kernel_equals_sdpa_over_the_gathered_keys(layout, shape):
     torch.testing.assert_close(got, want, atol=tol, rtol=max(tol, 1e-5))
 
 
+@pytest.mark.parametrize("queries", [1, 2])
+def test_fewer_queries_than_set_entries(queries):
+    """A last layer asks only for the last copies' outputs: the last `queries` of the set's 4 entries query, while
+    all 4 stay keys (the mask [R, queries, S + 4] says which each sees)."""
+    key_layout, value_layout = LAYOUTS["cpu backend (keys [D, size], values [size, D])"](16, 64)
+    cache, table, q, set_k, set_v, window, rows, limit, mask = _case(3, 2, 9, 3, 4, 64, 16, 48, [40, 77])
+    q, limit, mask = q[:, :, -queries:], limit[:, -queries:].contiguous(), mask[:, -queries:].contiguous()
+    args = (q, cache, key_layout, value_layout, 16, table, limit, window, rows, set_k, set_v, mask, 0.125)
+    got, want = OP(*args), _reference(*args)
+    assert got.shape == want.shape == (9, 2 * queries, 64)
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="Ms >= "):
+        OP(torch.randn(2, 9, 5, 64), *args[1:])  # more queries than set entries
+
+
 def test_a_query_with_no_key_gets_zeros_and_bad_input_is_refused():
     """Only a padding query can see nothing; it gets zeros (never NaN). Limits past the block table, block ids
     outside the cache, window rows outside the pool and layouts past a block's slab are refused."""

@@ -78,20 +78,24 @@ def _count_preemptions(llm: LLM) -> list[int]:
 
 
 def _on_both_paths(llm: LLM, monkeypatch, name: str, run) -> None:
-    """run() with the hidden_attention kernel (asserting it served every PHD layer where phd's kernels build), then
-    with the plugin's SDPA path (the kernel set aside, as where it cannot be built)."""
-    calls = []
-    kernel = plugin._PHDAttention._kernel
+    """run() with the hidden_attention kernel (asserting it served every PHD layer where phd's kernels build, and
+    that decode steps took the fused path: all K copies in one kernel call), then with the plugin's SDPA path (the
+    kernel set aside, as where it cannot be built: the fused path's reference)."""
+    calls, fused = [], []
+    kernel, decode = plugin._PHDAttention._kernel, plugin.PHDForCausalLM._forward_decode
     monkeypatch.setattr(plugin._PHDAttention, "_kernel", lambda self, *a: calls.append(1) or kernel(self, *a))
+    monkeypatch.setattr(plugin.PHDForCausalLM, "_forward_decode", lambda self, *a: fused.append(1) or decode(self, *a))
     run()
     if name != "vanilla" and hidden_attention_op() is not None:
         assert calls, "the hidden_attention kernel did not run"
+        assert fused, "no decode step took the fused path"
     model = _plugin_model(llm)
     held, model.kernel = model.kernel, None
     try:
         calls.clear()
+        fused.clear()
         run()
-        assert not calls
+        assert not calls and not fused
     finally:
         model.kernel = held
 

@@ -14,6 +14,12 @@ Cost: everything that does not depend on the layer (the hidden set's positions, 
 to read, the windows' rows) is built once per step (`_StepPlan`); a layer adds one read of the paged blocks
 into the buffer the hidden queries attend, one SDPA and the window write. In decode the hidden set keeps its
 size across layers, so [originals | hidden set] stays one tensor from the first layer to the last.
+
+Decode steps where the hidden_attention kernel serves the cache (float32 CPU) take `_forward_decode` instead: the
+native engine's decode step over vLLM's cache. Each request's K copies are one sequence of the block (layer 0
+projects their shared input once, the last layer queries copy K alone); per layer vLLM's cache update writes the
+originals' K/V, and one kernel call attends all K copies, the original included (vLLM's attention is not called:
+it would attend the same keys a second time). Its reference is the path above (tests/test_vllm.py runs both).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from torch import Tensor, nn
 from vllm.config import VllmConfig
 from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.layers.attention.attention import unified_kv_cache_update
 
 from ..config import PHDConfig
 from ..hfnames import config_from_transformers_fields
@@ -79,6 +86,8 @@ class PHDForCausalLM(nn.Module):
             for block, paged in zip(model.layers, self.paged, strict=True):
                 h = block(h, cos, sin, _paged_attend(paged, n))
             return model.norm(h[0])
+        if self._fuses(step, n):
+            return self._forward_decode(x, step)
         return self._forward_phd(x, positions, step)
 
     def compute_logits(self, hidden_states: Tensor) -> Tensor:
@@ -144,6 +153,27 @@ class PHDForCausalLM(nn.Module):
                     and cache.is_contiguous()):  # the kernel reads affine float32 CPU layouts in place
                 self.kernel = hidden_attention_op()  # None: no kernels here (or PHD_KERNELS=0): the SDPA path
         return self.reader
+
+    def _fuses(self, step: _Step, n: int) -> bool:
+        """Whether this step takes `_forward_decode`: every request decodes one token past its first, and the
+        kernel serves this cache with vLLM's cache update apart from its attention (the CPU backend)."""
+        self._reader()
+        return (self.kernel is not None and n == step.seq_lens.shape[0] and not bool(step.fresh.any())
+                and not self.paged[0].attn_backend.forward_includes_kv_cache_update)
+
+    def _forward_decode(self, x: Tensor, step: _Step) -> Tensor:
+        """A decode step as the native engine's (`engine.decode_step`), over vLLM's cache: each request's K
+        copies are one sequence [R, K] of the block, so layer 0 projects the shared input once and the last layer
+        queries only copy K; per layer, vLLM's update writes the originals' K/V to the paged cache and one kernel
+        call attends all K copies (the original sees the originals before it in the cache, itself in the set)."""
+        model, cfg = self.model, self.config
+        plan = _DecodePlan.build(self, x, step)
+        cos, sin = model.rope_at(plan.pos, plan.copy)
+        h = x[:, None]
+        last = cfg.n_layers - 1
+        for i, (block, paged) in enumerate(zip(model.layers, self.paged, strict=True)):
+            h = block(h, cos, sin, _DecodeAttention(self, plan, paged, i), 1 if i == last else None)
+        return model.norm(h[:, -1])
 
     def _forward_phd(self, x: Tensor, positions: Tensor, step: _Step) -> Tensor:
         """Per step, once: the hidden set, the read plan, the windows' rows and, per hidden-set width, RoPE and
@@ -283,41 +313,83 @@ class _StepPlan:
         return self.shapes[m]
 
     def _originals_seen(self, keep: int) -> Tensor:
-        """[R, M] int64: how many of its request's originals each query of the set's last M entries sees, by
-        `masks.allowed` (a prefix of the positions: a hidden copy sees every original up to its own position), among
-        those the request holds."""
-        step, q_pos = self.step, self.pos[:, keep:]
-        o_pos = torch.arange(step.length, device=q_pos.device)
-        seen = allowed(q_pos[..., None], self.copy[keep:, None], o_pos, torch.ones_like(o_pos), self.cfg.window,
-                       self.cfg.chunk) & (o_pos < step.seq_lens[:, None, None])
-        count = seen.sum(-1)
-        if not torch.equal(seen, o_pos < count[..., None]):  # the kernel takes a count: the rule must give a prefix
-            raise RuntimeError("masks.allowed gives hidden queries originals that are not a prefix of the positions; "
-                               "the hidden_attention kernel cannot serve it (PHD_KERNELS=0 runs the SDPA path)")
-        return count
+        """[R, M] int64: how many of its request's originals each query of the set's last M entries sees."""
+        return _originals_seen(self.cfg, self.pos[:, keep:], self.copy[keep:], self.step.seq_lens, self.step.length)
 
     def _mask(self, keep: int, originals: bool = True) -> Tensor:
         """Additive mask (0 / -inf) [R, 1, M, length + S + M] by `masks.allowed` ([R, 1, M, S + M] without the
-        originals). Padding queries may see any allowed key (no empty softmax row); real queries see only real
-        keys."""
-        step, cfg = self.step, self.cfg
+        originals) for the set's last M entries."""
+        step = self.step
         q_pos, q_copy, q_valid = self.pos[:, keep:], self.copy[keep:], self.valid[:, keep:]
-        r = q_pos.shape[0]
-        key_pos, key_copy, key_valid = [q_pos], [q_copy], [q_valid]
+        keys = [(q_pos, q_copy, q_valid)]
         if self.window is not None:
-            key_pos.insert(0, self.window.pos)
-            key_copy.insert(0, self.window.copy)
-            key_valid.insert(0, self.window.pos >= 0)
+            keys.insert(0, (self.window.pos, self.window.copy, self.window.pos >= 0))
         if originals:
-            o_pos = torch.arange(step.length, device=q_pos.device).expand(r, -1)
-            key_pos.insert(0, o_pos)
-            key_copy.insert(0, torch.ones_like(o_pos[0]))
-            key_valid.insert(0, o_pos < step.seq_lens[:, None])
-        key_pos_t, key_copy_t, key_valid_t = (torch.cat(t, dim=-1) for t in (key_pos, key_copy, key_valid))
-        mask = allowed(q_pos[..., None], q_copy[:, None], key_pos_t[:, None], key_copy_t, cfg.window, cfg.chunk)
-        mask = mask & (key_valid_t[:, None] | ~q_valid[..., None])
-        return torch.zeros(mask.shape, dtype=self.cos_o.dtype, device=mask.device).masked_fill_(
-            ~mask, float("-inf"))[:, None]
+            o_pos = torch.arange(step.length, device=q_pos.device).expand(q_pos.shape[0], -1)
+            keys.insert(0, (o_pos, torch.ones_like(o_pos[0]), o_pos < step.seq_lens[:, None]))
+        return _rule_mask(self.cfg, q_pos, q_copy, q_valid, keys, self.cos_o.dtype)[:, None]
+
+
+@dataclass
+class _DecodePlan:
+    """What `_forward_decode`'s layers share: the K copies of each request's position, the kernel's arguments
+    (block table, originals seen, mask over [window | the K copies]; and the same for copy K alone, the last
+    layer's query) and the windows' rows and writes."""
+
+    pos: Tensor  # [R, K]
+    copy: Tensor  # [K]
+    table: Tensor  # [R, blocks] int64
+    limit: Tensor  # [R, K] int64: originals each copy sees in the cache (those before its position)
+    mask: Tensor  # [R, K, S + K] additive
+    limit_last: Tensor  # [R, 1], [R, 1, S + K]: copy K's
+    mask_last: Tensor
+    window: WindowStep | None
+    pool: WindowPool | None
+    no_window: tuple[Tensor, Tensor]
+
+    @classmethod
+    def build(cls, owner: PHDForCausalLM, x: Tensor, step: _Step) -> _DecodePlan:
+        cfg = owner.config
+        r, k = x.shape[0], cfg.repeat_k
+        copy = torch.arange(1, k + 1, device=x.device)
+        pos = step.last[:, None].expand(r, k)
+        valid = torch.ones_like(pos, dtype=torch.bool)
+        keys = [(pos, copy, valid)]
+        window = None
+        if owner.windows is not None:
+            window = owner.windows.begin(step.block_table, step.seq_lens, step.fresh,
+                                         block_size(owner.paged[0].kv_cache), x, pos[:, 1:], valid[:, 1:], step.last)
+            keys.insert(0, (window.pos, window.copy, window.pos >= 0))
+        mask = _rule_mask(cfg, pos, copy, valid, keys, x.dtype)
+        limit = _originals_seen(cfg, pos, copy, step.last, step.length)
+        no_window = (x.new_zeros(0, 2, cfg.n_kv_heads, 0, cfg.head_dim), step.block_table.new_zeros(0).long())
+        return cls(pos, copy, step.block_table.long().contiguous(), limit, mask, limit[:, -1:].contiguous(),
+                   mask[:, -1:].contiguous(), window, owner.windows, no_window)
+
+
+def _originals_seen(cfg: PHDConfig, q_pos: Tensor, q_copy: Tensor, held: Tensor, length: int) -> Tensor:
+    """[R, M] int64: how many originals each query (q_pos [R, M], q_copy [M]) sees by `masks.allowed`, among the
+    first held[r] of its request (a prefix of the positions: a hidden copy sees every original up to its own
+    position); `length` >= every held."""
+    o_pos = torch.arange(length, device=q_pos.device)
+    seen = allowed(q_pos[..., None], q_copy[:, None], o_pos, torch.ones_like(o_pos), cfg.window,
+                   cfg.chunk) & (o_pos < held[:, None, None])
+    count = seen.sum(-1)
+    if not torch.equal(seen, o_pos < count[..., None]):  # the kernel takes a count: the rule must give a prefix
+        raise RuntimeError("masks.allowed gives hidden queries originals that are not a prefix of the positions; "
+                           "the hidden_attention kernel cannot serve it (PHD_KERNELS=0 runs the SDPA path)")
+    return count
+
+
+def _rule_mask(cfg: PHDConfig, q_pos: Tensor, q_copy: Tensor, q_valid: Tensor,
+               keys: list[tuple[Tensor, Tensor, Tensor]], dtype: torch.dtype) -> Tensor:
+    """Additive mask (0 / -inf) [R, M, N] of queries (q_pos [R, M], q_copy [M], q_valid [R, M]) over the keys,
+    the concatenation of (pos [R, n], copy [n], valid [R, n]) parts, by `masks.allowed`. Padding queries may see
+    any allowed key (no empty softmax row); real queries see only real keys."""
+    key_pos, key_copy, key_valid = (torch.cat(t, dim=-1) for t in zip(*keys, strict=True))
+    mask = allowed(q_pos[..., None], q_copy[:, None], key_pos[:, None], key_copy, cfg.window, cfg.chunk)
+    mask = mask & (key_valid[:, None] | ~q_valid[..., None])
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
 def _paged_attend(paged: Attention, n: int) -> Attend:
@@ -375,3 +447,26 @@ class _PHDAttention:
         return owner.kernel(q_h, cache.view(cache.shape[0], cache.shape[1], -1), list(key_layout),
                             list(value_layout), block_size(cache), plan.table, self.shape.limit, window, rows, k_h,
                             v_h, self.shape.mask, q_h.shape[-1] ** -0.5)
+
+
+class _DecodeAttention:
+    """Layer `layer`'s attention in `_forward_decode`: q [R, Hq, Q, D] (Q = K, or 1 in the last layer), k, v
+    [R, Hkv, K, D], copy 1 first. The originals' K/V go to vLLM's paged cache by vLLM's own update (not its
+    attention); the kernel attends all the queries; then the hidden copies' K/V go to the window pool."""
+
+    def __init__(self, owner: PHDForCausalLM, plan: _DecodePlan, paged: Attention, layer: int) -> None:
+        self.owner, self.plan, self.paged, self.layer = owner, plan, paged, layer
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        plan, owner, cache = self.plan, self.owner, self.paged.kv_cache
+        v = v.expand_as(k)  # layer 0 projects the K copies' shared input once: one value row stands for K
+        unified_kv_cache_update(k[:, :, 0].contiguous(), v[:, :, 0].contiguous(), self.paged.layer_name)
+        r, heads, queries, dim = q.shape
+        limit, mask = (plan.limit, plan.mask) if queries == plan.pos.shape[1] else (plan.limit_last, plan.mask_last)
+        window, rows = plan.no_window if plan.window is None else (plan.pool.kv[self.layer], plan.window.rows)
+        key_layout, value_layout = owner.reader.strides
+        o = owner.kernel(q, cache.view(cache.shape[0], cache.shape[1], -1), list(key_layout), list(value_layout),
+                         block_size(cache), plan.table, limit, window, rows, k, v, mask, dim**-0.5)
+        if plan.window is not None:  # after the attention: it read the windows as they were before this step
+            plan.pool.write(self.layer, plan.window, k[:, :, 1:], v[:, :, 1:], 0)
+        return o.view(heads, r, queries, dim).transpose(0, 1)

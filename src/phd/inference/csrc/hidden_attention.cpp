@@ -10,7 +10,8 @@
 // layer's projection left it. Per (request, kv head): the scores of all its query rows, one softmax, one
 // weighted sum; (request, kv head) pairs are split across ATen's threads.
 // Who may see whom: originals 0..limit[r, m]-1 for query m of request r (limit = min(position + 1, request
-// length)); the window and the set by an additive mask (0 / -inf) the caller builds with masks.allowed.
+// length)); the window and the set by an additive mask (0 / -inf) the caller builds with masks.allowed. There may
+// be fewer queries than set entries (a last layer, where only copy K's output is read).
 // The dense reference is the plugin's SDPA over the same keys (tests/test_inference_kernels.py, tests/test_vllm.py).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -267,8 +268,8 @@ at::Tensor hidden_attention(const at::Tensor& q, const at::Tensor& cache, at::In
                             const at::Tensor& set_k, const at::Tensor& set_v, const at::Tensor& extra_mask,
                             double scale) {
   // q [R, Hq, M, D]; cache [blocks, Hkv, slab]; block_table [R, B] int64; limit [R, M] int64;
-  // window [rows, 2, Hkv, S, D] contiguous (S may be 0) and rows [R] int64; set_k / set_v [R, Hkv, M, D];
-  // extra_mask [R, M, S + M] contiguous. Returns [Hq, R * M, D]: query m of request r in row r * M + m.
+  // window [rows, 2, Hkv, S, D] contiguous (S may be 0) and rows [R] int64; set_k / set_v [R, Hkv, Ms, D]
+  // (Ms >= M); extra_mask [R, M, S + Ms] contiguous. Returns [Hq, R * M, D]: query m of request r in row r * M + m.
   check_float_cpu(q, "q");
   check_float_cpu(cache, "cache");
   check_float_cpu(window, "window");
@@ -278,15 +279,16 @@ at::Tensor hidden_attention(const at::Tensor& q, const at::Tensor& cache, at::In
   TORCH_CHECK(q.dim() == 4 && set_k.dim() == 4 && set_v.dim() == 4 && cache.dim() == 3 && window.dim() == 5,
               "hidden_attention: q, set_k, set_v must be 4-d, cache 3-d, window 5-d");
   const int64_t R = q.size(0), Hq = q.size(1), M = q.size(2), D = q.size(3);
-  const int64_t Hkv = cache.size(1), S = window.size(3);
+  const int64_t Hkv = cache.size(1), S = window.size(3), Ms = set_k.size(2);
   TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "hidden_attention: ", Hq, " query heads over ", Hkv, " kv heads");
-  TORCH_CHECK(set_k.sizes() == at::IntArrayRef({R, Hkv, M, D}) && set_v.sizes() == set_k.sizes(),
-              "hidden_attention: set_k / set_v must be [R, Hkv, M, D] = ", at::IntArrayRef({R, Hkv, M, D}));
+  TORCH_CHECK(Ms >= M && set_k.sizes() == at::IntArrayRef({R, Hkv, Ms, D}) && set_v.sizes() == set_k.sizes(),
+              "hidden_attention: set_k / set_v must be [R, Hkv, Ms, D] with Ms >= ", M, " and R, Hkv, D = ",
+              at::IntArrayRef({R, Hkv, D}));
   TORCH_CHECK(q.stride(3) == 1 && set_k.stride(3) == 1 && set_v.stride(3) == 1 && cache.is_contiguous() &&
                   window.is_contiguous() && extra_mask.is_contiguous(),
               "hidden_attention: q / set_k / set_v need a contiguous last dimension; cache, window, mask contiguous");
-  TORCH_CHECK(extra_mask.sizes() == at::IntArrayRef({R, M, S + M}), "hidden_attention: extra_mask must be ",
-              at::IntArrayRef({R, M, S + M}));
+  TORCH_CHECK(extra_mask.sizes() == at::IntArrayRef({R, M, S + Ms}), "hidden_attention: extra_mask must be ",
+              at::IntArrayRef({R, M, S + Ms}));
   TORCH_CHECK(S == 0 || (window.size(1) == 2 && window.size(2) == Hkv && window.size(4) == D && rows.numel() == R),
               "hidden_attention: window must be [rows, 2, Hkv, S, D] with one row per request");
   TORCH_CHECK(block_table.scalar_type() == at::kLong && limit.scalar_type() == at::kLong &&
@@ -335,7 +337,7 @@ at::Tensor hidden_attention(const at::Tensor& q, const at::Tensor& cache, at::In
       const int64_t r = task / Hkv, h = task % Hkv;
       int64_t L = 0;  // originals any query of this request sees
       for (int64_t m = 0; m < M; ++m) L = std::max(L, lim[r * M + m]);
-      const int64_t E = L + S + M;
+      const int64_t E = L + S + Ms;
       sc_buf.resize(J * E);
       float* s = sc_buf.data();
       for (int64_t j = 0; j < J; ++j) {  // query row j = g * M + m (head h * G + g), as columns qT[d * J + j]
@@ -359,15 +361,16 @@ at::Tensor hidden_attention(const at::Tensor& q, const at::Tensor& cache, at::In
         }
       }
       if (S) scores_rows(qrow.data(), J, wp + ((rp[r] * 2 + 0) * Hkv + h) * S * D, D, S, D, s + L, E);
-      scores_rows(qrow.data(), J, kp + r * set_k.stride(0) + h * set_k.stride(1), set_k.stride(2), M, D, s + L + S, E);
+      scores_rows(qrow.data(), J, kp + r * set_k.stride(0) + h * set_k.stride(1), set_k.stride(2), Ms, D, s + L + S,
+                  E);
       // Scale, mask, softmax (probabilities in place of the scores, their sums kept).
       std::vector<float> sums(J);
       for (int64_t j = 0; j < J; ++j) {
         const int64_t m = j % M, lj = lim[r * M + m];
         float* sj = s + j * E;
-        const float* mask = mp + (r * M + m) * (S + M);
+        const float* mask = mp + (r * M + m) * (S + Ms);
         for (int64_t t = 0; t < L; ++t) sj[t] = t < lj ? sj[t] * sc : kNegInf;
-        for (int64_t i = 0; i < S + M; ++i) sj[L + i] = sj[L + i] * sc + mask[i];
+        for (int64_t i = 0; i < S + Ms; ++i) sj[L + i] = sj[L + i] * sc + mask[i];
         float mx = kNegInf;
         for (int64_t t = 0; t < E; ++t) mx = std::max(mx, sj[t]);
         if (mx == kNegInf) {  // no key at all (only a padding query can be so): zeros, not NaN
@@ -402,7 +405,7 @@ at::Tensor hidden_attention(const at::Tensor& q, const at::Tensor& cache, at::In
         }
       }
       if (S) values(s + L, E, J, wp + ((rp[r] * 2 + 1) * Hkv + h) * S * D, D, S, D, acc.data());
-      values(s + L + S, E, J, vp + r * set_v.stride(0) + h * set_v.stride(1), set_v.stride(2), M, D, acc.data());
+      values(s + L + S, E, J, vp + r * set_v.stride(0) + h * set_v.stride(1), set_v.stride(2), Ms, D, acc.data());
       for (int64_t j = 0; j < J; ++j) {
         float* o = op + ((h * G + j / M) * R * M + r * M + j % M) * D;
         const float inv = sums[j] > 0.0f ? 1.0f / sums[j] : 0.0f;
