@@ -78,17 +78,26 @@ def _count_preemptions(llm: LLM) -> list[int]:
 
 
 def _on_both_paths(llm: LLM, monkeypatch, name: str, run) -> None:
-    """run() with the hidden_attention kernel (asserting it served every PHD layer where phd's kernels build, and
-    that decode steps took the fused path: all K copies in one kernel call), then with the plugin's SDPA path (the
-    kernel set aside, as where it cannot be built: the fused path's reference)."""
-    calls, fused = [], []
-    kernel, decode = plugin._PHDAttention._kernel, plugin.PHDForCausalLM._forward_decode
+    """run() with the hidden_attention kernel (asserting it served the PHD steps where phd's kernels build, and
+    that every decode step, all requests one token past their first, took the fused path: all K copies in one
+    kernel call), then with the plugin's SDPA path (the kernel set aside, as where it cannot be built: the fused
+    path's reference)."""
+    calls, fused, unfused = [], [], []
+    kernel, decode, general = (plugin._PHDAttention._kernel, plugin.PHDForCausalLM._forward_decode,
+                               plugin.PHDForCausalLM._forward_phd)
+
+    def counted_general(self, x, positions, step):
+        if x.shape[0] == step.seq_lens.shape[0] and not step.fresh.any():
+            unfused.append(1)
+        return general(self, x, positions, step)
+
     monkeypatch.setattr(plugin._PHDAttention, "_kernel", lambda self, *a: calls.append(1) or kernel(self, *a))
     monkeypatch.setattr(plugin.PHDForCausalLM, "_forward_decode", lambda self, *a: fused.append(1) or decode(self, *a))
+    monkeypatch.setattr(plugin.PHDForCausalLM, "_forward_phd", counted_general)
     run()
     if name != "vanilla" and hidden_attention_op() is not None:
         assert calls, "the hidden_attention kernel did not run"
-        assert fused, "no decode step took the fused path"
+        assert fused and not unfused, f"{len(unfused)} decode steps took the general path, {len(fused)} fused"
     model = _plugin_model(llm)
     held, model.kernel = model.kernel, None
     try:
@@ -145,23 +154,31 @@ def test_steps_above_eight_rows_run_on_one_pack(served, monkeypatch):
         plugin_model._pack_linears()
 
 
-def test_requests_arriving_while_others_decode(served):
-    """Continuous batching: new prompts join steps in which earlier requests decode (prefill + decode mixed)."""
-    model, llm, _ = served
+def test_requests_arriving_while_others_decode(served, monkeypatch):
+    """Continuous batching: new prompts join steps in which earlier requests decode (prefill + decode mixed), a
+    1-token prompt among them; on both hidden paths."""
+    model, llm, name = served
     engine = llm.llm_engine
-    batch = prompts([9, 3, 26, 14, 6], seed=2)
+    batch = prompts([9, 3, 26, 1, 6], seed=2)
     arrivals = {0: [0, 1], 3: [2], 5: [3, 4]}  # step -> requests added before it
-    done: dict[str, list[int]] = {}
-    step = 0
-    while len(done) < len(batch):
-        for i in arrivals.get(step, []):
-            engine.add_request(f"r{i}", TokensPrompt(prompt_token_ids=batch[i]), GREEDY)
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = list(out.outputs[0].token_ids)
-        step += 1
-        assert step < 200
-    assert [done[f"r{i}"] for i in range(len(batch))] == [native_greedy(model, p, NEW) for p in batch]
+    runs = [0]
+
+    def run():
+        runs[0] += 1
+        done: dict[str, list[int]] = {}
+        step = 0
+        while len(done) < len(batch):
+            for i in arrivals.get(step, []):
+                engine.add_request(f"r{i}-{runs[0]}", TokensPrompt(prompt_token_ids=batch[i]), GREEDY)
+            for out in engine.step():
+                if out.finished:
+                    done[out.request_id] = list(out.outputs[0].token_ids)
+            step += 1
+            assert step < 200
+        got = [done[f"r{i}-{runs[0]}"] for i in range(len(batch))]
+        assert got == [native_greedy(model, p, NEW) for p in batch]
+
+    _on_both_paths(llm, monkeypatch, name, run)
 
 
 def _plugin_model(llm: LLM):

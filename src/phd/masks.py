@@ -31,6 +31,15 @@ def allowed(
     return rule
 
 
+def visible(q_pos: Tensor, q_copy: Tensor, q_valid: Tensor, k_pos: Tensor, k_copy: Tensor, k_valid: Tensor,
+            window: int | None, chunk: int | None) -> Tensor:
+    """Bool [..., Q, N]: `allowed` between queries (q_pos, q_copy, q_valid [..., Q]) and keys (k_pos, k_copy,
+    k_valid [..., N]), broadcasting. Inference pads rows to a common width: a padding query (q_valid False) may see
+    any key the rule allows, so no softmax row is empty, while a real query sees only real keys."""
+    rule = allowed(q_pos[..., :, None], q_copy[..., :, None], k_pos[..., None, :], k_copy[..., None, :], window, chunk)
+    return rule & (k_valid[..., None, :] | ~q_valid[..., :, None])
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The token layout: where token (n, s) sits, written once. Every order the code uses is built from these.
 # ----------------------------------------------------------------------------------------------------------

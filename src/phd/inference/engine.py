@@ -26,6 +26,7 @@ chunk phase; padding sits at future positions, which the rule never lets a real 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -34,7 +35,7 @@ from torch import Tensor
 
 from ..attention import LayoutAttention, resolve_backend
 from ..checks import check_token_ids
-from ..masks import allowed, hidden_tokens
+from ..masks import hidden_tokens, visible
 from ..model import Attend, pick_rows
 from .cache import PHDCache
 from .padding import right_pad
@@ -158,11 +159,8 @@ def _prefill_tokens(model, last: Tensor, n_positions: int, seq_len: int) -> _Tok
 
 
 def _rule_mask(config, keys: _Tokens, q_pos: Tensor, q_copy: Tensor, q_valid: Tensor) -> Tensor:
-    """Bool [B, 1, Q, M]: the rule between queries (q_pos, q_copy, q_valid) [B, Q] and `keys`. Padding queries
-    (positions a row does not need) may see anything the rule allows, so no softmax row is empty; real queries
-    see only real keys."""
-    mask = allowed(q_pos[..., None], q_copy[..., None], keys.pos[:, None], keys.copy, config.window, config.chunk)
-    return (mask & (keys.valid[:, None] | ~q_valid[..., None]))[:, None]
+    """Bool [B, 1, Q, M]: `masks.visible` between queries (q_pos, q_copy, q_valid) [B, Q] and `keys`."""
+    return visible(q_pos, q_copy, q_valid, keys.pos, keys.copy, keys.valid, config.window, config.chunk)[:, None]
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, causal: bool = False) -> Tensor:
@@ -329,12 +327,18 @@ def decode_step(model, token_ids: Tensor, cache: PHDCache, check: bool = True) -
 
         return attend
 
-    # The K copies share one input: layer 0 projects it once as one row, and RoPE spreads it over K positions.
-    x = model.embed(token_ids)[:, None]
-    n_layers = len(model.layers)
-    for i, block in enumerate(model.layers):
-        # In the last layer only copy K predicts; the other copies' outputs there are never read.
-        x = block(x, cos, sin, attention(i), 1 if i == n_layers - 1 else None)
+    x = decode_layers(model, model.embed(token_ids)[:, None], cos, sin, attention)
     cache.lengths += 1
     cache.longest += 1
-    return model.lm_head(model.norm(x[:, -1]))
+    return model.lm_head(x)
+
+
+def decode_layers(model, x: Tensor, cos: Tensor, sin: Tensor, attention: Callable[[int], Attend]) -> Tensor:
+    """A decode step's layers (this engine's and the vLLM plugin's): x [B, 1, d] stands for each row's K copies,
+    which share one input, so layer 0 projects it once and RoPE (cos / sin [B, 1, K, D]) spreads it over the K
+    positions; in the last layer only copy K is a query (the other copies' outputs there are never read).
+    attention(i): layer i's. Returns copy K's final hidden state [B, d] after the final norm."""
+    last = len(model.layers) - 1
+    for i, block in enumerate(model.layers):
+        x = block(x, cos, sin, attention(i), 1 if i == last else None)
+    return model.norm(x[:, -1])

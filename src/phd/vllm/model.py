@@ -38,10 +38,10 @@ from vllm.model_executor.layers.attention.attention import unified_kv_cache_upda
 
 from ..config import PHDConfig
 from ..hfnames import config_from_transformers_fields
-from ..inference.engine import hidden_widths
+from ..inference.engine import decode_layers, hidden_widths
 from ..inference.kernels import hidden_attention_op
 from ..inference.weights import kernel_linears, packed_linears, packing_available
-from ..masks import allowed, rope_position
+from ..masks import allowed, rope_position, visible
 from ..model import Attend, PHDTransformer
 from .config import logger
 from .state import PagedReader, ReadPlan, WindowPool, WindowStep, block_size
@@ -155,8 +155,11 @@ class PHDForCausalLM(nn.Module):
         return self.reader
 
     def _fuses(self, step: _Step, n: int) -> bool:
-        """Whether this step takes `_forward_decode`: every request decodes one token past its first, and the
-        kernel serves this cache with vLLM's cache update apart from its attention (the CPU backend)."""
+        """Whether this step takes `_forward_decode`: every request decodes one token, and the kernel serves this
+        cache with vLLM's cache update apart from its attention (the CPU backend). Probes the cache first (sets
+        `reader` and `kernel`, which `_forward_decode` uses). A request's first step (position 0: a 1-token prompt,
+        or a recompute after preemption) is left to the general path, a conservative choice: it would be exact
+        here too (an emptied window, no originals before it)."""
         self._reader()
         return (self.kernel is not None and n == step.seq_lens.shape[0] and not bool(step.fresh.any())
                 and not self.paged[0].attn_backend.forward_includes_kv_cache_update)
@@ -166,14 +169,11 @@ class PHDForCausalLM(nn.Module):
         copies are one sequence [R, K] of the block, so layer 0 projects the shared input once and the last layer
         queries only copy K; per layer, vLLM's update writes the originals' K/V to the paged cache and one kernel
         call attends all K copies (the original sees the originals before it in the cache, itself in the set)."""
-        model, cfg = self.model, self.config
         plan = _DecodePlan.build(self, x, step)
-        cos, sin = model.rope_at(plan.pos, plan.copy)
-        h = x[:, None]
-        last = cfg.n_layers - 1
-        for i, (block, paged) in enumerate(zip(model.layers, self.paged, strict=True)):
-            h = block(h, cos, sin, _DecodeAttention(self, plan, paged, i), 1 if i == last else None)
-        return model.norm(h[:, -1])
+        cos, sin = self.model.rope_at(plan.pos, plan.copy)
+        last = self.config.n_layers - 1
+        return decode_layers(self.model, x[:, None], cos, sin,
+                             lambda i: _DecodeAttention(self, plan, self.paged[i], i, i == last))
 
     def _forward_phd(self, x: Tensor, positions: Tensor, step: _Step) -> Tensor:
         """Per step, once: the hidden set, the read plan, the windows' rows and, per hidden-set width, RoPE and
@@ -248,7 +248,6 @@ class _StepPlan:
     buffer: Tensor | None  # [2, R, Hkv, length + S + m, D]: K / V of [originals | window | widest set] (SDPA path)
     read: ReadPlan | None
     table: Tensor | None  # [R, blocks] int64 block table (kernel path)
-    no_window: tuple[Tensor, Tensor] | None  # kernel path without a window: an empty pool and rows, made once
     window: WindowStep | None
     pool: WindowPool | None
     step: _Step
@@ -274,22 +273,15 @@ class _StepPlan:
             window = owner.windows.begin(step.block_table, step.seq_lens, step.fresh, block_size(cache), x, pos,
                                          valid, step.last)
             s = owner.windows.slots
-        reader, buffer, read, table, no_window = owner._reader(), None, None, None, None
+        reader, buffer, read, table = owner._reader(), None, None, None
         if owner.kernel is None:  # every layer reads into the same buffer: its attention is done before the next's
             buffer = x.new_empty(2, pos.shape[0], cfg.n_kv_heads, step.length + s + pos.shape[1], cfg.head_dim)
             read = reader.plan(cache, step.block_table, step.seq_lens, step.length, buffer[0, :, :, : step.length],
                                buffer[1, :, :, : step.length])
         else:
             table = step.block_table.long().contiguous()
-            if window is None:
-                no_window = (x.new_zeros(0, 2, cfg.n_kv_heads, 0, cfg.head_dim), table.new_zeros(0))
         return cls(x.shape[0], k1, pos.shape[1], x[row], pos, copy, valid, cos_o, sin_o, cos_h, sin_h, buffer, read,
-                   table, no_window, window, owner.windows, step, cfg, {})
-
-    def kernel_window(self, layer: int) -> tuple[Tensor, Tensor]:
-        """The kernel's window arguments for `layer`: the layer's pool and the requests' rows in it (empty without
-        a window)."""
-        return self.no_window if self.window is None else (self.pool.kv[layer], self.window.rows)
+                   table, window, owner.windows, step, cfg, {})
 
     def window_view(self) -> Tensor:
         """[R, 2, Hkv, S, D]: where the windows go in the buffer."""
@@ -345,7 +337,6 @@ class _DecodePlan:
     mask_last: Tensor
     window: WindowStep | None
     pool: WindowPool | None
-    no_window: tuple[Tensor, Tensor]
 
     @classmethod
     def build(cls, owner: PHDForCausalLM, x: Tensor, step: _Step) -> _DecodePlan:
@@ -362,9 +353,8 @@ class _DecodePlan:
             keys.insert(0, (window.pos, window.copy, window.pos >= 0))
         mask = _rule_mask(cfg, pos, copy, valid, keys, x.dtype)
         limit = _originals_seen(cfg, pos, copy, step.last, step.length)
-        no_window = (x.new_zeros(0, 2, cfg.n_kv_heads, 0, cfg.head_dim), step.block_table.new_zeros(0).long())
         return cls(pos, copy, step.block_table.long().contiguous(), limit, mask, limit[:, -1:].contiguous(),
-                   mask[:, -1:].contiguous(), window, owner.windows, no_window)
+                   mask[:, -1:].contiguous(), window, owner.windows)
 
 
 def _originals_seen(cfg: PHDConfig, q_pos: Tensor, q_copy: Tensor, held: Tensor, length: int) -> Tensor:
@@ -383,13 +373,26 @@ def _originals_seen(cfg: PHDConfig, q_pos: Tensor, q_copy: Tensor, held: Tensor,
 
 def _rule_mask(cfg: PHDConfig, q_pos: Tensor, q_copy: Tensor, q_valid: Tensor,
                keys: list[tuple[Tensor, Tensor, Tensor]], dtype: torch.dtype) -> Tensor:
-    """Additive mask (0 / -inf) [R, M, N] of queries (q_pos [R, M], q_copy [M], q_valid [R, M]) over the keys,
-    the concatenation of (pos [R, n], copy [n], valid [R, n]) parts, by `masks.allowed`. Padding queries may see
-    any allowed key (no empty softmax row); real queries see only real keys."""
+    """Additive mask (0 / -inf) [R, M, N] by `masks.visible` of queries (q_pos [R, M], q_copy [M], q_valid
+    [R, M]) over the keys, the concatenation of (pos [R, n], copy [n], valid [R, n]) parts."""
     key_pos, key_copy, key_valid = (torch.cat(t, dim=-1) for t in zip(*keys, strict=True))
-    mask = allowed(q_pos[..., None], q_copy[:, None], key_pos[:, None], key_copy, cfg.window, cfg.chunk)
-    mask = mask & (key_valid[:, None] | ~q_valid[..., None])
+    mask = visible(q_pos, q_copy, q_valid, key_pos, key_copy, key_valid, cfg.window, cfg.chunk)
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
+def _kernel_attend(owner: PHDForCausalLM, paged: Attention, layer: int, table: Tensor, window: WindowStep | None,
+                   q: Tensor, limit: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """The hidden_attention kernel: q [R, Hq, M, D] over [each request's first limit [R, M] originals, read in its
+    blocks of `paged`'s cache (block table `table`) | its window in the pool (none without one) | the set k, v
+    [R, Hkv, Ms, D]], the last two by the additive mask [R, M, S + Ms]. Returns [Hq, R * M, D]."""
+    cache = paged.kv_cache
+    if window is None:
+        pool, rows = q.new_zeros(0, 2, k.shape[1], 0, q.shape[-1]), table.new_zeros(0)
+    else:
+        pool, rows = owner.windows.kv[layer], window.rows
+    key_layout, value_layout = owner.reader.strides
+    return owner.kernel(q, cache.view(cache.shape[0], cache.shape[1], -1), list(key_layout), list(value_layout),
+                        block_size(cache), table, limit, pool, rows, k, v, mask, q.shape[-1] ** -0.5)
 
 
 def _paged_attend(paged: Attention, n: int) -> Attend:
@@ -441,32 +444,26 @@ class _PHDAttention:
     def _kernel(self, q_h: Tensor, k_h: Tensor, v_h: Tensor) -> Tensor:
         """The hidden queries by the hidden_attention kernel: the originals read in the paged blocks, the window in
         its pool row, the set where the projection left it (no copies)."""
-        plan, owner, cache = self.plan, self.owner, self.paged.kv_cache
-        window, rows = plan.kernel_window(self.layer)
-        key_layout, value_layout = owner.reader.strides
-        return owner.kernel(q_h, cache.view(cache.shape[0], cache.shape[1], -1), list(key_layout),
-                            list(value_layout), block_size(cache), plan.table, self.shape.limit, window, rows, k_h,
-                            v_h, self.shape.mask, q_h.shape[-1] ** -0.5)
+        return _kernel_attend(self.owner, self.paged, self.layer, self.plan.table, self.plan.window, q_h,
+                              self.shape.limit, k_h, v_h, self.shape.mask)
 
 
 class _DecodeAttention:
-    """Layer `layer`'s attention in `_forward_decode`: q [R, Hq, Q, D] (Q = K, or 1 in the last layer), k, v
-    [R, Hkv, K, D], copy 1 first. The originals' K/V go to vLLM's paged cache by vLLM's own update (not its
-    attention); the kernel attends all the queries; then the hidden copies' K/V go to the window pool."""
+    """Layer `layer`'s attention in `_forward_decode`: q [R, Hq, Q, D] (Q = K; 1, copy K's, in the last layer),
+    k [R, Hkv, K, D] and v alike (in layer 0 [R, Hkv, 1, D]: the K copies' shared value), copy 1 first. The
+    originals' K/V go to vLLM's paged cache by vLLM's own update (not its attention); the kernel attends all the
+    queries; then the hidden copies' K/V go to the window pool."""
 
-    def __init__(self, owner: PHDForCausalLM, plan: _DecodePlan, paged: Attention, layer: int) -> None:
-        self.owner, self.plan, self.paged, self.layer = owner, plan, paged, layer
+    def __init__(self, owner: PHDForCausalLM, plan: _DecodePlan, paged: Attention, layer: int, last: bool) -> None:
+        self.owner, self.plan, self.paged, self.layer, self.last = owner, plan, paged, layer, last
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        plan, owner, cache = self.plan, self.owner, self.paged.kv_cache
+        plan = self.plan
         v = v.expand_as(k)  # layer 0 projects the K copies' shared input once: one value row stands for K
         unified_kv_cache_update(k[:, :, 0].contiguous(), v[:, :, 0].contiguous(), self.paged.layer_name)
         r, heads, queries, dim = q.shape
-        limit, mask = (plan.limit, plan.mask) if queries == plan.pos.shape[1] else (plan.limit_last, plan.mask_last)
-        window, rows = plan.no_window if plan.window is None else (plan.pool.kv[self.layer], plan.window.rows)
-        key_layout, value_layout = owner.reader.strides
-        o = owner.kernel(q, cache.view(cache.shape[0], cache.shape[1], -1), list(key_layout), list(value_layout),
-                         block_size(cache), plan.table, limit, window, rows, k, v, mask, dim**-0.5)
+        limit, mask = (plan.limit_last, plan.mask_last) if self.last else (plan.limit, plan.mask)
+        o = _kernel_attend(self.owner, self.paged, self.layer, plan.table, plan.window, q, limit, k, v, mask)
         if plan.window is not None:  # after the attention: it read the windows as they were before this step
             plan.pool.write(self.layer, plan.window, k[:, :, 1:], v[:, :, 1:], 0)
         return o.view(heads, r, queries, dim).transpose(0, 1)

@@ -1,5 +1,6 @@
-// Attention of a PHD step's hidden queries over [their request's originals in a paged KV cache | the request's
-// hidden window | the step's hidden set], float32, on x86 CPUs with AVX2 and FMA: the vLLM plugin's hidden path.
+// Attention of a PHD step's queries over [their request's originals in a paged KV cache | the request's hidden
+// window | the step's set], float32, on x86 CPUs with AVX2 and FMA: the vLLM plugin's hidden path (the hidden
+// copies' queries; in a fused decode step all K copies', the original's too, with itself in the set).
 //
 // Why: the originals live in the engine's paged cache, scattered over blocks; attending them with SDPA first
 // copies every block of the request out of the cache, then keys and values out of the blocks, then the window
@@ -9,10 +10,12 @@
 // the CPU backend keeps keys [D, block] and values [block, D]), the window in its pool row, the set where the
 // layer's projection left it. Per (request, kv head): the scores of all its query rows, one softmax, one
 // weighted sum; (request, kv head) pairs are split across ATen's threads.
-// Who may see whom: originals 0..limit[r, m]-1 for query m of request r (limit = min(position + 1, request
-// length)); the window and the set by an additive mask (0 / -inf) the caller builds with masks.allowed. There may
-// be fewer queries than set entries (a last layer, where only copy K's output is read).
-// The dense reference is the plugin's SDPA over the same keys (tests/test_inference_kernels.py, tests/test_vllm.py).
+// Who may see whom: originals 0..limit[r, m]-1 for query m of request r (the caller counts them by
+// masks.allowed: position + 1 for a hidden copy whose original is in the cache, the position where the original
+// is in the set); the window and the set by an additive mask (0 / -inf) the caller builds by the same rule. There
+// may be fewer queries than set entries (a last layer, where only copy K's output is read).
+// The dense reference is SDPA over the same keys (tests/test_hidden_attention.py; the plugin's SDPA path in
+// tests/test_vllm.py).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
