@@ -67,6 +67,7 @@ class PHDForCausalLM(nn.Module):
         self.windows = WindowPool(cfg) if cfg.repeat_k > 1 and cfg.window else None
         self.reader: PagedReader | None = None  # probed once the cache exists (every layer stores alike)
         self.kernel: Callable | None = None  # hidden_attention where it serves this cache (decided with the reader)
+        self.no_window: tuple[Tensor, Tensor] | None = None  # the kernel's window arguments without a window: empty
         self.max_rows = cfg.repeat_k * vllm_config.scheduler_config.max_num_seqs  # the largest decode step's rows
 
     # ----- the vLLM model interface -----
@@ -152,6 +153,9 @@ class PHDForCausalLM(nn.Module):
             if (None not in self.reader.strides and cache.device.type == "cpu" and cache.dtype == torch.float32
                     and cache.is_contiguous()):  # the kernel reads affine float32 CPU layouts in place
                 self.kernel = hidden_attention_op()  # None: no kernels here (or PHD_KERNELS=0): the SDPA path
+                cfg = self.config
+                self.no_window = (cache.new_zeros(0, 2, cfg.n_kv_heads, 0, cfg.head_dim),
+                                  torch.zeros(0, dtype=torch.long, device=cache.device))
         return self.reader
 
     def _fuses(self, step: _Step, n: int) -> bool:
@@ -386,10 +390,7 @@ def _kernel_attend(owner: PHDForCausalLM, paged: Attention, layer: int, table: T
     blocks of `paged`'s cache (block table `table`) | its window in the pool (none without one) | the set k, v
     [R, Hkv, Ms, D]], the last two by the additive mask [R, M, S + Ms]. Returns [Hq, R * M, D]."""
     cache = paged.kv_cache
-    if window is None:
-        pool, rows = q.new_zeros(0, 2, k.shape[1], 0, q.shape[-1]), table.new_zeros(0)
-    else:
-        pool, rows = owner.windows.kv[layer], window.rows
+    pool, rows = owner.no_window if window is None else (owner.windows.kv[layer], window.rows)
     key_layout, value_layout = owner.reader.strides
     return owner.kernel(q, cache.view(cache.shape[0], cache.shape[1], -1), list(key_layout), list(value_layout),
                         block_size(cache), table, limit, pool, rows, k, v, mask, q.shape[-1] ** -0.5)
