@@ -181,6 +181,46 @@ def test_requests_arriving_while_others_decode(served, monkeypatch):
     _on_both_paths(llm, monkeypatch, name, run)
 
 
+def test_mixed_steps_compute_only_valid_hidden_entries(served, monkeypatch):
+    """In a step where prompts and decoding requests mix, a decoding request's hidden set is one position padded to
+    the prompts' width; the blocks compute only the valid entries: n originals + each request's hidden positions
+    from its floor (its first position, or its chunk's start), K - 1 copies each."""
+    from phd.inference.engine import hidden_widths
+
+    model, llm, name = served
+    if name == "vanilla":
+        pytest.skip("no hidden set")
+    plugin_model = _plugin_model(llm)
+    cfg, general = plugin_model.config, plugin.PHDForCausalLM._forward_phd
+    seen: list[tuple[int, int, bool]] = []  # (rows into layer 0, rows expected, any request padded)
+
+    def recorded(self, x, positions, step):
+        held = (step.last - step.floor + 1).clamp(min=1)
+        width = min(hidden_widths(cfg, int(held.max()))[0][0], int(held.max()))
+        expect = x.shape[0] + int(held.clamp(max=width).sum()) * (cfg.repeat_k - 1)
+        first = self.model.layers[0]
+        forward = first.forward
+        first.forward = lambda h, *a: seen.append((h.shape[1], expect, bool((held < width).any()))) or forward(h, *a)
+        try:
+            return general(self, x, positions, step)
+        finally:
+            del first.forward
+
+    monkeypatch.setattr(plugin.PHDForCausalLM, "_forward_phd", recorded)
+    engine = llm.llm_engine
+    batch = prompts([9, 3, 26, 1, 6], seed=2)
+    for step in range(60):
+        if step in (0, 3, 5):
+            for i in {0: [0, 1], 3: [2], 5: [3, 4]}[step]:
+                engine.add_request(f"valid-{i}", TokensPrompt(prompt_token_ids=batch[i]), GREEDY)
+        engine.step()
+        if not engine.has_unfinished_requests():
+            break
+    assert seen and all(rows == expect for rows, expect, _ in seen), seen
+    if cfg.window is not None:  # without a window every request's set is its last position: nothing to pad
+        assert any(padded for *_, padded in seen), "no step padded a request: the test did not mix steps"
+
+
 def _plugin_model(llm: LLM):
     """The plugin's model object (the engine runs in this process)."""
     return llm.llm_engine.model_executor.driver_worker.worker.model_runner.model

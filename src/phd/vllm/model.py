@@ -182,24 +182,25 @@ class PHDForCausalLM(nn.Module):
     def _forward_phd(self, x: Tensor, positions: Tensor, step: _Step) -> Tensor:
         """Per step, once: the hidden set, the read plan, the windows' rows and, per hidden-set width, RoPE and
         mask. Per layer: the block over [originals | hidden set] (one tensor, rebuilt only where the set shrinks:
-        never in decode) with `_PHDAttention`."""
+        never in decode) with `_PHDAttention`. Only the set's valid entries go through the block (a mixed step
+        pads a decoding request's one position to the width of a prompt's); the attention sees them padded."""
         model, cfg = self.model, self.config
         n = x.shape[0]
         longest = int((step.last - step.floor).max()) + 1
         widths = [min(keys, longest) for keys, _ in hidden_widths(cfg, longest)]
         plan = _StepPlan.build(self, x, positions, step, widths[0])
-        h, m = None, 0
+        h, shape = None, None
         window_out = None if plan.window is None or plan.buffer is None else plan.window_view()
         for i, (block, paged) in enumerate(zip(model.layers, self.paged, strict=True)):
-            shape = plan.shape(widths[i] * plan.k1)
+            new = plan.shape(widths[i] * plan.k1)
             if h is None:
-                h = torch.cat([x, plan.hidden_x[:, plan.m - shape.m :].flatten(0, 1)])
-            elif shape.m != m:  # prefill: the next layer needs fewer hidden positions
-                h = torch.cat([h[:n], h[n:].view(-1, m, h.shape[-1])[:, m - shape.m :].flatten(0, 1)])
-            m = shape.m
+                h = torch.cat([x, plan.compact(plan.hidden_x, new)])
+            elif new.m != shape.m:  # prefill: the next layer needs fewer hidden positions
+                h = torch.cat([h[:n], h[n:][plan.kept(shape, new.m)]])
+            shape = new
             h = block(h[None], shape.cos, shape.sin, _PHDAttention(self, plan, shape, paged, i, window_out))[0]
         out = h[:n].clone()
-        out[step.query_start[1:] - 1] = h[n:].view(-1, m, h.shape[-1])[:, -1]
+        out[step.query_start[1:] - 1] = h[n:][plan.kept(shape, 1)]  # each request's last entry (always valid)
         return model.norm(out)
 
 
@@ -232,6 +233,8 @@ class _Shape:
     set_keys: Tensor | None = None  # [R, Hkv, M, D], the last M of keys / values
     set_values: Tensor | None = None
     limit: Tensor | None = None  # [R, M] int64: query sees originals 0..limit-1
+    rows: Tensor | None = None  # the valid entries' indices in the padded [R * M] (None: every entry is valid)
+    column: Tensor | None = None  # [R * M] each padded entry's column in the widest set
 
 
 @dataclass
@@ -296,17 +299,39 @@ class _StepPlan:
         """The `_Shape` of the set's last m entries per request (built at its first layer)."""
         if m not in self.shapes:
             keep = self.m - m
-            cos = torch.cat([self.cos_o, self.cos_h[:, keep:].flatten(0, 1)])
-            sin = torch.cat([self.sin_o, self.sin_h[:, keep:].flatten(0, 1)])
+            valid = self.valid[:, keep:].flatten()
+            rows = None if bool(valid.all()) else valid.nonzero().squeeze(1)
+            column = torch.arange(keep, self.m, device=valid.device).repeat(self.valid.shape[0])
+            cos_h, sin_h = (t[:, keep:].flatten(0, 1) for t in (self.cos_h, self.sin_h))
+            if rows is not None:
+                cos_h, sin_h = cos_h[rows], sin_h[rows]
+            cos, sin = torch.cat([self.cos_o, cos_h]), torch.cat([self.sin_o, sin_h])
             if self.buffer is None:  # the kernel: originals by count, the window and the set by mask
                 self.shapes[m] = _Shape(m, cos, sin, self._mask(keep, originals=False)[:, 0].contiguous(),
-                                        limit=self._originals_seen(keep))
+                                        limit=self._originals_seen(keep), rows=rows, column=column)
             else:
                 end = self.buffer.shape[3] - keep
                 keys, values = self.buffer[0, :, :, :end], self.buffer[1, :, :, :end]
                 self.shapes[m] = _Shape(m, cos, sin, self._mask(keep), keys, values, keys[:, :, end - m :],
-                                        values[:, :, end - m :])
+                                        values[:, :, end - m :], rows=rows, column=column)
         return self.shapes[m]
+
+    def compact(self, hidden: Tensor, shape: _Shape) -> Tensor:
+        """[R, m, ...] (the widest set) -> the rows of `shape`'s valid entries, request-major."""
+        flat = hidden[:, self.m - shape.m :].flatten(0, 1)
+        return flat if shape.rows is None else flat[shape.rows]
+
+    def kept(self, shape: _Shape, m: int) -> Tensor:
+        """Which rows of `shape`'s valid entries are in the set's last m entries (the next, narrower set's)."""
+        column = shape.column if shape.rows is None else shape.column[shape.rows]
+        return column >= self.m - m
+
+    def pad(self, t: Tensor, shape: _Shape) -> Tensor:
+        """[heads, valid entries, D] -> [heads, R * M, D], zeros where an entry is padding."""
+        if shape.rows is None:
+            return t
+        out = t.new_zeros(t.shape[0], self.valid.shape[0] * shape.m, t.shape[2])
+        return out.index_copy_(1, shape.rows, t)
 
     def _originals_seen(self, keep: int) -> Tensor:
         """[R, M] int64: how many of its request's originals each query of the set's last M entries sees."""
@@ -422,11 +447,13 @@ class _PHDAttention:
         plan, shape, n = self.plan, self.shape, self.plan.n
         o_o = _paged_attend(self.paged, n)(q, k, v)  # first: the cache then holds this step's originals
         r = plan.pos.shape[0]
-        q_h, k_h, v_h = (t[0].narrow(1, n, r * shape.m).unflatten(1, (r, shape.m)).transpose(0, 1)
+        q_h, k_h, v_h = (plan.pad(t[0, :, n:], shape).unflatten(1, (r, shape.m)).transpose(0, 1)
                          for t in (q, k, v))  # [R, heads, M, D]
         o_h = self._sdpa(q_h, k_h, v_h) if plan.buffer is not None else self._kernel(q_h, k_h, v_h)  # [Hq, R*M, D]
         if plan.window is not None:  # after the attention: it read the windows as they were before this step
             plan.pool.write(self.layer, plan.window, k_h, v_h, plan.m - shape.m)
+        if shape.rows is not None:
+            o_h = o_h[:, shape.rows]
         return torch.cat([o_o, o_h[None]], dim=2)
 
     def _sdpa(self, q_h: Tensor, k_h: Tensor, v_h: Tensor) -> Tensor:
