@@ -106,6 +106,22 @@ def test_fewer_queries_than_set_entries(queries):
         OP(torch.randn(2, 9, 5, 64), *args[1:])  # more queries than set entries
 
 
+def test_leading_padding_queries_are_zeros_and_the_rest_exact():
+    """A step that mixes prompts and decoding requests pads each request's set to the widest: its leading queries
+    see no key (limit 0, mask all -inf). The kernel skips them (zeros) and the others equal SDPA; here request 0
+    has 5 of 7 leading queries padded, request 1 none, request 2 all 7 (and one padding query mid-set: zeros too)."""
+    key_layout, value_layout = LAYOUTS["cpu backend (keys [D, size], values [size, D])"](16, 64)
+    cache, table, q, set_k, set_v, window, rows, limit, mask = _case(5, 3, 9, 3, 7, 64, 16, 16, [40, 77, 20])
+    pad = torch.zeros(3, 7, dtype=torch.bool)
+    pad[0, :5], pad[2, :], pad[1, 3] = True, True, True
+    limit[pad], mask[pad] = 0, float("-inf")
+    args = (q, cache, key_layout, value_layout, 16, table, limit, window, rows, set_k, set_v, mask, 0.125)
+    got, want = OP(*args), _reference(*args)
+    rows_pad = pad.flatten()
+    assert torch.equal(got[:, rows_pad], torch.zeros_like(got[:, rows_pad]))
+    torch.testing.assert_close(got[:, ~rows_pad], want[:, ~rows_pad], atol=2e-6, rtol=1e-5)
+
+
 def test_a_query_with_no_key_gets_zeros_and_bad_input_is_refused():
     """Only a padding query can see nothing; it gets zeros (never NaN). Limits past the block table, block ids
     outside the cache, window rows outside the pool and layouts past a block's slab are refused."""

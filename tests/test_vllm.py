@@ -184,7 +184,8 @@ def test_requests_arriving_while_others_decode(served, monkeypatch):
 def test_mixed_steps_compute_only_valid_hidden_entries(served, monkeypatch):
     """In a step where prompts and decoding requests mix, a decoding request's hidden set is one position padded to
     the prompts' width; the blocks compute only the valid entries: n originals + each request's hidden positions
-    from its floor (its first position, or its chunk's start), K - 1 copies each."""
+    from its floor (its first position, or its chunk's start), K - 1 copies each; and the kernel is told the
+    padding sees no key (so it skips it)."""
     from phd.inference.engine import hidden_widths
 
     model, llm, name = served
@@ -206,7 +207,15 @@ def test_mixed_steps_compute_only_valid_hidden_entries(served, monkeypatch):
         finally:
             del first.forward
 
+    kernel, unseen = plugin._PHDAttention._kernel, []
+
+    def checked(self, *a):  # the kernel skips padding queries only if they see no key: limit 0, mask all -inf
+        pad = ~self.plan.valid[:, self.plan.m - self.shape.m :]
+        unseen.append(bool((self.shape.limit[pad] == 0).all() and self.shape.mask[pad].eq(float("-inf")).all()))
+        return kernel(self, *a)
+
     monkeypatch.setattr(plugin.PHDForCausalLM, "_forward_phd", recorded)
+    monkeypatch.setattr(plugin._PHDAttention, "_kernel", checked)
     engine = llm.llm_engine
     batch = prompts([9, 3, 26, 1, 6], seed=2)
     for step in range(60):
@@ -217,6 +226,7 @@ def test_mixed_steps_compute_only_valid_hidden_entries(served, monkeypatch):
         if not engine.has_unfinished_requests():
             break
     assert seen and all(rows == expect for rows, expect, _ in seen), seen
+    assert all(unseen) and (bool(unseen) == (hidden_attention_op() is not None))
     if cfg.window is not None:  # without a window every request's set is its last position: nothing to pad
         assert any(padded for *_, padded in seen), "no step padded a request: the test did not mix steps"
 

@@ -307,8 +307,9 @@ class _StepPlan:
                 cos_h, sin_h = cos_h[rows], sin_h[rows]
             cos, sin = torch.cat([self.cos_o, cos_h]), torch.cat([self.sin_o, sin_h])
             if self.buffer is None:  # the kernel: originals by count, the window and the set by mask
-                self.shapes[m] = _Shape(m, cos, sin, self._mask(keep, originals=False)[:, 0].contiguous(),
-                                        limit=self._originals_seen(keep), rows=rows, column=column)
+                mask = self._mask(keep, originals=False)[:, 0].masked_fill(~self.valid[:, keep:, None], float("-inf"))
+                self.shapes[m] = _Shape(m, cos, sin, mask.contiguous(), limit=self._originals_seen(keep), rows=rows,
+                                        column=column)  # padding sees no key: the kernel skips it
             else:
                 end = self.buffer.shape[3] - keep
                 keys, values = self.buffer[0, :, :, :end], self.buffer[1, :, :, :end]
@@ -334,8 +335,10 @@ class _StepPlan:
         return out.index_copy_(1, shape.rows, t)
 
     def _originals_seen(self, keep: int) -> Tensor:
-        """[R, M] int64: how many of its request's originals each query of the set's last M entries sees."""
-        return _originals_seen(self.cfg, self.pos[:, keep:], self.copy[keep:], self.step.seq_lens, self.step.length)
+        """[R, M] int64: how many of its request's originals each query of the set's last M entries sees (none for
+        padding: the kernel skips a request's leading queries that see no key)."""
+        seen = _originals_seen(self.cfg, self.pos[:, keep:], self.copy[keep:], self.step.seq_lens, self.step.length)
+        return seen * self.valid[:, keep:]
 
     def _mask(self, keep: int, originals: bool = True) -> Tensor:
         """Additive mask (0 / -inf) [R, 1, M, length + S + M] by `masks.allowed` ([R, 1, M, S + M] without the

@@ -13,7 +13,9 @@
 // Who may see whom: originals 0..limit[r, m]-1 for query m of request r (the caller counts them by
 // masks.allowed: position + 1 for a hidden copy whose original is in the cache, the position where the original
 // is in the set); the window and the set by an additive mask (0 / -inf) the caller builds by the same rule. There
-// may be fewer queries than set entries (a last layer, where only copy K's output is read).
+// may be fewer queries than set entries (a last layer, where only copy K's output is read). A request's leading
+// queries that see no key (limit 0, mask all -inf: the padding of a step that mixes prompts and decoding
+// requests) are not computed; their rows are zeros, as any query's with no key.
 // The dense reference is SDPA over the same keys (tests/test_hidden_attention.py; the plugin's SDPA path in
 // tests/test_vllm.py).
 #include <ATen/Parallel.h>
@@ -251,6 +253,12 @@ void rows_of(const float* x, int64_t st, int64_t sd, int64_t n, int64_t D, float
     for (int64_t d = 0; d < D; ++d) out[t * D + d] = x[t * st + d * sd];
 }
 
+bool sees_nothing(const float* mask, int64_t n) {  // every entry -inf
+  for (int64_t i = 0; i < n; ++i)
+    if (mask[i] != kNegInf) return false;
+  return true;
+}
+
 struct Layout {  // element (t, d) of a block's slab for one kv head: base + t * st + d * sd
   int64_t base, st, sd;
 };
@@ -303,7 +311,7 @@ at::Tensor hidden_attention(const at::Tensor& q, const at::Tensor& cache, at::In
   TORCH_CHECK(block_table.device().is_cpu() && limit.device().is_cpu() && (S == 0 || rows.device().is_cpu()),
               "hidden_attention: block_table, limit and rows must be CPU tensors");
   const Layout kl = layout_of(key_layout, "key_layout"), vl = layout_of(value_layout, "value_layout");
-  const int64_t G = Hq / Hkv, J = G * M, B = block_table.size(1), slab = cache.size(2);
+  const int64_t G = Hq / Hkv, J_all = G * M, B = block_table.size(1), slab = cache.size(2);
   TORCH_CHECK(block_size > 0, "hidden_attention: block_size must be positive");
   for (const Layout& l : {kl, vl})
     TORCH_CHECK(l.base >= 0 && l.st >= 0 && l.sd >= 0 && l.base + (block_size - 1) * l.st + (D - 1) * l.sd < slab,
@@ -334,17 +342,26 @@ at::Tensor hidden_attention(const at::Tensor& q, const at::Tensor& cache, at::In
   const float sc = static_cast<float>(scale);
 
   at::parallel_for(0, R * Hkv, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> sc_buf, qT(D * J), acc, scratch(block_size * D);
-    std::vector<const float*> qrow(J);
+    std::vector<float> sc_buf, qT(D * J_all), acc, scratch(block_size * D);
+    std::vector<const float*> qrow(J_all);
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t r = task / Hkv, h = task % Hkv;
+      // Leading queries that see no key at all (a request's padding in a step that mixes prompts and decoding
+      // requests: all but its last few of M) get zeros without being computed: the active ones are m0..M-1.
+      int64_t m0 = 0;
+      while (m0 < M && lim[r * M + m0] == 0 && sees_nothing(mp + (r * M + m0) * (S + Ms), S + Ms)) ++m0;
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t m = 0; m < m0; ++m) std::fill_n(op + ((h * G + g) * R * M + r * M + m) * D, D, 0.0f);
+      const int64_t Ma = M - m0, J = G * Ma;
+      if (J == 0) continue;
       int64_t L = 0;  // originals any query of this request sees
-      for (int64_t m = 0; m < M; ++m) L = std::max(L, lim[r * M + m]);
+      for (int64_t m = m0; m < M; ++m) L = std::max(L, lim[r * M + m]);
       const int64_t E = L + S + Ms;
       sc_buf.resize(J * E);
       float* s = sc_buf.data();
-      for (int64_t j = 0; j < J; ++j) {  // query row j = g * M + m (head h * G + g), as columns qT[d * J + j]
-        const float* qv = qrow[j] = qp + r * q.stride(0) + (h * G + j / M) * q.stride(1) + (j % M) * q.stride(2);
+      for (int64_t j = 0; j < J; ++j) {  // row j = g * Ma + m - m0 (query m of head h * G + g): qT[d * J + j]
+        const float* qv = qrow[j] =
+            qp + r * q.stride(0) + (h * G + j / Ma) * q.stride(1) + (m0 + j % Ma) * q.stride(2);
         for (int64_t d = 0; d < D; ++d) qT[d * J + j] = qv[d];
       }
       // Scores: originals block by block (keys read in place when the layout holds them as columns), then the
@@ -369,7 +386,7 @@ at::Tensor hidden_attention(const at::Tensor& q, const at::Tensor& cache, at::In
       // Scale, mask, softmax (probabilities in place of the scores, their sums kept).
       std::vector<float> sums(J);
       for (int64_t j = 0; j < J; ++j) {
-        const int64_t m = j % M, lj = lim[r * M + m];
+        const int64_t m = m0 + j % Ma, lj = lim[r * M + m];
         float* sj = s + j * E;
         const float* mask = mp + (r * M + m) * (S + Ms);
         for (int64_t t = 0; t < L; ++t) sj[t] = t < lj ? sj[t] * sc : kNegInf;
@@ -410,7 +427,7 @@ at::Tensor hidden_attention(const at::Tensor& q, const at::Tensor& cache, at::In
       if (S) values(s + L, E, J, wp + ((rp[r] * 2 + 1) * Hkv + h) * S * D, D, S, D, acc.data());
       values(s + L + S, E, J, vp + r * set_v.stride(0) + h * set_v.stride(1), set_v.stride(2), Ms, D, acc.data());
       for (int64_t j = 0; j < J; ++j) {
-        float* o = op + ((h * G + j / M) * R * M + r * M + j % M) * D;
+        float* o = op + ((h * G + j / Ma) * R * M + r * M + m0 + j % Ma) * D;
         const float inv = sums[j] > 0.0f ? 1.0f / sums[j] : 0.0f;
         for (int64_t d = 0; d < D; ++d) o[d] = acc[j * D + d] * inv;
       }
