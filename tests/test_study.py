@@ -188,6 +188,18 @@ def test_paired_statistics():
     assert summarize([0.3]).outside_2sd is None
 
 
+def test_how_often_a_healthy_group_has_a_run_beyond_3_robust_sd():
+    """The stability test's false alarms: 8 runs of one normal distribution have some run beyond 3 robust sd about
+    1 time in 5 (the median absolute deviation of 8 values is noisy; the sample sd would almost never flag), and 1%
+    of such groups have one beyond about 8. Fewer than 4 runs are not judged."""
+    from phd.study.stats import outlier_chance, outlier_limit
+
+    assert 0.18 < outlier_chance(8) < 0.23
+    assert 6.5 < outlier_limit(8) < 9.5
+    assert outlier_chance(8, outlier_limit(8)) == pytest.approx(0.01, abs=0.002)
+    assert outlier_chance(3) == 0.0 and outlier_limit(3) == float("inf")
+
+
 def test_intervals_wins_and_robust_outliers():
     """The 95% t interval of the mean, the interval for one more seed, win counts and the MAD outlier rule, checked
     against values computed by hand (t with 7 degrees of freedom: 2.365)."""

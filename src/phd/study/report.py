@@ -17,7 +17,18 @@ from typing import Any
 
 from ..config import PHDConfig
 from .runner import read_results, run_rows
-from .stats import Summary, fmt_sd, mean_curve, outliers, paired, paired_curve, robust_sd, summarize
+from .stats import (
+    Summary,
+    fmt_sd,
+    mean_curve,
+    outlier_chance,
+    outlier_limit,
+    outliers,
+    paired,
+    paired_curve,
+    robust_sd,
+    summarize,
+)
 
 FAMILIES = ("vanilla", "repeat", "PHD", "PHD-SWA", "PHD-CSWA")
 TPP_SUITE = "tpp"  # issue 20, item 4: Δ against training tokens per non-embedding parameter
@@ -288,9 +299,15 @@ class Report:
             return []
         out = ["Stability: a run further than 3 robust sd (1.4826 x the median absolute deviation) from its group's "
                "median counts as broken; the health columns come from the runs' diagnostics (gradient norm before "
-               "clipping, steps above 4x the run's median norm; runs before diagnostics existed have none).", "",
-               "| variant | recipe | seeds | median | sd | robust sd | runs beyond 3 robust sd | largest grad norm |",
-               "|---|---|---:|---:|---:|---:|---|---:|"]
+               "clipping, steps above 4x the run's median norm; runs before diagnostics existed have none).", ""]
+        for n in sorted({len(g) for g in groups.values()}):
+            out.append(f"- How to read it with {n} seeds: a healthy group ({n} runs of one normal distribution, "
+                       f"nothing broken) has some run beyond 3 robust sd {100 * outlier_chance(n):.0f}% of the time, "
+                       f"since the median absolute deviation of {n} values is itself noisy; "
+                       f"{outlier_limit(n):.1f} robust sd is exceeded by chance in 1% of such groups (simulated, "
+                       "`phd.study.stats`).")
+        out += ["", "| variant | recipe | seeds | median | sd | robust sd | runs beyond 3 robust sd | largest grad "
+                "norm |", "|---|---|---:|---:|---:|---:|---|---:|"]
         for (recipe, variant), group in groups.items():
             values = {r["seed"]: r["val_loss"] for r in group}
             far = outliers(values)

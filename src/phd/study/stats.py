@@ -4,7 +4,9 @@ where one more seed is expected (95% prediction interval), and the number of see
 
 from __future__ import annotations
 
+import functools
 import math
+import random
 import statistics
 from dataclasses import dataclass
 from typing import Any
@@ -96,6 +98,38 @@ def outliers(values: dict[int, float], limit: float = ROBUST_SDS) -> dict[int, f
     if rsd == 0:
         return {s: math.inf for s, v in values.items() if v != med}
     return {s: abs(v - med) / rsd for s, v in values.items() if abs(v - med) > limit * rsd}
+
+
+@functools.cache
+def _healthy_max_distance(n: int, draws: int = 20000, seed: int = 0) -> tuple[float, ...]:
+    """Sorted: in each of `draws` groups of n values drawn from one normal distribution (no broken run), the
+    largest distance from the group's median in robust sd. Seeded: the report regenerates byte for byte."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(draws):
+        values = [rng.gauss(0.0, 1.0) for _ in range(n)]
+        med = statistics.median(values)
+        rsd = robust_sd(values)
+        out.append(max(abs(v - med) for v in values) / rsd if rsd else math.inf)
+    return tuple(sorted(out))
+
+
+def outlier_chance(n: int, limit: float = ROBUST_SDS) -> float:
+    """How often a healthy group of n runs (one normal distribution) has some run beyond `limit` robust sd, as
+    `outliers` judges: the rate at which that test flags a group with nothing broken in it (the median absolute
+    deviation of a few values is itself noisy, so at 8 seeds this is about 1 in 5)."""
+    if n < 4:  # `outliers` does not judge so few
+        return 0.0
+    distances = _healthy_max_distance(n)
+    return sum(d > limit for d in distances) / len(distances)
+
+
+def outlier_limit(n: int, chance: float = 0.01) -> float:
+    """The distance in robust sd that a healthy group of n runs exceeds by chance in `chance` of groups."""
+    if n < 4:
+        return math.inf
+    distances = _healthy_max_distance(n)
+    return distances[min(len(distances) - 1, math.ceil((1 - chance) * len(distances)))]
 
 
 def paired(rows: list[dict[str, Any]], baseline: list[dict[str, Any]], key: str = "val_loss") -> list[float]:
