@@ -79,6 +79,7 @@ def _reference(q, cache, key_layout, value_layout, size, table, limit, window, r
     dict(r=2, hq=7, hkv=1, m=1, d=20, size=16, s=5, lengths=[9, 0]),  # 7 rows; 9 keys; a request that sees none
     dict(r=1, hq=13, hkv=13, m=1, d=8, size=32, s=2, lengths=[95]),  # 1 row per kv head, many heads
     dict(r=1, hq=2, hkv=1, m=13, d=24, size=16, s=4, lengths=[70], q_scale=30.0),  # 26 rows; scores over +-100
+    dict(r=2, hq=9, hkv=3, m=16, d=64, size=16, s=16, lengths=[100, 37]),  # 48 rows: window / set keys as columns
 ])
 def test_the_kernel_equals_sdpa_over_the_gathered_keys(layout, shape):
     key_layout, value_layout = LAYOUTS[layout](shape["size"], shape["d"])
