@@ -154,28 +154,35 @@ def test_steps_above_eight_rows_run_on_one_pack(served, monkeypatch):
         plugin_model._pack_linears()
 
 
+ARRIVING = ([9, 3, 26, 1, 6], {0: [0, 1], 3: [2], 5: [3, 4]})  # prompt lengths; step -> requests added before it
+
+
+def _arrivals(engine, tag: str) -> tuple[list[list[int]], list[list[int]]]:
+    """Run ARRIVING's prompts through `engine` step by step, each added at its step: (prompts, their tokens)."""
+    lengths, arrivals = ARRIVING
+    batch = prompts(lengths, seed=2)
+    done: dict[str, list[int]] = {}
+    step = 0
+    while len(done) < len(batch):
+        for i in arrivals.get(step, []):
+            engine.add_request(f"{tag}-r{i}", TokensPrompt(prompt_token_ids=batch[i]), GREEDY)
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = list(out.outputs[0].token_ids)
+        step += 1
+        assert step < 200
+    return batch, [done[f"{tag}-r{i}"] for i in range(len(batch))]
+
+
 def test_requests_arriving_while_others_decode(served, monkeypatch):
     """Continuous batching: new prompts join steps in which earlier requests decode (prefill + decode mixed), a
     1-token prompt among them; on both hidden paths."""
     model, llm, name = served
-    engine = llm.llm_engine
-    batch = prompts([9, 3, 26, 1, 6], seed=2)
-    arrivals = {0: [0, 1], 3: [2], 5: [3, 4]}  # step -> requests added before it
     runs = [0]
 
     def run():
         runs[0] += 1
-        done: dict[str, list[int]] = {}
-        step = 0
-        while len(done) < len(batch):
-            for i in arrivals.get(step, []):
-                engine.add_request(f"r{i}-{runs[0]}", TokensPrompt(prompt_token_ids=batch[i]), GREEDY)
-            for out in engine.step():
-                if out.finished:
-                    done[out.request_id] = list(out.outputs[0].token_ids)
-            step += 1
-            assert step < 200
-        got = [done[f"r{i}-{runs[0]}"] for i in range(len(batch))]
+        batch, got = _arrivals(llm.llm_engine, f"arrive{runs[0]}")
         assert got == [native_greedy(model, p, NEW) for p in batch]
 
     _on_both_paths(llm, monkeypatch, name, run)
@@ -216,15 +223,7 @@ def test_mixed_steps_compute_only_valid_hidden_entries(served, monkeypatch):
 
     monkeypatch.setattr(plugin.PHDForCausalLM, "_forward_phd", recorded)
     monkeypatch.setattr(plugin._PHDAttention, "_kernel", checked)
-    engine = llm.llm_engine
-    batch = prompts([9, 3, 26, 1, 6], seed=2)
-    for step in range(60):
-        if step in (0, 3, 5):
-            for i in {0: [0, 1], 3: [2], 5: [3, 4]}[step]:
-                engine.add_request(f"valid-{i}", TokensPrompt(prompt_token_ids=batch[i]), GREEDY)
-        engine.step()
-        if not engine.has_unfinished_requests():
-            break
+    _arrivals(llm.llm_engine, "valid")
     assert seen and all(rows == expect for rows, expect, _ in seen), seen
     assert all(unseen) and (bool(unseen) == (hidden_attention_op() is not None))
     if cfg.window is not None:  # without a window every request's set is its last position: nothing to pad

@@ -105,13 +105,8 @@ def _healthy_max_distance(n: int, draws: int = 20000, seed: int = 0) -> tuple[fl
     """Sorted: in each of `draws` groups of n values drawn from one normal distribution (no broken run), the
     largest distance from the group's median in robust sd. Seeded: the report regenerates byte for byte."""
     rng = random.Random(seed)
-    out = []
-    for _ in range(draws):
-        values = [rng.gauss(0.0, 1.0) for _ in range(n)]
-        med = statistics.median(values)
-        rsd = robust_sd(values)
-        out.append(max(abs(v - med) for v in values) / rsd if rsd else math.inf)
-    return tuple(sorted(out))
+    groups = ({i: rng.gauss(0.0, 1.0) for i in range(n)} for _ in range(draws))
+    return tuple(sorted(max(outliers(values, limit=0.0).values(), default=0.0) for values in groups))
 
 
 def outlier_chance(n: int, limit: float = ROBUST_SDS) -> float:

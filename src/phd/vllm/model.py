@@ -234,7 +234,7 @@ class _Shape:
     set_values: Tensor | None = None
     limit: Tensor | None = None  # [R, M] int64: query sees originals 0..limit-1
     rows: Tensor | None = None  # the valid entries' indices in the padded [R * M] (None: every entry is valid)
-    column: Tensor | None = None  # [R * M] each padded entry's column in the widest set
+    column: Tensor | None = None  # each valid entry's column in the widest set (the block's hidden rows)
 
 
 @dataclass
@@ -304,7 +304,7 @@ class _StepPlan:
             column = torch.arange(keep, self.m, device=valid.device).repeat(self.valid.shape[0])
             cos_h, sin_h = (t[:, keep:].flatten(0, 1) for t in (self.cos_h, self.sin_h))
             if rows is not None:
-                cos_h, sin_h = cos_h[rows], sin_h[rows]
+                cos_h, sin_h, column = cos_h[rows], sin_h[rows], column[rows]
             cos, sin = torch.cat([self.cos_o, cos_h]), torch.cat([self.sin_o, sin_h])
             if self.buffer is None:  # the kernel: originals by count, the window and the set by mask
                 mask = self._mask(keep, originals=False)[:, 0].masked_fill(~self.valid[:, keep:, None], float("-inf"))
@@ -324,8 +324,7 @@ class _StepPlan:
 
     def kept(self, shape: _Shape, m: int) -> Tensor:
         """Which rows of `shape`'s valid entries are in the set's last m entries (the next, narrower set's)."""
-        column = shape.column if shape.rows is None else shape.column[shape.rows]
-        return column >= self.m - m
+        return shape.column >= self.m - m
 
     def pad(self, t: Tensor, shape: _Shape) -> Tensor:
         """[heads, valid entries, D] -> [heads, R * M, D], zeros where an entry is padding."""
