@@ -165,3 +165,26 @@ def test_tpp_plot_draws_the_95_interval_as_error_bars():
     assert x == 1 and (lo, hi) == pytest.approx(points[0].delta.ci95)
     assert (lo, hi) == pytest.approx((-0.1 - 2.776 * statistics.stdev(DELTA_K3) / math.sqrt(5),
                                       -0.1 + 2.776 * statistics.stdev(DELTA_K3) / math.sqrt(5)))
+
+
+def test_forest_plot_draws_one_95_interval_per_setting_with_two_paired_seeds():
+    """One bar per (variant, recipe) with 2+ paired seeds, spanning the table's 95% t interval, labelled with the
+    win count; settings with one or no paired seed (tpp-30 here) and vanilla get none."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = tpp_rows()
+    report = Report(rows, None, "results")
+    fig = report.plot_forest(plt, "tpp", [r for r in rows if r.get("role", "main") == "main"])
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    spans = sorted(x for bars in ax.containers for seg in bars.lines[2][0].get_segments() for x in seg[:, 0])
+    plt.close(fig)
+    assert len(labels) == 2 and all("tpp-1" in label for label in labels)
+    assert any("PHD-CSWA-3-16-32" in label and "5/5 lower" in label for label in labels)
+    half3 = 2.776 * statistics.stdev(DELTA_K3) / math.sqrt(5)
+    half2 = 2.776 * statistics.stdev(DELTA_K2) / math.sqrt(5)
+    mean2 = statistics.fmean(DELTA_K2)
+    assert spans == pytest.approx(sorted([-0.1 - half3, -0.1 + half3, mean2 - half2, mean2 + half2]))

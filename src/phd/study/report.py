@@ -576,6 +576,9 @@ class Report:
         if any(r["variant"] != "vanilla" for r in main):
             figures.append(("vs-k", "final validation loss against K (mean ± sd over seeds)",
                             self.plot_vs_k(plt, main)))
+        if any(r["variant"] != "vanilla" for r in main):
+            figures.append(("forest", "paired Δ to vanilla at the end of training, mean and 95% t interval over "
+                            "seeds, every setting with 2+ paired seeds", self.plot_forest(plt, suite, main)))
         if main or flops:
             figures.append(("vs-flops", "validation loss against training FLOPs (mean over seeds)",
                             self.plot_vs_flops(plt, main + flops)))
@@ -625,6 +628,37 @@ class Report:
             return None
         ax.axhline(0, color="black", linewidth=0.8)
         return _finish(fig, ax, "training tokens", "val loss − vanilla's (same seed)")
+
+    def plot_forest(self, plt, suite, rows):
+        """The table's answer at a glance: one bar per setting (variant, recipe) with 2+ paired seeds, grouped by
+        budget and corpus, so every interval is read against zero and against its neighbours."""
+        bars = []
+        for (recipe, variant), group in self.by_variant(rows).items():
+            if variant == "vanilla":
+                continue
+            delta = summarize(paired(group, self.vanilla_of(suite, group[0]["baseline"])))
+            if delta is None or delta.ci95 is None:
+                continue
+            key = (group[0]["tokens"], corpus(group[0]), variant_order(variant), recipe)
+            bars.append((key, f"{variant} · {recipe} ({corpus(group[0])}, {group[0]['tokens'] / 1e6:.2g}M tokens, "
+                              f"{delta.wins}/{delta.n} lower)", delta))
+        if not bars:
+            return None
+        bars.sort(key=lambda b: b[0])
+        fig, ax = plt.subplots(figsize=(8, 1.0 + 0.3 * len(bars)))
+        budgets = sorted({key[0] for key, _, _ in bars})
+        colors = {t: f"C{i % 10}" for i, t in enumerate(budgets)}
+        for y, (key, _, delta) in enumerate(bars):
+            low, high = delta.ci95
+            ax.errorbar([delta.mean], [y], xerr=[[delta.mean - low], [high - delta.mean]], fmt="o",
+                        color=colors[key[0]], capsize=3)
+        ax.set_yticks(range(len(bars)), [label for _, label, _ in bars], fontsize=7)
+        ax.invert_yaxis()
+        ax.axvline(0, color="black", linewidth=0.8)
+        ax.set_xlabel("val loss − vanilla's (same seed): below zero, the variant is better")
+        ax.grid(alpha=0.3, axis="x")
+        fig.tight_layout()
+        return fig
 
     def plot_vs_k(self, plt, rows):
         fig, ax = plt.subplots(figsize=(6, 4))
