@@ -153,6 +153,10 @@ class Report:
     def vanilla_of(self, suite: str, recipe: str) -> list[dict[str, Any]]:
         return [r for r in self.rows if r["suite"] == suite and r["recipe"] == recipe and r["variant"] == "vanilla"]
 
+    def paired_delta(self, suite: str, group: list[dict[str, Any]]) -> Summary | None:
+        """Δ of a group of runs to the vanilla runs of its baseline recipe, paired by seed (None: no seed pairs)."""
+        return summarize(paired(group, self.vanilla_of(suite, group[0]["baseline"])))
+
     @staticmethod
     def by_variant(rows: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
         """Rows grouped by what they train: the variant and every setting but the seed. A recipe is a unit of
@@ -272,8 +276,7 @@ class Report:
                "|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|---|---:|---:|"]
         findings = []
         for (recipe, variant), group in self.by_variant(rows).items():
-            base = self.vanilla_of(suite, group[0]["baseline"])
-            delta = summarize(paired(group, base)) if variant != "vanilla" else None
+            delta = self.paired_delta(suite, group) if variant != "vanilla" else None
             tok_s = [r["tok_per_s"] for r in group if r.get("tok_per_s")]
             wall = [r["wall_s"] for r in group if r.get("wall_s")]
             speed = (f"{sum(tok_s) / len(tok_s):,.0f} | {sum(wall) / len(wall) / 60:.1f} min" if tok_s and wall
@@ -389,10 +392,9 @@ class Report:
         for (recipe, variant), group in self.by_variant(self.suite_rows(TPP_SUITE, "main")).items():
             if variant == "vanilla":
                 continue
-            base = self.vanilla_of(TPP_SUITE, group[0]["baseline"])
             g0 = group[0]
             points.append(TppPoint(variant, recipe, g0["repeat_k"], tokens_per_param(g0), g0["tokens"],
-                                   summarize(paired(group, base))))
+                                   self.paired_delta(TPP_SUITE, group)))
         return sorted(points, key=lambda p: (p.tpp, variant_order(p.variant), p.recipe))
 
     def tpp_section(self) -> list[str]:
@@ -576,7 +578,6 @@ class Report:
         if any(r["variant"] != "vanilla" for r in main):
             figures.append(("vs-k", "final validation loss against K (mean ± sd over seeds)",
                             self.plot_vs_k(plt, main)))
-        if any(r["variant"] != "vanilla" for r in main):
             figures.append(("forest", "paired Δ to vanilla at the end of training, mean and 95% t interval over "
                             "seeds, every setting with 2+ paired seeds", self.plot_forest(plt, suite, main)))
         if main or flops:
@@ -636,7 +637,7 @@ class Report:
         for (recipe, variant), group in self.by_variant(rows).items():
             if variant == "vanilla":
                 continue
-            delta = summarize(paired(group, self.vanilla_of(suite, group[0]["baseline"])))
+            delta = self.paired_delta(suite, group)
             if delta is None or delta.ci95 is None:
                 continue
             key = (group[0]["tokens"], corpus(group[0]), variant_order(variant), recipe)
