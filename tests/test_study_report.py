@@ -188,3 +188,30 @@ def test_forest_plot_draws_one_95_interval_per_setting_with_two_paired_seeds():
     half2 = 2.776 * statistics.stdev(DELTA_K2) / math.sqrt(5)
     mean2 = statistics.fmean(DELTA_K2)
     assert spans == pytest.approx(sorted([-0.1 - half3, -0.1 + half3, mean2 - half2, mean2 + half2]))
+
+
+def test_schedule_table_pairs_only_groups_that_differ_in_the_learning_rate_schedule():
+    """Vanilla at warmup 5 and at warmup 2 (same model, corpus, tokens) pair by seed, later group first; a group
+    with another model (QK-norm) or another budget is not a schedule change and pairs with nothing; PHD at one
+    schedule only has no row."""
+    def at(recipe: str, variant: str, seed: int, loss: float, warmup: int, lr: float = 0.006, tpp: int = 1,
+           qk_norm: bool = False) -> dict:
+        row = tpp_row(recipe, variant, seed, loss, tpp, suite="evidence")
+        row["config"] |= {"lr": lr, "min_lr": lr / 10, "warmup_steps": warmup}
+        row["config"]["model"]["qk_norm"] = qk_norm
+        return row
+
+    gains = [-0.10, -0.20, -0.15]
+    rows = [at("short", "vanilla", s, 5.0 + 0.01 * s, 2) for s in SEEDS[:3]]
+    rows += [at("short", "PHD-3", s, 4.9 + 0.01 * s, 2) for s in SEEDS[:3]]
+    rows += [at("long", "vanilla", s, 5.0 + 0.01 * s + g, 5, lr=0.003) for s, g in zip(SEEDS[:3], gains, strict=True)]
+    rows += [at("qk", "vanilla", s, 4.0, 5, qk_norm=True) for s in SEEDS[:3]]
+    rows += [at("more", "vanilla", s, 4.0, 5, tpp=3) for s in SEEDS[:3]]
+    table = Report(rows, None, "results").schedule_table(rows)
+    body = [line for line in table if line.startswith("| ") and not line.startswith("| variant")]
+    assert len(body) == 1
+    cells = [c.strip() for c in body[0].strip("|").split("|")]
+    assert cells[0] == "vanilla" and cells[3].startswith("long (lr 0.003, warmup 5/10 steps)")
+    assert cells[4].startswith("short (lr 0.006, warmup 2/10 steps)")
+    assert cells[5].startswith(f"{statistics.fmean(gains):+.4f}") and cells[7] == "3/3"
+    assert Report(rows[:6], None, "results").schedule_table(rows[:6]) == []

@@ -59,6 +59,18 @@ def _setting(row: dict[str, Any]) -> str:
                       sort_keys=True)
 
 
+# A run's optimiser schedule, and settings that only change how its curve is sampled or saved.
+_SCHEDULE = ("lr", "min_lr", "warmup_steps", "eval_every", "checkpoint_every", "checkpoint_keep", "log_every")
+
+
+def _setting_but_schedule(row: dict[str, Any]) -> str:
+    """What a run trains apart from its seed and learning-rate schedule (and its baseline): groups with the same
+    key differ only in how the learning rate moves, so their paired difference is the schedule's effect."""
+    config = {k: v for k, v in row.get("config", {}).items()
+              if k not in ("seed", "out", "data", "progress", "compile", "diagnostics_every") + _SCHEDULE}
+    return json.dumps([row.get("role", "main"), row["tokens"], corpus(row), config], sort_keys=True)
+
+
 def corpus(row: dict[str, Any]) -> str:
     """The corpus a run trained on: the row's own word, else the data folder's name (rows before corpora had one)."""
     return row.get("corpus") or Path(row.get("config", {}).get("data", "?")).name
@@ -230,6 +242,7 @@ class Report:
         main = self.suite_rows(suite, "main")
         if main:
             out += self.main_table(suite, main)
+            out += self.schedule_table(main)
         flops = self.suite_rows(suite, "equal-flops")
         if flops:
             out += self.flops_table(suite, main, flops)
@@ -294,6 +307,38 @@ class Report:
             out += ["In words:", ""] + [f"- {f}" for f in findings] + [""]
         out += self.stability_table(rows)
         return out
+
+    def schedule_table(self, rows: list[dict[str, Any]]) -> list[str]:
+        """The same variant on the same model, corpus and tokens at two learning-rate schedules (peak, warmup),
+        paired by seed: whether a recipe was near its best schedule, and whether a remedy changed the loss. Each
+        later group (in the results file's order) against each earlier one."""
+        order = {id(r): i for i, r in enumerate(self.rows)}
+        sets: dict[str, list[list[dict[str, Any]]]] = defaultdict(list)
+        for group in self.by_variant(rows).values():
+            sets[_setting_but_schedule(group[0])].append(group)
+        pairs = []
+        for groups in sets.values():
+            groups.sort(key=lambda g: order[id(g[0])])
+            pairs += [(a, b) for i, b in enumerate(groups) for a in groups[i + 1:]]
+        pairs = [(a, b, d) for a, b in pairs if (d := summarize(paired(a, b))) is not None]
+        if not pairs:
+            return []
+
+        def schedule(g: list[dict[str, Any]]) -> str:
+            c = g[0]["config"]
+            return f"{'+'.join(dict.fromkeys(r['recipe'] for r in g))} (lr {_g(c['lr'])}, warmup " \
+                   f"{c['warmup_steps']}/{g[0]['steps']} steps)"
+
+        out = ["### Learning-rate schedules: the same variant, model, corpus and tokens", "",
+               "Δ = the first schedule's validation loss minus the second's, paired by seed (same initial weights, "
+               "same batches): negative means the first schedule trains the variant to a lower loss.", "",
+               "| variant | tokens | corpus | schedule | against | Δ | 95% CI | first lower | CI excludes 0 |",
+               "|---|---:|---|---|---|---:|---|---:|---|"]
+        for a, b, d in sorted(pairs, key=lambda p: (p[0][0]["tokens"], corpus(p[0][0]),
+                                                    variant_order(p[0][0]["variant"]), order[id(p[0][0])])):
+            out.append(f"| {a[0]['variant']} | {a[0]['tokens']:,} | {corpus(a[0])} | {schedule(a)} | {schedule(b)} | "
+                       f"{_delta_cells(d)} |")
+        return out + [""]
 
     def stability_table(self, rows: list[dict[str, Any]]) -> list[str]:
         """Per group of runs: the seed spread, the robust spread, and any run far outside it (a broken run)."""
