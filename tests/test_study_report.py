@@ -62,7 +62,8 @@ def tpp_row(recipe: str, variant: str, seed: int, loss: float, tpp: int, suite: 
         "health": {"grad_norm_max": 1.0}, "val_curve": [[tokens // 2, round(loss + 0.5, 5)], [tokens, loss]],
         "train_curve": [[tokens, loss - 0.1]], "tok_per_s": 1000.0, "train_s": 1.0, "wall_s": 60.0,
         "segments": 1, "commit": "abc", "commits": ["abc"], "threads": 1, "machine": "x",
-        "config": {"seed": seed, "seq_len": 256, "batch_size": 16, "lr": 0.006, "min_lr": 0.0006, "out": f"runs/{seed}",
+        "config": {"seed": seed, "seq_len": 256, "batch_size": 16, "lr": 0.006, "min_lr": 0.0006, "warmup_steps": 2,
+                   "out": f"runs/{seed}",
                    "data": "data/default", "model": model.to_dict()},
     }
 
@@ -183,7 +184,7 @@ def test_forest_plot_draws_one_95_interval_per_setting_with_two_paired_seeds():
     spans = sorted(x for bars in ax.containers for seg in bars.lines[2][0].get_segments() for x in seg[:, 0])
     plt.close(fig)
     assert len(labels) == 2 and all("tpp-1" in label for label in labels)
-    assert any("PHD-CSWA-3-16-32" in label and "5/5 lower" in label for label in labels)
+    assert any("PHD-CSWA-3-16-32" in label and "lr 0.006, warmup 20%, 5/5 lower" in label for label in labels)
     half3 = 2.776 * statistics.stdev(DELTA_K3) / math.sqrt(5)
     half2 = 2.776 * statistics.stdev(DELTA_K2) / math.sqrt(5)
     mean2 = statistics.fmean(DELTA_K2)

@@ -685,13 +685,15 @@ class Report:
             delta = self.paired_delta(suite, group)
             if delta is None or delta.ci95 is None:
                 continue
-            key = (group[0]["tokens"], corpus(group[0]), variant_order(variant), recipe)
-            bars.append((key, f"{variant} · {recipe} ({corpus(group[0])}, {group[0]['tokens'] / 1e6:.2g}M tokens, "
+            g0, c = group[0], group[0]["config"]
+            key = (g0["tokens"], corpus(g0), variant_order(variant), recipe)
+            schedule = f"lr {_g(c['lr'])}, warmup {100 * c['warmup_steps'] / g0['steps']:.0f}%"
+            bars.append((key, f"{variant} · {recipe} ({corpus(g0)}, {g0['tokens'] / 1e6:.2g}M tokens, {schedule}, "
                               f"{delta.wins}/{delta.n} lower)", delta))
         if not bars:
             return None
         bars.sort(key=lambda b: b[0])
-        fig, ax = plt.subplots(figsize=(8, 1.0 + 0.3 * len(bars)))
+        fig, ax = plt.subplots(figsize=(11, 1.0 + 0.3 * len(bars)), layout="constrained")  # fits the long labels
         budgets = sorted({key[0] for key, _, _ in bars})
         colors = {t: f"C{i % 10}" for i, t in enumerate(budgets)}
         for y, (key, _, delta) in enumerate(bars):
@@ -703,7 +705,6 @@ class Report:
         ax.axvline(0, color="black", linewidth=0.8)
         ax.set_xlabel("val loss − vanilla's (same seed): below zero, the variant is better")
         ax.grid(alpha=0.3, axis="x")
-        fig.tight_layout()
         return fig
 
     def plot_vs_k(self, plt, rows):
