@@ -216,3 +216,19 @@ def test_schedule_table_pairs_only_groups_that_differ_in_the_learning_rate_sched
     assert cells[4].startswith("short (lr 0.006, warmup 2/10 steps)")
     assert cells[5].startswith(f"{statistics.fmean(gains):+.4f}") and cells[7] == "3/3"
     assert Report(rows[:6], None, "results").schedule_table(rows[:6]) == []
+
+
+def test_stability_table_gives_a_far_runs_delta_to_vanilla_at_its_seed():
+    """A seed hard for every variant is flagged in each group but has an ordinary Δ; a run that broke alone has a
+    large one. Vanilla's own far runs have no Δ."""
+    losses = {20: 5.00, 21: 5.01, 22: 5.02, 23: 5.03, 24: 5.30}  # seed 24: hard for everyone
+    rows = [tpp_row("r", "vanilla", s, x, 1, suite="evidence") for s, x in losses.items()]
+    rows += [tpp_row("r", "PHD-CSWA-3-16-32", s, x - 0.01, 1, suite="evidence") for s, x in losses.items()]
+    rows += [tpp_row("r", "PHD-3", s, 5.0 + 0.01 * (s - 20) + (0.5 if s == 22 else 0), 1, suite="evidence")
+             for s in losses]
+    table = Report(rows, None, "results").stability_table("evidence", rows)
+    lines = {line.split("|")[1].strip(): line for line in table
+             if line.startswith("| ") and not line.startswith("| variant")}
+    assert "seed 24 (5.3000" in lines["vanilla"] and "Δ" not in lines["vanilla"]
+    assert "seed 24 (5.2900" in lines["PHD-CSWA-3-16-32"] and "Δ -0.0100)" in lines["PHD-CSWA-3-16-32"]
+    assert "seed 22 (5.5200" in lines["PHD-3"] and "Δ +0.5000)" in lines["PHD-3"]

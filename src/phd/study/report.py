@@ -305,7 +305,7 @@ class Report:
         out.append("")
         if findings:
             out += ["In words:", ""] + [f"- {f}" for f in findings] + [""]
-        out += self.stability_table(rows)
+        out += self.stability_table(suite, rows)
         return out
 
     def schedule_table(self, rows: list[dict[str, Any]]) -> list[str]:
@@ -340,14 +340,18 @@ class Report:
                        f"{_delta_cells(d)} |")
         return out + [""]
 
-    def stability_table(self, rows: list[dict[str, Any]]) -> list[str]:
-        """Per group of runs: the seed spread, the robust spread, and any run far outside it (a broken run)."""
+    def stability_table(self, suite: str, rows: list[dict[str, Any]]) -> list[str]:
+        """Per group of runs: the seed spread, the robust spread, and any run far outside it (a broken run). A far
+        run's paired Δ to vanilla tells a broken run (Δ far from its group's) from a seed that is hard for every
+        variant (vanilla as high, Δ ordinary)."""
         groups = {k: g for k, g in self.by_variant(rows).items() if len(g) >= 4}
         if not groups:
             return []
         out = ["Stability: a run further than 3 robust sd (1.4826 x the median absolute deviation) from its group's "
                "median counts as broken; the health columns come from the runs' diagnostics (gradient norm before "
-               "clipping, steps above 4x the run's median norm; runs before diagnostics existed have none).", ""]
+               "clipping, steps above 4x the run's median norm; runs before diagnostics existed have none). Beside a "
+               "far run of a PHD or repeat group: its Δ to vanilla at the same seed; an ordinary Δ means the seed is "
+               "hard for vanilla too, not that the run broke.", ""]
         for n in sorted({len(g) for g in groups.values()}):
             out.append(f"- How to read it with {n} seeds: a healthy group ({n} runs of one normal distribution, "
                        f"nothing broken) has some run beyond 3 robust sd {100 * outlier_chance(n):.0f}% of the time, "
@@ -359,7 +363,11 @@ class Report:
         for (recipe, variant), group in groups.items():
             values = {r["seed"]: r["val_loss"] for r in group}
             far = outliers(values)
-            beyond = ", ".join(f"seed {s} ({values[s]:.4f}, {d:.1f})" for s, d in sorted(far.items())) or "none"
+            base = {} if variant == "vanilla" else {b["seed"]: b["val_loss"]
+                                                    for b in self.vanilla_of(suite, group[0]["baseline"])}
+            beyond = ", ".join(f"seed {s} ({values[s]:.4f}, {d:.1f}"
+                               + (f"; Δ {values[s] - base[s]:+.4f}" if s in base else "") + ")"
+                               for s, d in sorted(far.items())) or "none"
             norms = [r["health"]["grad_norm_max"] for r in group if (r.get("health") or {}).get("grad_norm_max")]
             summary = summarize(list(values.values()))
             out.append(f"| {variant} | {recipe} | {len(group)} | {statistics.median(values.values()):.4f} | "
