@@ -301,9 +301,12 @@ def test_compare_prints_the_variants_side_by_side(tmp_path, capsys):
     assert "variant name 'PHD-CSWA-x' is unknown" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("corpus, recipe", [("default", "project-lr3e-3"), ("pypi", "pypi-lr3e-3")])
-def test_compare_defaults_are_the_study_suite_it_cites(tmp_path, corpus, recipe):
-    """The main job is judged against the study's runs of its own setting: the `evidence` suite's recipe for each
+@pytest.mark.parametrize("corpus, recipes", [
+    ("default", {"vanilla": "project-k-warmup50", "PHD-CSWA-3-16-32": "project-warmup50-k"}),
+    ("pypi", {"vanilla": "pypi-warmup50", "PHD-CSWA-3-16-32": "pypi-warmup50"}),
+])
+def test_compare_defaults_are_the_study_suite_it_cites(tmp_path, corpus, recipes):
+    """The main job is judged against the study's runs of its own setting: the `evidence` suite's recipes for each
     corpus must train exactly what `phd compare` trains at its defaults (same variants, same TrainConfig, same
     data), or the printed interval would be of something else."""
     import argparse
@@ -320,8 +323,8 @@ def test_compare_defaults_are_the_study_suite_it_cites(tmp_path, corpus, recipe)
     mine = load_suite(tmp_path, "mine")
     study = load_suite(compare.REPO / "experiments", "evidence")
     for variant in d["variants"]:
-        ours, theirs = mine.run(name, variant, 0), study.run(recipe, variant, 20)
-        assert theirs is not None, f"evidence/{recipe} lacks {variant} at seed 20"
+        ours, theirs = mine.run(name, variant, 0), study.run(recipes[variant], variant, 20)
+        assert theirs is not None, f"evidence/{recipes[variant]} lacks {variant} at seed 20"
         assert ours.settings["data"] == theirs.settings["data"]
         assert ours.train_config("D", "O") == dataclasses.replace(theirs.train_config("D", "O"), seed=0)
 
