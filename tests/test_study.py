@@ -267,7 +267,8 @@ def test_screen_trains_the_first_steps_of_the_full_schedule(data, tmp_path):
 
 def test_compare_sets_its_seeds_beside_the_study_interval(tmp_path):
     """`phd compare` finds the study's runs of its own setting and corpus (any suite, role main), prints their
-    interval for one more seed, and says plainly when its own seed falls outside it."""
+    interval for one more seed, says plainly when its own seed falls outside it, and gives the same setting's
+    measurement on the other corpora beside it."""
     from phd.study.compare import study_reference
 
     def row(variant, seed, loss, corpus="pypi", role="main", lr=0.003, suite="s"):
@@ -281,6 +282,7 @@ def test_compare_sets_its_seeds_beside_the_study_interval(tmp_path):
                                                           enumerate([-0.10, -0.12, -0.08, -0.11, -0.09, -0.10])]
     study += [row("vanilla", 0, 9.0, role="equal-flops"), row("PHD-2", 0, 1.0, corpus="project"),
               row("vanilla", 0, 1.0, corpus="project"), row("PHD-2", 1, 9.0, lr=0.1)]
+    study += [row("PHD-2", 1, 1.05, corpus="project"), row("vanilla", 1, 1.0, corpus="project")]
     path = tmp_path / "results.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in study))
     own = [row("vanilla", 40, 5.0, suite="compare"), row("PHD-2", 40, 4.9, suite="compare")]
@@ -289,6 +291,9 @@ def test_compare_sets_its_seeds_beside_the_study_interval(tmp_path):
     assert "pypi corpus" in text and "-0.1000 ± 0.0141 (6 seeds)" in text and "inside that range" in text
     assert "lower than vanilla in 6 of 6 seeds" in text
     assert "In plain words: the study finds PHD-2 lower than vanilla at this setting, by 0.085 to 0.115" in text
+    # the same setting on the other corpus is said too (its two seeds; not mixed into this corpus's interval)
+    assert text.endswith("The same setting on other text: project corpus +0.0250 ± 0.0354 (2 seeds), 95% CI "
+                         "[-0.293, +0.343], lower in 0 of 2 seeds (not distinguishable from zero).")
     study[6:12] = [row("PHD-2", s, 5.0 + d) for s, d in enumerate([-0.10, 0.12, -0.08, 0.11, -0.09, 0.04])]
     path.write_text("".join(json.dumps(r) + "\n" for r in study))
     assert "the study finds no difference between PHD-2 and vanilla distinguishable from zero" in \

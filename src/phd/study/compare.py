@@ -149,7 +149,18 @@ def _comparable(row: dict[str, Any]) -> str:
     config = {k: v for k, v in row["config"].items() if k not in _UNCOMPARED}
     config["model"] = {k: v for k, v in config["model"].items() if k not in _VARIANT_FIELDS}
     config.setdefault("z_loss", 0.0)
-    return json.dumps([config, row["tokens"], row.get("corpus")], sort_keys=True)
+    return json.dumps([config, row["tokens"]], sort_keys=True)
+
+
+def _study_deltas(rows: list[dict[str, Any]], variant: str, base_name: str) -> dict[tuple[str, str], list[float]]:
+    """{(suite, recipes): paired differences variant − base} of the study's runs, per suite."""
+    groups = {}
+    for suite in sorted({r["suite"] for r in rows}):
+        mine = [r for r in rows if r["suite"] == suite and r["variant"] == variant]
+        base = [r for r in rows if r["suite"] == suite and r["variant"] == base_name]
+        if mine and base:
+            groups[(suite, "+".join(sorted({r["recipe"] for r in mine})))] = paired(mine, base)
+    return groups
 
 
 def study_reference(own: list[dict[str, Any]], variants: list[str],
@@ -162,22 +173,18 @@ def study_reference(own: list[dict[str, Any]], variants: list[str],
         return (f"(No study results here ({path} is missing: this is not a checkout of the project), so this run "
                 "cannot be set beside the measured spread; see docs/RESULTS.md in the repository.)")
     key = _comparable(own[0])
-    rows = [r for r in run_rows(read_results(path)) if r.get("role", "main") == "main" and "config" in r
-            and _comparable(r) == key]
+    setting = [r for r in run_rows(read_results(path)) if r.get("role", "main") == "main" and "config" in r
+               and _comparable(r) == key]
+    rows = [r for r in setting if r.get("corpus") == corpus]
     base_name = variants[0]
     own_base_loss = {r["seed"]: r["val_loss"] for r in own if r["variant"] == base_name}
     parts = []
     for v in variants[1:]:
-        groups: dict[tuple[str, str], list[float]] = {}
-        for suite in sorted({r["suite"] for r in rows}):
-            mine = [r for r in rows if r["suite"] == suite and r["variant"] == v]
-            base = [r for r in rows if r["suite"] == suite and r["variant"] == base_name]
-            if mine and base:
-                recipes = "+".join(sorted({r["recipe"] for r in mine}))
-                groups[(suite, recipes)] = paired(mine, base)
+        groups = _study_deltas(rows, v, base_name)
+        elsewhere = _other_corpora(setting, corpus, v, base_name)
         if not groups:
             parts.append(f"- {v} − {base_name}: the study has no runs of this setting on the {corpus} corpus, so "
-                         "there is no measured spread to judge this run by.")
+                         f"there is no measured spread to judge this run by.{elsewhere}")
             continue
         (suite, recipes), diffs = max(groups.items(), key=lambda kv: (len(kv[1]), kv[0]))
         s = summarize(diffs)
@@ -201,8 +208,26 @@ def study_reference(own: list[dict[str, Any]], variants: list[str],
                    f"this setting, by {near:.3f} to {far:.3f}")
         parts.append(f"{head}, 95% CI of the mean {s.interval_text()}, lower than {base_name} in {s.wins} of {s.n} "
                      f"seeds. {plainly}. One new seed is expected within [{lo:+.3f}, {hi:+.3f}] (95%). This run: "
-                     f"{mine_text}: {verdict}.")
+                     f"{mine_text}: {verdict}.{elsewhere}")
     return "\n".join(["How this compares with the study (docs/RESULTS.md):", "", *parts])
+
+
+def _other_corpora(setting: list[dict[str, Any]], corpus: str, variant: str, base_name: str) -> str:
+    """The study's measurement of the same setting on every other corpus, as a sentence: a difference seen on one
+    text and not on another is not a property of the method, and the user should see both."""
+    texts = []
+    for other in sorted({r.get("corpus") for r in setting} - {corpus}, key=str):
+        groups = _study_deltas([r for r in setting if r.get("corpus") == other], variant, base_name)
+        if not groups:
+            continue
+        s = summarize(max(groups.values(), key=len))
+        if s.sd is None:
+            texts.append(f"{other} corpus {s.mean:+.4f} (one seed)")
+            continue
+        verdict = "interval excludes zero" if s.excludes_zero else "not distinguishable from zero"
+        texts.append(f"{other} corpus {s.text()}, 95% CI {s.interval_text()}, lower in {s.wins} of {s.n} seeds "
+                     f"({verdict})")
+    return f" The same setting on other text: {'; '.join(texts)}." if texts else ""
 
 
 def plot_curves(rows: list[dict[str, Any]], path: Path) -> Path | None:
