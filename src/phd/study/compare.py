@@ -152,6 +152,11 @@ def _comparable(row: dict[str, Any]) -> str:
     return json.dumps([config, row["tokens"]], sort_keys=True)
 
 
+def _largest(groups: dict[tuple[str, str], list[float]]) -> tuple[tuple[str, str], list[float]]:
+    """The study's group to cite: the one with the most paired seeds (ties: the last suite / recipes by name)."""
+    return max(groups.items(), key=lambda kv: (len(kv[1]), kv[0]))
+
+
 def _study_deltas(rows: list[dict[str, Any]], variant: str, base_name: str) -> dict[tuple[str, str], list[float]]:
     """{(suite, recipes): paired differences variant − base} of the study's runs, per suite."""
     groups = {}
@@ -186,7 +191,7 @@ def study_reference(own: list[dict[str, Any]], variants: list[str],
             parts.append(f"- {v} − {base_name}: the study has no runs of this setting on the {corpus} corpus, so "
                          f"there is no measured spread to judge this run by.{elsewhere}")
             continue
-        (suite, recipes), diffs = max(groups.items(), key=lambda kv: (len(kv[1]), kv[0]))
+        (suite, recipes), diffs = _largest(groups)
         s = summarize(diffs)
         own_diffs = {r["seed"]: r["val_loss"] - own_base_loss[r["seed"]]
                      for r in sorted(own, key=lambda r: r["seed"]) if r["variant"] == v and r["seed"] in own_base_loss}
@@ -220,7 +225,7 @@ def _other_corpora(setting: list[dict[str, Any]], corpus: str, variant: str, bas
         groups = _study_deltas([r for r in setting if r.get("corpus") == other], variant, base_name)
         if not groups:
             continue
-        s = summarize(max(groups.values(), key=len))
+        s = summarize(_largest(groups)[1])
         if s.sd is None:
             texts.append(f"{other} corpus {s.mean:+.4f} (one seed)")
             continue

@@ -51,10 +51,14 @@ def _g(x: float) -> str:
     return f"{x:.3g}"
 
 
+# Config fields that do not change what a run trains: its seed (compared by pairing), folders and how it computes.
+_NOT_TRAINED = ("seed", "out", "data", "progress", "compile", "diagnostics_every")
+
+
 def _setting(row: dict[str, Any]) -> str:
     """Everything a run trains with except its seed and folders (from the row alone, as the report must)."""
     config = {k: v for k, v in row.get("config", {}).items()
-              if k not in ("seed", "out", "data", "progress", "compile", "diagnostics_every")}
+              if k not in _NOT_TRAINED}
     return json.dumps([row.get("baseline", ""), row.get("role", "main"), row["tokens"], corpus(row), config],
                       sort_keys=True)
 
@@ -67,7 +71,7 @@ def _setting_but_schedule(row: dict[str, Any]) -> str:
     """What a run trains apart from its seed and learning-rate schedule (and its baseline): groups with the same
     key differ only in how the learning rate moves, so their paired difference is the schedule's effect."""
     config = {k: v for k, v in row.get("config", {}).items()
-              if k not in ("seed", "out", "data", "progress", "compile", "diagnostics_every") + _SCHEDULE}
+              if k not in _NOT_TRAINED + _SCHEDULE}
     return json.dumps([row.get("role", "main"), row["tokens"], corpus(row), config], sort_keys=True)
 
 
@@ -164,6 +168,10 @@ class Report:
 
     def vanilla_of(self, suite: str, recipe: str) -> list[dict[str, Any]]:
         return [r for r in self.rows if r["suite"] == suite and r["recipe"] == recipe and r["variant"] == "vanilla"]
+
+    def vanilla_losses(self, suite: str, recipe: str) -> dict[int, float]:
+        """{seed: validation loss} of a recipe's vanilla runs: what a run is paired with."""
+        return {r["seed"]: r["val_loss"] for r in self.vanilla_of(suite, recipe)}
 
     def paired_delta(self, suite: str, group: list[dict[str, Any]]) -> Summary | None:
         """Δ of a group of runs to the vanilla runs of its baseline recipe, paired by seed (None: no seed pairs)."""
@@ -363,8 +371,7 @@ class Report:
         for (recipe, variant), group in groups.items():
             values = {r["seed"]: r["val_loss"] for r in group}
             far = outliers(values)
-            base = {} if variant == "vanilla" else {b["seed"]: b["val_loss"]
-                                                    for b in self.vanilla_of(suite, group[0]["baseline"])}
+            base = {} if variant == "vanilla" else self.vanilla_losses(suite, group[0]["baseline"])
             beyond = ", ".join(f"seed {s} ({values[s]:.4f}, {d:.1f}"
                                + (f"; Δ {values[s] - base[s]:+.4f}" if s in base else "") + ")"
                                for s, d in sorted(far.items())) or "none"
@@ -431,7 +438,7 @@ class Report:
                "| variant | recipe | positions | seed | val loss | Δ vs vanilla (same seed) |",
                "|---|---|---|---:|---:|---:|"]
         for r in sorted(rows + refs, key=lambda r: (variant_order(r["variant"]), r["recipe"], r["seed"])):
-            base = {b["seed"]: b["val_loss"] for b in self.vanilla_of(suite, r["baseline"])}
+            base = self.vanilla_losses(suite, r["baseline"])
             delta = f"{r['val_loss'] - base[r['seed']]:+.4f}" if r["seed"] in base else ""
             out.append(f"| {r['variant']} | {r['recipe']} | {r['config']['model']['positions']} | {r['seed']} | "
                        f"{r['val_loss']:.4f} | {delta} |")
