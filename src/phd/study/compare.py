@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 from tqdm import tqdm
 
-from .recipes import Suite
+from .recipes import NOT_TRAINED, Suite
 from .runner import done_keys, logged_steps, read_results, run_dir, run_rows, run_suite
 from .stats import paired, summarize
 
@@ -138,8 +138,7 @@ def summary(rows: list[dict[str, Any]], args: Comparison, settings: dict[str, An
 
 
 # Settings that do not change what a run computes (or only how its curve is sampled): left out when matching.
-_UNCOMPARED = ("seed", "out", "data", "progress", "compile", "diagnostics_every", "eval_every", "checkpoint_every",
-               "checkpoint_keep", "log_every", "resumes")
+_UNCOMPARED = NOT_TRAINED + ("eval_every", "checkpoint_every", "checkpoint_keep", "log_every", "resumes")
 _VARIANT_FIELDS = ("variant", "repeat_k", "window", "chunk", "naive", "attn_backend")
 
 

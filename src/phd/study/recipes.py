@@ -51,6 +51,9 @@ RUN_KEYS = ("variants", "seeds", "baseline", "description", "role")
 # loss vs K), "equal-flops" (vanilla given a PHD variant's training FLOPs), "ablation" (one-seed tables), "sweep"
 # (pilot settings such as the learning rate).
 ROLES = ("main", "equal-flops", "ablation", "sweep")
+# Config fields of a run that do not change what it trains: its seed (compared by pairing), folders and how it
+# computes. The report's setting keys and `phd compare`'s matching both leave them out.
+NOT_TRAINED = ("seed", "out", "data", "progress", "compile", "diagnostics_every")
 
 
 class StudyError(PHDError, ValueError):

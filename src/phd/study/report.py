@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import PHDConfig
+from .recipes import NOT_TRAINED
 from .runner import read_results, run_rows
 from .stats import (
     Summary,
@@ -51,14 +52,9 @@ def _g(x: float) -> str:
     return f"{x:.3g}"
 
 
-# Config fields that do not change what a run trains: its seed (compared by pairing), folders and how it computes.
-_NOT_TRAINED = ("seed", "out", "data", "progress", "compile", "diagnostics_every")
-
-
 def _setting(row: dict[str, Any]) -> str:
     """Everything a run trains with except its seed and folders (from the row alone, as the report must)."""
-    config = {k: v for k, v in row.get("config", {}).items()
-              if k not in _NOT_TRAINED}
+    config = {k: v for k, v in row.get("config", {}).items() if k not in NOT_TRAINED}
     return json.dumps([row.get("baseline", ""), row.get("role", "main"), row["tokens"], corpus(row), config],
                       sort_keys=True)
 
@@ -71,7 +67,7 @@ def _setting_but_schedule(row: dict[str, Any]) -> str:
     """What a run trains apart from its seed and learning-rate schedule (and its baseline): groups with the same
     key differ only in how the learning rate moves, so their paired difference is the schedule's effect."""
     config = {k: v for k, v in row.get("config", {}).items()
-              if k not in _NOT_TRAINED + _SCHEDULE}
+              if k not in NOT_TRAINED + _SCHEDULE}
     return json.dumps([row.get("role", "main"), row["tokens"], corpus(row), config], sort_keys=True)
 
 
