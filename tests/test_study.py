@@ -305,6 +305,38 @@ def test_compare_sets_its_seeds_beside_the_study_interval(tmp_path):
     assert "no runs of this setting on the elsewhere corpus" in study_reference(own, ["vanilla", "PHD-2"], path)
 
 
+def test_compare_says_when_the_study_found_a_better_lr_for_its_setting(tmp_path):
+    """The study's lr sweep of the comparison's setting (role sweep, same setting but the lr) is read: each model's
+    lowest-loss lr is named, and a comparison below both models' good lr is told that its difference is not the
+    method's at its best, with the study's difference at that lr; sweep rows never enter the main interval."""
+    from phd.study.compare import study_reference
+
+    def row(variant, seed, loss, role="main", lr=0.003):
+        return {"suite": "s", "recipe": f"r{lr}", "variant": variant, "seed": seed, "val_loss": loss, "tokens": 1000,
+                "role": role, "corpus": "pypi",
+                "config": {"lr": lr, "min_lr": lr / 10, "seq_len": 8, "seed": seed, "out": f"x{seed}",
+                           "model": {"vocab_size": 10, "variant": variant,
+                                     "repeat_k": 2 if variant != "vanilla" else 1}}}
+
+    study = [row("vanilla", s, 5.0) for s in range(4)] + [row("PHD-2", s, 4.9) for s in range(4)]
+    for lr, base, gain in ((0.003, 5.0, -0.1), (0.006, 4.8, -0.01), (0.012, 4.9, -0.02)):
+        study += [row("vanilla", 100 + s, base + s / 100, "sweep", lr) for s in range(3)]
+        study += [row("PHD-2", 100 + s, base + s / 100 + gain, "sweep", lr) for s in range(3)]
+    path = tmp_path / "results.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in study))
+    own = [row("vanilla", 40, 5.0), row("PHD-2", 40, 4.9)]
+    text = study_reference(own, ["vanilla", "PHD-2"], path)
+    assert "-0.1000 ± 0.0000 (4 seeds)" in text  # the main interval: sweep rows left out
+    assert ("lr check of this setting (pypi corpus, peak lr 0.003, 0.006, 0.012, 3 seeds): lowest loss for "
+            "vanilla at 0.006, PHD-2 at 0.006. This comparison's lr 0.003 is not every model's good lr") in text
+    assert "At lr 0.006 the study measured PHD-2 − vanilla -0.0100 ± 0.0000 (3 seeds)." in text
+    for r in own:
+        r["config"].update(lr=0.006, min_lr=0.0006)
+    assert "This comparison trains at that lr (0.006)." in study_reference(own, ["vanilla", "PHD-2"], path)
+    own[0]["config"]["seq_len"] = 16  # another setting: no sweep of it
+    assert "lr check" not in study_reference(own, ["vanilla", "PHD-2"], path)
+
+
 def test_costs_rows_price_the_trained_shape(tmp_path):
     from phd.study.costs import measure_costs
 

@@ -142,10 +142,10 @@ _UNCOMPARED = NOT_TRAINED + ("eval_every", "checkpoint_every", "checkpoint_keep"
 _VARIANT_FIELDS = ("variant", "repeat_k", "window", "chunk", "naive", "attn_backend")
 
 
-def _comparable(row: dict[str, Any]) -> str:
-    """A row's training setting apart from its variant and seed, with its corpus: runs that answer the same
-    question have the same key."""
-    config = {k: v for k, v in row["config"].items() if k not in _UNCOMPARED}
+def _comparable(row: dict[str, Any], ignore: tuple[str, ...] = ()) -> str:
+    """A row's training setting apart from its variant and seed (and the fields in `ignore`): runs that answer the
+    same question have the same key."""
+    config = {k: v for k, v in row["config"].items() if k not in _UNCOMPARED + ignore}
     config["model"] = {k: v for k, v in config["model"].items() if k not in _VARIANT_FIELDS}
     config.setdefault("z_loss", 0.0)
     return json.dumps([config, row["tokens"]], sort_keys=True)
@@ -177,8 +177,8 @@ def study_reference(own: list[dict[str, Any]], variants: list[str],
         return (f"(No study results here ({path} is missing: this is not a checkout of the project), so this run "
                 "cannot be set beside the measured spread; see docs/RESULTS.md in the repository.)")
     key = _comparable(own[0])
-    setting = [r for r in run_rows(read_results(path)) if r.get("role", "main") == "main" and "config" in r
-               and _comparable(r) == key]
+    study = [r for r in run_rows(read_results(path)) if "config" in r]
+    setting = [r for r in study if r.get("role", "main") == "main" and _comparable(r) == key]
     rows = [r for r in setting if r.get("corpus") == corpus]
     base_name = variants[0]
     own_base_loss = {r["seed"]: r["val_loss"] for r in own if r["variant"] == base_name}
@@ -213,7 +213,51 @@ def study_reference(own: list[dict[str, Any]], variants: list[str],
         parts.append(f"{head}, 95% CI of the mean {s.interval_text()}, lower than {base_name} in {s.wins} of {s.n} "
                      f"seeds. {plainly}. One new seed is expected within [{lo:+.3f}, {hi:+.3f}] (95%). This run: "
                      f"{mine_text}: {verdict}.{elsewhere}")
-    return "\n".join(["How this compares with the study (docs/RESULTS.md):", "", *parts])
+    lr_check = _lr_check(own[0], variants, study)
+    return "\n".join(["How this compares with the study (docs/RESULTS.md):", "", *parts, *lr_check])
+
+
+_LR_FIELDS = ("lr", "min_lr")
+
+
+def _lr_check(own: dict[str, Any], variants: list[str], study: list[dict[str, Any]]) -> list[str]:
+    """The study's lr sweep of this setting (role "sweep"; the comparison's corpus if it has one there), as lines:
+    each variant's lowest-loss peak lr, and whether this comparison trains at it. A difference measured at an lr
+    that is not both models' good one says how the two cope with that lr, not which is better at its best."""
+    key = _comparable(own, ignore=_LR_FIELDS)
+    sweep = [r for r in study if r.get("role") == "sweep" and r["variant"] in variants
+             and _comparable(r, ignore=_LR_FIELDS) == key]
+    if not sweep:
+        return []
+    corpora = sorted({str(r.get("corpus")) for r in sweep})
+    corpus = str(own.get("corpus")) if str(own.get("corpus")) in corpora else \
+        max(corpora, key=lambda c: sum(str(r.get("corpus")) == c for r in sweep))
+    sweep = [r for r in sweep if str(r.get("corpus")) == corpus]
+    losses: dict[str, dict[float, list[float]]] = {}
+    for r in sweep:
+        losses.setdefault(r["variant"], {}).setdefault(r["config"]["lr"], []).append(r["val_loss"])
+    if set(losses) != set(variants) or any(len(by_lr) < 2 for by_lr in losses.values()):
+        return []
+    best = {v: min(losses[v], key=lambda lr: sum(losses[v][lr]) / len(losses[v][lr])) for v in variants}
+    lrs = sorted({lr for by_lr in losses.values() for lr in by_lr})
+    seeds = len({r["seed"] for r in sweep})
+    head = (f"- The study's lr check of this setting ({corpus} corpus, peak lr {', '.join(f'{x:g}' for x in lrs)}, "
+            f"{seeds} seeds): lowest loss for " + ", ".join(f"{v} at {best[v]:g}" for v in variants) + ".")
+    lr = own["config"]["lr"]
+    if all(b == lr for b in best.values()):
+        return ["", f"{head} This comparison trains at that lr ({lr:g})."]
+    text = (f"{head} This comparison's lr {lr:g} is not every model's good lr, so its difference says how the "
+            "models cope with that lr, not which is better at its own best setting.")
+    common = set(best.values())
+    if len(common) == 1:
+        good = common.pop()
+        at_good = [r for r in sweep if r["config"]["lr"] == good]
+        base = [r for r in at_good if r["variant"] == variants[0]]
+        for v in variants[1:]:
+            diffs = paired([r for r in at_good if r["variant"] == v], base)
+            if diffs:
+                text += f" At lr {good:g} the study measured {v} − {variants[0]} {summarize(diffs).text()}."
+    return ["", text]
 
 
 def _other_corpora(setting: list[dict[str, Any]], corpus: str, variant: str, base_name: str) -> str:
