@@ -333,6 +333,9 @@ def test_compare_says_when_the_study_found_a_better_lr_for_its_setting(tmp_path)
     for r in own:
         r["config"].update(lr=0.006, min_lr=0.0006)
     assert "This comparison trains at that lr (0.006)." in study_reference(own, ["vanilla", "PHD-2"], path)
+    for r in own:
+        r["corpus"] = "elsewhere"  # no sweep on this text: the study's sweep of the same setting on another is said
+    assert "lr check of this setting (pypi corpus" in study_reference(own, ["vanilla", "PHD-2"], path)
     own[0]["config"]["seq_len"] = 16  # another setting: no sweep of it
     assert "lr check" not in study_reference(own, ["vanilla", "PHD-2"], path)
 

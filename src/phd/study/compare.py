@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -229,16 +230,17 @@ def _lr_check(own: dict[str, Any], variants: list[str], study: list[dict[str, An
              and _comparable(r, ignore=_LR_FIELDS) == key]
     if not sweep:
         return []
-    corpora = sorted({str(r.get("corpus")) for r in sweep})
-    corpus = str(own.get("corpus")) if str(own.get("corpus")) in corpora else \
-        max(corpora, key=lambda c: sum(str(r.get("corpus")) == c for r in sweep))
+    runs_on = Counter(str(r.get("corpus")) for r in sweep)
+    corpus = str(own.get("corpus"))
+    if corpus not in runs_on:
+        corpus = max(sorted(runs_on), key=runs_on.__getitem__)
     sweep = [r for r in sweep if str(r.get("corpus")) == corpus]
     losses: dict[str, dict[float, list[float]]] = {}
     for r in sweep:
         losses.setdefault(r["variant"], {}).setdefault(r["config"]["lr"], []).append(r["val_loss"])
     if set(losses) != set(variants) or any(len(by_lr) < 2 for by_lr in losses.values()):
         return []
-    best = {v: min(losses[v], key=lambda lr: sum(losses[v][lr]) / len(losses[v][lr])) for v in variants}
+    best = {v: min(losses[v], key=lambda lr: summarize(losses[v][lr]).mean) for v in variants}
     lrs = sorted({lr for by_lr in losses.values() for lr in by_lr})
     seeds = len({r["seed"] for r in sweep})
     head = (f"- The study's lr check of this setting ({corpus} corpus, peak lr {', '.join(f'{x:g}' for x in lrs)}, "
