@@ -330,6 +330,16 @@ def test_compare_says_when_the_study_found_a_better_lr_for_its_setting(tmp_path)
     assert ("lr check of this setting (pypi corpus, peak lr 0.003, 0.006, 0.012, 3 seeds): lowest loss for "
             "vanilla at 0.006, PHD-2 at 0.006. This comparison's lr 0.003 is not every model's good lr") in text
     assert "At lr 0.006 the study measured PHD-2 − vanilla -0.0100 ± 0.0000 (3 seeds)." in text
+    assert text.endswith("`phd compare --lr 0.006` trains at it.") and "headline seeds" not in text
+    # the headline seeds at the good lr, once the study has them, are cited beside the sweep's few
+    study += [row("vanilla", s, 4.8, lr=0.006) for s in range(4)]
+    study += [row("PHD-2", s, 4.8 - 0.02 + s / 1000, lr=0.006) for s in range(4)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in study))
+    text = study_reference(own, ["vanilla", "PHD-2"], path)
+    assert ("On the pypi corpus at lr 0.006 the study's headline seeds give PHD-2 − vanilla -0.0185 ± 0.0013 "
+            "(4 seeds), 95% CI [-0.021, -0.016], lower in 4 of 4 seeds (suite `s`, recipe r0.006). "
+            "`phd compare --lr 0.006` trains at it.") in text
+    assert "-0.1000 ± 0.0000 (4 seeds)" in text  # the comparison's own setting (lr 0.003) is still its interval
     for r in own:
         r["config"].update(lr=0.006, min_lr=0.0006)
     assert "This comparison trains at that lr (0.006)." in study_reference(own, ["vanilla", "PHD-2"], path)

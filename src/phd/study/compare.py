@@ -259,7 +259,27 @@ def _lr_check(own: dict[str, Any], variants: list[str], study: list[dict[str, An
             diffs = paired([r for r in at_good if r["variant"] == v], base)
             if diffs:
                 text += f" At lr {good:g} the study measured {v} − {variants[0]} {summarize(diffs).text()}."
+        text += _at_good_lr(own, variants, study, key, good)
     return ["", text]
+
+
+def _at_good_lr(own: dict[str, Any], variants: list[str], study: list[dict[str, Any]], key: str, good: float) -> str:
+    """The study's headline runs (role "main") of this setting and corpus at the models' common good lr, as a
+    sentence, and the flag that trains there: the answer the sweep's few tuning seeds only point at."""
+    corpus = own.get("corpus")
+    rows = [r for r in study if r.get("role", "main") == "main" and r.get("corpus") == corpus
+            and r["config"]["lr"] == good and _comparable(r, ignore=_LR_FIELDS) == key]
+    texts = []
+    for v in variants[1:]:
+        groups = _study_deltas(rows, v, variants[0])
+        if groups:
+            (suite, recipes), diffs = _largest(groups)
+            s = summarize(diffs)
+            if s.sd is not None:
+                texts.append(f"{v} − {variants[0]} {s.text()}, 95% CI {s.interval_text()}, lower in {s.wins} of "
+                             f"{s.n} seeds (suite `{suite}`, recipe {recipes})")
+    head = f" On the {corpus} corpus at lr {good:g} the study's headline seeds give {'; '.join(texts)}."
+    return (head if texts else "") + f" `phd compare --lr {good:g}` trains at it."
 
 
 def _other_corpora(setting: list[dict[str, Any]], corpus: str, variant: str, base_name: str) -> str:
