@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from .recipes import NOT_TRAINED, Suite
 from .runner import done_keys, logged_steps, read_results, run_dir, run_rows, run_suite
-from .stats import paired, summarize
+from .stats import Summary, paired, summarize
 
 DEFAULTS = dict(variants=["vanilla", "PHD-CSWA-3-16-32"], preset="cpu-1m", seq_len=256, batch_size=16,
                 tokens=750_000, lr=0.003, warmup_fraction=0.5, compile=True, evals=6, eval_sequences=256)
@@ -226,8 +226,8 @@ def _lr_check(own: dict[str, Any], variants: list[str], study: list[dict[str, An
     each variant's lowest-loss peak lr, and whether this comparison trains at it. A difference measured at an lr
     that is not both models' good one says how the two cope with that lr, not which is better at its best."""
     key = _comparable(own, ignore=_LR_FIELDS)
-    sweep = [r for r in study if r.get("role") == "sweep" and r["variant"] in variants
-             and _comparable(r, ignore=_LR_FIELDS) == key]
+    same = [r for r in study if _comparable(r, ignore=_LR_FIELDS) == key]  # this setting at every lr
+    sweep = [r for r in same if r.get("role") == "sweep" and r["variant"] in variants]
     if not sweep:
         return []
     runs_on = Counter(str(r.get("corpus")) for r in sweep)
@@ -259,16 +259,17 @@ def _lr_check(own: dict[str, Any], variants: list[str], study: list[dict[str, An
             diffs = paired([r for r in at_good if r["variant"] == v], base)
             if diffs:
                 text += f" At lr {good:g} the study measured {v} − {variants[0]} {summarize(diffs).text()}."
-        text += _at_good_lr(own, variants, study, key, good)
+        text += _at_good_lr(own, variants, same, good)
     return ["", text]
 
 
-def _at_good_lr(own: dict[str, Any], variants: list[str], study: list[dict[str, Any]], key: str, good: float) -> str:
-    """The study's headline runs (role "main") of this setting and corpus at the models' common good lr, as a
-    sentence, and the flag that trains there: the answer the sweep's few tuning seeds only point at."""
+def _at_good_lr(own: dict[str, Any], variants: list[str], same: list[dict[str, Any]], good: float) -> str:
+    """The study's headline runs (role "main") of this setting (`same`: its runs at every lr) and corpus at the
+    models' common good lr, as a sentence, and the flag that trains there: the answer the sweep's few tuning seeds
+    only point at."""
     corpus = own.get("corpus")
-    rows = [r for r in study if r.get("role", "main") == "main" and r.get("corpus") == corpus
-            and r["config"]["lr"] == good and _comparable(r, ignore=_LR_FIELDS) == key]
+    rows = [r for r in same if r.get("role", "main") == "main" and r.get("corpus") == corpus
+            and r["config"]["lr"] == good]
     texts = []
     for v in variants[1:]:
         groups = _study_deltas(rows, v, variants[0])
@@ -276,10 +277,14 @@ def _at_good_lr(own: dict[str, Any], variants: list[str], study: list[dict[str, 
             (suite, recipes), diffs = _largest(groups)
             s = summarize(diffs)
             if s.sd is not None:
-                texts.append(f"{v} − {variants[0]} {s.text()}, 95% CI {s.interval_text()}, lower in {s.wins} of "
-                             f"{s.n} seeds (suite `{suite}`, recipe {recipes})")
+                texts.append(f"{v} − {variants[0]} {_measured(s)} (suite `{suite}`, recipe {recipes})")
     head = f" On the {corpus} corpus at lr {good:g} the study's headline seeds give {'; '.join(texts)}."
     return (head if texts else "") + f" `phd compare --lr {good:g}` trains at it."
+
+
+def _measured(s: Summary) -> str:
+    """A paired difference as the comparison cites the study's: mean ± sd (seeds), 95% CI, win count."""
+    return f"{s.text()}, 95% CI {s.interval_text()}, lower in {s.wins} of {s.n} seeds"
 
 
 def _other_corpora(setting: list[dict[str, Any]], corpus: str, variant: str, base_name: str) -> str:
@@ -295,8 +300,7 @@ def _other_corpora(setting: list[dict[str, Any]], corpus: str, variant: str, bas
             texts.append(f"{other} corpus {s.mean:+.4f} (one seed)")
             continue
         verdict = "interval excludes zero" if s.excludes_zero else "not distinguishable from zero"
-        texts.append(f"{other} corpus {s.text()}, 95% CI {s.interval_text()}, lower in {s.wins} of {s.n} seeds "
-                     f"({verdict})")
+        texts.append(f"{other} corpus {_measured(s)} ({verdict})")
     return f" The same setting on other text: {'; '.join(texts)}." if texts else ""
 
 
