@@ -302,8 +302,8 @@ def test_compare_prints_the_variants_side_by_side(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("corpus, recipes", [
-    ("default", {"vanilla": "project-k-warmup50", "PHD-CSWA-3-16-32": "project-warmup50-k"}),
-    ("pypi", {"vanilla": "pypi-warmup50", "PHD-CSWA-3-16-32": "pypi-warmup50"}),
+    ("default", {"vanilla": "project-750k-warmup50-lr6e-3", "PHD-CSWA-3-16-32": "project-750k-warmup50-lr6e-3"}),
+    ("pypi", {"vanilla": "pypi-750k-warmup50-lr6e-3", "PHD-CSWA-3-16-32": "pypi-750k-warmup50-lr6e-3"}),
 ])
 def test_compare_defaults_are_the_study_suite_it_cites(tmp_path, corpus, recipes):
     """The main job is judged against the study's runs of its own setting: the `evidence` suite's recipes for each

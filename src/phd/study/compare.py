@@ -21,7 +21,7 @@ from .runner import done_keys, logged_steps, read_results, run_dir, run_rows, ru
 from .stats import Summary, paired, summarize
 
 DEFAULTS = dict(variants=["vanilla", "PHD-CSWA-3-16-32"], preset="cpu-1m", seq_len=256, batch_size=16,
-                tokens=750_000, lr=0.003, warmup_fraction=0.5, compile=True, evals=6, eval_sequences=256)
+                tokens=750_000, lr=0.006, warmup_fraction=0.5, compile=True, evals=6, eval_sequences=256)
 REPO = Path(__file__).resolve().parents[3]
 
 
