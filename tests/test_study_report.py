@@ -48,7 +48,7 @@ TINY_NE = 197_184  # cpu-tiny's parameters outside the embedding: tokens = token
 
 
 def tpp_row(recipe: str, variant: str, seed: int, loss: float, tpp: int, suite: str = "tpp",
-            role: str = "main") -> dict:
+            role: str = "main", warmup_steps: int = 2) -> dict:
     """A results row as collect() writes it, for a cpu-tiny run of `tpp` tokens per non-embedding parameter (only
     the fields the report reads; the numbers that are not under test are placeholders)."""
     model = PHDConfig.build(preset="cpu-tiny", variant=variant)
@@ -62,7 +62,8 @@ def tpp_row(recipe: str, variant: str, seed: int, loss: float, tpp: int, suite: 
         "health": {"grad_norm_max": 1.0}, "val_curve": [[tokens // 2, round(loss + 0.5, 5)], [tokens, loss]],
         "train_curve": [[tokens, loss - 0.1]], "tok_per_s": 1000.0, "train_s": 1.0, "wall_s": 60.0,
         "segments": 1, "commit": "abc", "commits": ["abc"], "threads": 1, "machine": "x",
-        "config": {"seed": seed, "seq_len": 256, "batch_size": 16, "lr": 0.006, "min_lr": 0.0006, "warmup_steps": 2,
+        "config": {"seed": seed, "seq_len": 256, "batch_size": 16, "lr": 0.006, "min_lr": 0.0006,
+                   "warmup_steps": warmup_steps,
                    "out": f"runs/{seed}",
                    "data": "data/default", "model": model.to_dict()},
     }
@@ -128,6 +129,19 @@ def test_tpp_section_table_numbers_partial_data_and_plot(tmp_path):
     assert "](results/tpp.png)" in section
     again = write_report(results, tmp_path / "docs")  # deterministic, as the rest of the report
     assert again == written and plot.read_bytes() == (tmp_path / "docs" / "results" / "tpp.png").read_bytes()
+
+
+def test_tpp_section_keeps_two_schedules_of_one_budget_apart(tmp_path):
+    """A budget measured at two warmups is two points of two series (findings and plot legend name the warmup),
+    not one series through both; with one schedule the names stay bare (the test above)."""
+    rows = tpp_rows() + [tpp_row("tpp-1-warmup50", "vanilla", s, 5.0, 1, warmup_steps=5) for s in SEEDS]
+    rows += [tpp_row("tpp-1-warmup50", "PHD-CSWA-3-16-32", s, 5.0 + 0.01 * s, 1, warmup_steps=5) for s in SEEDS]
+    results = tmp_path / "results.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    section = write_report(results, tmp_path / "docs")[0].read_text().split("## Tokens per parameter")[1]
+    assert "- PHD-CSWA-3-16-32, 20% warmup: below zero at 1; one paired seed at 30 tokens per parameter." in section
+    assert "- PHD-CSWA-3-16-32, 50% warmup: above zero at 1 tokens per parameter." in section
+    assert "| 1 | 197,184 | PHD-CSWA-3-16-32 | 3 | tpp-1-warmup50 | 5 | +0.2200 |" in section
 
 
 def test_tpp_section_only_for_its_suite_and_from_the_rows_alone(tmp_path):

@@ -100,6 +100,11 @@ class TppPoint:
     tpp: float
     tokens: int
     delta: Summary | None  # None: no seed of the variant has a vanilla run to pair with yet
+    warmup: float = 0.0  # share of the steps spent warming the lr up: budgets at two schedules are two series
+
+    def series(self, schedules: int) -> str:
+        """The variant, with its warmup where the suite has runs at more than one schedule."""
+        return self.variant if schedules < 2 else f"{self.variant}, {100 * self.warmup:.0f}% warmup"
 
 
 def _side_of_zero(s: Summary | None) -> str:
@@ -450,7 +455,8 @@ class Report:
                 continue
             g0 = group[0]
             points.append(TppPoint(variant, recipe, g0["repeat_k"], tokens_per_param(g0), g0["tokens"],
-                                   self.paired_delta(TPP_SUITE, group)))
+                                   self.paired_delta(TPP_SUITE, group),
+                                   round(g0["config"]["warmup_steps"] / g0["steps"], 2)))  # 10/49 steps: 20%
         return sorted(points, key=lambda p: (p.tpp, variant_order(p.variant), p.recipe))
 
     def tpp_section(self) -> list[str]:
@@ -482,21 +488,23 @@ class Report:
 
     @staticmethod
     def tpp_findings(points: list[TppPoint]) -> list[str]:
-        """One line per variant grouping its budgets by the side of zero their interval lies on, so the answer to
-        "does the gain appear, vanish or reverse with more tokens" can be read off without the plot."""
+        """One line per variant (and schedule, where there are several) grouping its budgets by the side of zero
+        their interval lies on, so the answer to "does the gain appear, vanish or reverse with more tokens" can be
+        read off without the plot."""
+        schedules = len({p.warmup for p in points})
         lines = []
-        for variant in sorted({p.variant for p in points}, key=variant_order):
+        for name in _series_names(points):
             sides: dict[str, list[str]] = {}
             for p in points:
-                if p.variant == variant:
+                if p.series(schedules) == name:
                     sides.setdefault(_side_of_zero(p.delta), []).append(_tpp_text(p.tpp))
             parts = "; ".join(f"{side} at {', '.join(tpps)}" for side, tpps in sides.items())
-            lines.append(f"{variant}: {parts} tokens per parameter.")
+            lines.append(f"{name}: {parts} tokens per parameter.")
         return lines
 
     def tpp_plot(self, points: list[TppPoint]) -> list[str]:
         """results/tpp.png: Δ with its 95% interval against tokens per parameter (log), one series per variant
-        (one per K in the suite), nudged sideways so their bars do not hide each other."""
+        (one per K in the suite) and schedule, nudged sideways so their bars do not hide each other."""
         try:
             import matplotlib
         except ImportError:
@@ -504,17 +512,18 @@ class Report:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
+        schedules = len({p.warmup for p in points})
         series: dict[str, list[TppPoint]] = defaultdict(list)
         for p in points:
             if p.delta is not None:
-                series[p.variant].append(p)
+                series[p.series(schedules)].append(p)
         if not series:
             return []
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        names = sorted(series, key=variant_order)
-        for i, variant in enumerate(names):
-            _tpp_series(ax, series[variant], 1.04 ** (i - (len(names) - 1) / 2),
-                        f"K = {series[variant][0].repeat_k} ({variant})")
+        names = [n for n in _series_names(points) if n in series]
+        for i, name in enumerate(names):
+            nudge = 1.04 ** (i - (len(names) - 1) / 2)
+            _tpp_series(ax, series[name], nudge, f"K = {series[name][0].repeat_k} ({name})")
         ax.axhline(0, color="black", linewidth=0.8)
         ax.set_xscale("log")
         ticks = sorted({p.tpp for p in points})
@@ -752,6 +761,13 @@ class Report:
                     label=f"{variant} ({recipe})" if group[0].get("role") == "equal-flops" else variant)
         ax.set_xscale("log")
         return _finish(fig, ax, "training FLOPs", "validation loss", which="both")
+
+
+def _series_names(points: list[TppPoint]) -> list[str]:
+    """The tokens-per-parameter series in reading order: by variant, then schedule (shortest warmup first)."""
+    schedules = len({p.warmup for p in points})
+    ordered = sorted(points, key=lambda p: (variant_order(p.variant), p.warmup))
+    return list(dict.fromkeys(p.series(schedules) for p in ordered))
 
 
 def _tpp_series(ax, points: list[TppPoint], nudge: float, label: str) -> None:
