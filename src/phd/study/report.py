@@ -102,10 +102,6 @@ class TppPoint:
     delta: Summary | None  # None: no seed of the variant has a vanilla run to pair with yet
     warmup: float = 0.0  # share of the steps spent warming the lr up: budgets at two schedules are two series
 
-    def series(self, schedules: int) -> str:
-        """The variant, with its warmup where the suite has runs at more than one schedule."""
-        return self.variant if schedules < 2 else f"{self.variant}, {100 * self.warmup:.0f}% warmup"
-
 
 def _side_of_zero(s: Summary | None) -> str:
     """Where the 95% interval of Δ lies, in words; a point without an interval says why."""
@@ -491,13 +487,11 @@ class Report:
         """One line per variant (and schedule, where there are several) grouping its budgets by the side of zero
         their interval lies on, so the answer to "does the gain appear, vanish or reverse with more tokens" can be
         read off without the plot."""
-        schedules = len({p.warmup for p in points})
         lines = []
-        for name in _series_names(points):
+        for name, series in _tpp_groups(points).items():
             sides: dict[str, list[str]] = {}
-            for p in points:
-                if p.series(schedules) == name:
-                    sides.setdefault(_side_of_zero(p.delta), []).append(_tpp_text(p.tpp))
+            for p in series:
+                sides.setdefault(_side_of_zero(p.delta), []).append(_tpp_text(p.tpp))
             parts = "; ".join(f"{side} at {', '.join(tpps)}" for side, tpps in sides.items())
             lines.append(f"{name}: {parts} tokens per parameter.")
         return lines
@@ -512,15 +506,12 @@ class Report:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        schedules = len({p.warmup for p in points})
-        series: dict[str, list[TppPoint]] = defaultdict(list)
-        for p in points:
-            if p.delta is not None:
-                series[p.series(schedules)].append(p)
+        series = {name: drawn for name, group in _tpp_groups(points).items()
+                  if (drawn := [p for p in group if p.delta is not None])}
         if not series:
             return []
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        names = [n for n in _series_names(points) if n in series]
+        names = list(series)
         for i, name in enumerate(names):
             nudge = 1.04 ** (i - (len(names) - 1) / 2)
             _tpp_series(ax, series[name], nudge, f"K = {series[name][0].repeat_k} ({name})")
@@ -763,11 +754,14 @@ class Report:
         return _finish(fig, ax, "training FLOPs", "validation loss", which="both")
 
 
-def _series_names(points: list[TppPoint]) -> list[str]:
-    """The tokens-per-parameter series in reading order: by variant, then schedule (shortest warmup first)."""
-    schedules = len({p.warmup for p in points})
-    ordered = sorted(points, key=lambda p: (variant_order(p.variant), p.warmup))
-    return list(dict.fromkeys(p.series(schedules) for p in ordered))
+def _tpp_groups(points: list[TppPoint]) -> dict[str, list[TppPoint]]:
+    """The tokens-per-parameter series by name, in reading order (variant, then shortest warmup first), each by
+    budget; the name carries the warmup only where the suite has runs at more than one schedule."""
+    several = len({p.warmup for p in points}) > 1
+    groups: dict[str, list[TppPoint]] = {}
+    for p in sorted(points, key=lambda p: (variant_order(p.variant), p.warmup, p.tpp)):
+        groups.setdefault(f"{p.variant}, {100 * p.warmup:.0f}% warmup" if several else p.variant, []).append(p)
+    return groups
 
 
 def _tpp_series(ax, points: list[TppPoint], nudge: float, label: str) -> None:
