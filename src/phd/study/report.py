@@ -103,6 +103,11 @@ class TppPoint:
     warmup: float = 0.0  # share of the steps spent warming the lr up: budgets at two schedules are two series
 
 
+def _warmup_share(row: dict[str, Any]) -> float:
+    """The share of a run's steps spent warming the lr up (its recipe's warmup_fraction, as rounded to steps)."""
+    return row["config"]["warmup_steps"] / row["steps"]
+
+
 def _side_of_zero(s: Summary | None) -> str:
     """Where the 95% interval of Δ lies, in words; a point without an interval says why."""
     if s is None:
@@ -452,7 +457,7 @@ class Report:
             g0 = group[0]
             points.append(TppPoint(variant, recipe, g0["repeat_k"], tokens_per_param(g0), g0["tokens"],
                                    self.paired_delta(TPP_SUITE, group),
-                                   round(g0["config"]["warmup_steps"] / g0["steps"], 2)))  # 10/49 steps: 20%
+                                   round(_warmup_share(g0), 2)))  # 10/49 steps: 20%
         return sorted(points, key=lambda p: (p.tpp, variant_order(p.variant), p.recipe))
 
     def tpp_section(self) -> list[str]:
@@ -698,7 +703,7 @@ class Report:
                 continue
             g0, c = group[0], group[0]["config"]
             key = (g0["tokens"], corpus(g0), variant_order(variant), recipe)
-            schedule = f"lr {_g(c['lr'])}, warmup {100 * c['warmup_steps'] / g0['steps']:.0f}%"
+            schedule = f"lr {_g(c['lr'])}, warmup {100 * _warmup_share(g0):.0f}%"
             bars.append((key, f"{variant} · {recipe} ({corpus(g0)}, {g0['tokens'] / 1e6:.2g}M tokens, {schedule}, "
                               f"{delta.wins}/{delta.n} lower)", delta))
         if not bars:
