@@ -299,7 +299,17 @@ def test_compare_sets_its_seeds_beside_the_study_interval(tmp_path):
     assert "the study finds no difference between PHD-2 and vanilla distinguishable from zero" in \
         study_reference(own, ["vanilla", "PHD-2"], path)
     own[1]["val_loss"] = 5.6
-    assert "OUTSIDE that range for seed(s) 40" in study_reference(own, ["vanilla", "PHD-2"], path)
+    text = study_reference(own, ["vanilla", "PHD-2"], path)
+    # a 95% range misses 1 new seed in 20: one miss is said, with its chance, not called a disagreement
+    assert "OUTSIDE that range for seed(s) 40. A 95% range misses about 1 new seed in 20; 1 of 1 outside happens " \
+        "by chance in 5.0% of comparisons: not evidence against the study on its own" in text
+    own += [row("vanilla", 41, 5.0, suite="compare"), row("PHD-2", 41, 5.7, suite="compare")]
+    text = study_reference(own, ["vanilla", "PHD-2"], path)
+    assert "seed(s) 40, 41" in text and "2 of 2 outside happens by chance in 0.3% of comparisons, so this run " \
+        "does not agree with the study" in text
+    own[3]["val_loss"] = 5.0  # one of two: 9.8%
+    assert "1 of 2 outside happens by chance in 9.8%" in study_reference(own, ["vanilla", "PHD-2"], path)
+    own[2:] = []
     for r in own:
         r["corpus"] = "elsewhere"
     assert "no runs of this setting on the elsewhere corpus" in study_reference(own, ["vanilla", "PHD-2"], path)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -203,9 +204,7 @@ def study_reference(own: list[dict[str, Any]], variants: list[str],
             continue
         lo, hi = s.predict95
         outside = {seed: d for seed, d in own_diffs.items() if not lo <= d <= hi}
-        verdict = ("inside that range" if not outside else
-                   "OUTSIDE that range for seed(s) " + ", ".join(map(str, outside)) +
-                   ": this run does not agree with the study; rerun it, and report it if it repeats")
+        verdict = "inside that range" if not outside else _outside_verdict(list(outside), len(own_diffs))
         near, far = sorted(abs(x) for x in s.ci95)
         plainly = (f"In plain words: the study finds no difference between {v} and {base_name} distinguishable "
                    "from zero at this setting" if not s.excludes_zero else
@@ -216,6 +215,17 @@ def study_reference(own: list[dict[str, Any]], variants: list[str],
                      f"{mine_text}: {verdict}.{elsewhere}")
     lr_check = _lr_check(own[0], variants, study)
     return "\n".join(["How this compares with the study (docs/RESULTS.md):", "", *parts, *lr_check])
+
+
+def _outside_verdict(outside: list[int], n: int) -> str:
+    """What seeds outside a 95% range for one new seed mean: such a range misses about 1 seed in 20, so a miss
+    alone is weak evidence; the chance of this many misses among `n` seeds if the study is right says how weak."""
+    chance = sum(math.comb(n, j) * 0.05**j * 0.95 ** (n - j) for j in range(len(outside), n + 1))
+    head = (f"OUTSIDE that range for seed(s) {', '.join(map(str, outside))}. A 95% range misses about 1 new seed "
+            f"in 20; {len(outside)} of {n} outside happens by chance in {chance:.1%} of comparisons")
+    if chance < 0.05:
+        return f"{head}, so this run does not agree with the study: rerun it with other seeds; report it if it repeats"
+    return f"{head}: not evidence against the study on its own; rerun with other seeds before reading anything into it"
 
 
 _LR_FIELDS = ("lr", "min_lr")
