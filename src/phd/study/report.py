@@ -100,7 +100,7 @@ class TppPoint:
     tpp: float
     tokens: int
     delta: Summary | None  # None: no seed of the variant has a vanilla run to pair with yet
-    warmup: float = 0.0  # share of the steps spent warming the lr up: budgets at two schedules are two series
+    warmup: float  # share of the steps spent warming the lr up: budgets at two schedules are two series
 
 
 def _warmup_share(row: dict[str, Any]) -> float:
